@@ -1,0 +1,394 @@
+"""YAML -> one typed, validated configuration object.
+
+Every section is a pydantic model with ``extra="forbid"``: an unknown or misspelt key is an error
+that names its path, never a value silently ignored or coerced (STYLE.md 1).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from collections.abc import Mapping
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
+
+from edge_agent.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "agent.yaml"
+
+# Secrets come from the environment so that they never need to be written into a YAML file
+# that is world-readable or checked into configuration management.
+SECRET_ENV = {
+    "EDGE_AGENT_BUS_TOKEN": ("bus", "token"),
+    "EDGE_AGENT_BUS_USER": ("bus", "user"),
+    "EDGE_AGENT_BUS_PASSWORD": ("bus", "password"),
+    "EDGE_AGENT_BUS_CREDENTIALS": ("bus", "credentials_file"),
+}
+
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 6.2: 16 chars, no backslash, no control chars
+_SUBJECT_TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+def _check_ae(value: str) -> str:
+    if not _AE_TITLE.match(value) or not value.strip():
+        raise ValueError(f"{value!r} is not a valid AE title (1-16 printable characters, no backslash)")
+    return value
+
+
+class DicomConfig(_Strict):
+    host: str = "0.0.0.0"
+    port: Annotated[int, Field(ge=1, le=65535)] = 11112
+    ae_title: str = "EDGE_AGENT"
+    allowed_calling_aets: list[str] = Field(default_factory=list)
+    # Optional: AE title -> the hosts it may call from. An AE not listed here may call from any host.
+    calling_aet_hosts: dict[str, list[str]] = Field(default_factory=dict)
+    max_associations: Annotated[int, Field(ge=1, le=1024)] = 16
+    max_pdu_bytes: Annotated[int, Field(ge=0, le=2**32 - 1)] = 0
+    acse_timeout_seconds: Annotated[float, Field(gt=0)] = 30.0
+    dimse_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
+    network_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, v: str) -> str:
+        return _check_ae(v)
+
+    @field_validator("allowed_calling_aets")
+    @classmethod
+    def _aes(cls, v: list[str]) -> list[str]:
+        return [_check_ae(x) for x in v]
+
+    @model_validator(mode="after")
+    def _hosts_need_aet(self) -> DicomConfig:
+        for aet in self.calling_aet_hosts:
+            _check_ae(aet)
+            if self.allowed_calling_aets and aet not in self.allowed_calling_aets:
+                raise ValueError(f"calling_aet_hosts names {aet!r}, which is not in allowed_calling_aets")
+        return self
+
+
+class Retention(StrEnum):
+    DELETE = "delete"
+    KEEP = "keep"
+
+
+class SpoolConfig(_Strict):
+    # Below this many free bytes on the spool's file system the receiver answers 0xA700.
+    min_free_bytes: Annotated[int, Field(ge=0)] = 1_000_000_000
+    # After the finding is acknowledged by JetStream: delete the instances, or keep them for
+    # ``retain_seconds`` (then delete). ``keep`` with 0 keeps them until an operator removes them.
+    retention: Retention = Retention.DELETE
+    retain_seconds: Annotated[float, Field(ge=0)] = 0.0
+
+    @field_validator("retention", mode="before")
+    @classmethod
+    def _retention(cls, v: Any) -> Any:
+        return Retention(v) if isinstance(v, str) and v in {r.value for r in Retention} else v
+
+
+class BusConfig(_Strict):
+    url: str = "nats://127.0.0.1:4222"
+    stream: str = "EDGE_FINDINGS"
+    subject_prefix: str = "edge.findings"
+    publish_timeout_seconds: Annotated[float, Field(gt=0)] = 5.0
+    reconnect_wait_seconds: Annotated[float, Field(gt=0)] = 1.0
+    # JetStream's de-duplication window: a retried publish with the same Nats-Msg-Id inside it is dropped.
+    duplicate_window_seconds: Annotated[float, Field(gt=0)] = 600.0
+    max_age_days: Annotated[float, Field(gt=0)] = 14.0
+    token: str | None = None
+    user: str | None = None
+    password: str | None = None
+    credentials_file: str | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        for part in v.split(","):
+            if not re.match(r"^(nats|tls|ws|wss)://[^\s/]+(:\d+)?/?$", part.strip()):
+                raise ValueError(f"{part!r} is not a NATS URL like nats://host:4222")
+        return v
+
+    @field_validator("stream")
+    @classmethod
+    def _stream(cls, v: str) -> str:
+        if not _SUBJECT_TOKEN.match(v):
+            raise ValueError("stream names may hold only letters, digits, '-' and '_'")
+        return v
+
+    @field_validator("subject_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if not all(_SUBJECT_TOKEN.match(t) for t in v.split(".")):
+            raise ValueError(f"{v!r} is not a NATS subject prefix like edge.findings")
+        return v
+
+    @model_validator(mode="after")
+    def _auth(self) -> BusConfig:
+        if (self.user is None) != (self.password is None):
+            raise ValueError("user and password go together")
+        return self
+
+
+class HttpConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 9108
+
+
+class PipelineConfig(_Strict):
+    preprocess_workers: Annotated[int, Field(ge=1, le=256)] = 2
+    drain_timeout_seconds: Annotated[float, Field(ge=0)] = 30.0
+    # A series whose quiet time has passed is complete; a route may override this.
+    default_quiet_seconds: Annotated[float, Field(ge=0)] = 5.0
+    # Give up on a series after this long without completing (e.g. a lost slice that never comes).
+    max_series_age_seconds: Annotated[float, Field(gt=0)] = 3600.0
+
+
+class ModelDeployment(_Strict):
+    """How one model of the repository is run here (the card says what the model is)."""
+
+    max_batch: Annotated[int, Field(ge=1, le=1024)] = 8
+    max_queue_delay_ms: Annotated[float, Field(ge=0, le=60_000)] = 5.0
+    backend: str = "onnxruntime"
+    intra_op_threads: Annotated[int, Field(ge=0, le=256)] = 0
+
+    @field_validator("backend")
+    @classmethod
+    def _backend(cls, v: str) -> str:
+        if v not in {"onnxruntime"}:
+            raise ValueError(f"unknown backend {v!r}; this build supports: onnxruntime")
+        return v
+
+
+class Priority(StrEnum):
+    URGENT = "urgent"
+    ROUTINE = "routine"
+
+
+class SliceRange(_Strict):
+    min: Annotated[int, Field(ge=1)] = 1
+    max: Annotated[int | None, Field(ge=1)] = None
+
+    @model_validator(mode="after")
+    def _order(self) -> SliceRange:
+        if self.max is not None and self.max < self.min:
+            raise ValueError(f"max ({self.max}) is below min ({self.min})")
+        return self
+
+
+class RouteMatch(_Strict):
+    modality: list[str] = Field(default_factory=list)
+    body_part: list[str] = Field(default_factory=list)
+    sop_class: list[str] = Field(default_factory=list)
+    image_type: list[str] = Field(default_factory=list)  # every listed value must be in ImageType
+    series_description: str | None = None  # a regular expression, searched case-insensitively
+    slices: SliceRange = Field(default_factory=SliceRange)
+
+    @field_validator("series_description")
+    @classmethod
+    def _regex(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression: {exc}") from exc
+        return v
+
+    @field_validator("modality", "body_part", "image_type")
+    @classmethod
+    def _upper(cls, v: list[str]) -> list[str]:
+        return [x.upper() for x in v]
+
+    @field_validator("sop_class")
+    @classmethod
+    def _uid(cls, v: list[str]) -> list[str]:
+        for x in v:
+            if not re.match(r"^[0-9]+(\.[0-9]+)*$", x):
+                raise ValueError(f"{x!r} is not a SOP class UID")
+        return v
+
+
+class Route(_Strict):
+    name: str
+    match: RouteMatch = Field(default_factory=RouteMatch)
+    model: str
+    priority: Priority = Priority.ROUTINE
+    quiet_seconds: Annotated[float | None, Field(ge=0)] = None
+
+    @field_validator("priority", mode="before")
+    @classmethod
+    def _priority(cls, v: Any) -> Any:
+        return Priority(v) if isinstance(v, str) and v in {p.value for p in Priority} else v
+
+
+class LoggingConfig(_Strict):
+    level: str = "INFO"
+    json_format: StrictBool = False
+
+    @field_validator("level")
+    @classmethod
+    def _level(cls, v: str) -> str:
+        if v.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ValueError(f"{v!r} is not a log level (DEBUG, INFO, WARNING, ERROR, CRITICAL)")
+        return v.upper()
+
+
+class AgentConfig(_Strict):
+    site: str
+    state_dir: Path
+    model_repository: Path = Path("engines")
+    dicom: DicomConfig = Field(default_factory=DicomConfig)
+    spool: SpoolConfig = Field(default_factory=SpoolConfig)
+    bus: BusConfig = Field(default_factory=BusConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    models: dict[str, ModelDeployment] = Field(default_factory=dict)
+    routes: list[Route] = Field(default_factory=list)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @field_validator("site")
+    @classmethod
+    def _site(cls, v: str) -> str:
+        if not _SUBJECT_TOKEN.match(v):
+            raise ValueError(f"{v!r} must be one NATS subject token: letters, digits, '-' and '_'")
+        return v
+
+    @field_validator("state_dir", "model_repository", mode="before")
+    @classmethod
+    def _path(cls, v: Any) -> Any:
+        return Path(v) if isinstance(v, str) else v
+
+    def model_names(self) -> list[str]:
+        """Every model a route names, in route order, without repeats."""
+        return list(dict.fromkeys(r.model for r in self.routes))
+
+    def deployment(self, model: str) -> ModelDeployment:
+        return self.models.get(model, ModelDeployment())
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _message(err: Mapping[str, Any]) -> str:
+    msg = str(err.get("msg", "invalid"))
+    if err.get("type") == "extra_forbidden":
+        return "unknown key"
+    if err.get("type") == "missing":
+        return "required key is missing"
+    return msg.removeprefix("Value error, ")
+
+
+def _did_you_mean(word: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(word, options, n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _unknown_key_hints(problems: list[tuple[str, str]], raw: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Add a 'did you mean' to unknown keys, using the names the model at that path knows."""
+    out = []
+    for path, msg in problems:
+        if msg == "unknown key":
+            parent, _, key = path.rpartition(".")
+            model = _model_at(parent)
+            if model is not None:
+                msg += _did_you_mean(re.sub(r"\[\d+\]$", "", key), list(model.model_fields))
+        out.append((path, msg))
+    return out
+
+
+def _model_at(path: str) -> type[BaseModel] | None:
+    model: type[BaseModel] = AgentConfig
+    if not path:
+        return model
+    for part in path.split("."):
+        name = re.sub(r"\[\d+\]$", "", part)
+        field = model.model_fields.get(name)
+        if field is None:
+            return None
+        ann = field.annotation
+        args = getattr(ann, "__args__", ())
+        cand = [a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not cand:
+            return None
+        model = cand[0]
+    return model
+
+
+def apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
+    """Environment variables override secrets (and only secrets) of the YAML."""
+    out = dict(raw)
+    for var, (section, key) in SECRET_ENV.items():
+        if var in env:
+            sec = out.get(section)
+            sec = dict(sec) if isinstance(sec, Mapping) else {}
+            sec[key] = env[var]
+            out[section] = sec
+    return out
+
+
+def parse_config(raw: Any, source: str = "", env: Mapping[str, str] | None = None) -> AgentConfig:
+    """Validate an already-parsed YAML document. Raises ConfigError naming every bad field."""
+    if not isinstance(raw, dict):
+        raise ConfigError([("", "the configuration must be a YAML mapping")], source)
+    raw = apply_env(raw, os.environ if env is None else env)
+    try:
+        config = AgentConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = [(_loc(e["loc"]), _message(e)) for e in exc.errors()]
+        raise ConfigError(_unknown_key_hints(problems, raw), source) from None
+    return config
+
+
+def load_config(path: Path | str, env: Mapping[str, str] | None = None) -> AgentConfig:
+    """Read and validate a YAML config file. Relative paths in it are relative to the file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([("", f"cannot read config: {exc.strerror}")], str(path)) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        raise ConfigError([("", f"{where}not valid YAML: {getattr(exc, 'problem', exc)}")], str(path)) from None
+    config = parse_config(raw if raw is not None else {}, str(path), env)
+    base = path.resolve().parent
+    updates: dict[str, Any] = {}
+    if not config.state_dir.is_absolute():
+        updates["state_dir"] = base / config.state_dir
+    if not config.model_repository.is_absolute():
+        updates["model_repository"] = base / config.model_repository
+    return config.model_copy(update=updates) if updates else config
+
+
+def check_models(config: AgentConfig, available: list[str]) -> None:
+    """Cross-check routes and model deployments against the models in the repository."""
+    problems = []
+    for i, route in enumerate(config.routes):
+        if route.model not in available:
+            problems.append((f"routes[{i}].model", f"no model {route.model!r}" + _did_you_mean(route.model, available)))
+    for name in config.models:
+        if name not in available:
+            problems.append((f"models.{name}", f"no model {name!r}" + _did_you_mean(name, available)))
+    names = [r.name for r in config.routes]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            problems.append((f"routes[{i}].name", f"route name {name!r} is used twice"))
+    if problems:
+        raise ConfigError(problems)

@@ -1,0 +1,104 @@
+"""Every Prometheus metric of edge-agent, defined in one place.
+
+Naming follows Prometheus practice: base units (seconds, bytes), ``_total`` on counters, and only
+bounded label values (stage names, outcomes, model names from the repository). No UID, accession,
+AE title or any other value that comes from a DICOM peer ever becomes a label value.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from edge_agent import __version__
+
+STAGES = ("receive", "assemble", "preprocess", "queue", "infer", "publish", "end_to_end")
+
+# Latency buckets from 1 ms to 5 min: a CR is tens of ms per stage, a 500-slice CT minutes end to end.
+LATENCY_BUCKETS_SECONDS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+class Metrics:
+    """One registry per daemon (tests may run several in one process)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.build_info = Info("edge_agent_build", "Version of the running edge-agent", registry=r)
+        self.build_info.info({"version": __version__})
+        self.stage_seconds = Histogram(
+            "edge_agent_stage_duration_seconds",
+            "Time spent in each pipeline stage",
+            ["stage"],
+            buckets=LATENCY_BUCKETS_SECONDS,
+            registry=r,
+        )
+        self.associations = Counter(
+            "edge_agent_associations_total",
+            "DICOM associations by outcome (accepted, rejected_calling_aet, rejected_host, rejected_busy, aborted)",
+            ["outcome"],
+            registry=r,
+        )
+        self.instances = Counter(
+            "edge_agent_instances_total",
+            "DICOM instances by outcome (stored, duplicate, out_of_resources, cannot_understand, "
+            "processing_failure, decode_failed, inferred)",
+            ["outcome"],
+            registry=r,
+        )
+        self.received_bytes = Counter(
+            "edge_agent_received_bytes_total", "Bytes of DICOM instances written to the spool", registry=r
+        )
+        self.series = Counter(
+            "edge_agent_series_total",
+            "Series by outcome (routed, unrouted, failed, expired)",
+            ["outcome"],
+            registry=r,
+        )
+        self.findings = Counter(
+            "edge_agent_findings_total",
+            "Findings by model and outcome (queued, published, duplicate, publish_error)",
+            ["model", "outcome"],
+            registry=r,
+        )
+        self.triage = Counter(
+            "edge_agent_triage_total", "Series-level triage results by model and priority", ["model", "priority"],
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "edge_agent_inference_batch_size", "Images per engine call", ["model"], buckets=BATCH_BUCKETS, registry=r
+        )
+        self.inference_seconds = Histogram(
+            "edge_agent_inference_compute_seconds",
+            "Wall time of one engine call (one batch)",
+            ["model"],
+            buckets=LATENCY_BUCKETS_SECONDS,
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "edge_agent_queue_depth", "Items waiting per queue (preprocess, and batch:<model>)", ["queue"], registry=r
+        )
+        self.open_series = Gauge("edge_agent_open_series", "Series still receiving instances", registry=r)
+        self.outbox_pending = Gauge(
+            "edge_agent_outbox_pending", "Findings in the durable outbox not yet acknowledged by JetStream", registry=r
+        )
+        self.spool_bytes = Gauge("edge_agent_spool_bytes", "Bytes of DICOM held in the spool", registry=r)
+        self.spool_free_bytes = Gauge(
+            "edge_agent_spool_free_bytes", "Free bytes on the spool's file system", registry=r
+        )
+        self.broker_connected = Gauge(
+            "edge_agent_broker_connected", "1 while connected to the NATS server, else 0", registry=r
+        )
+        self.engine_up = Gauge("edge_agent_engine_up", "1 when the model's engine is loaded and warm", ["model"],
+                               registry=r)
+        self.engine_info = Info(
+            "edge_agent_engine", "Model engines loaded (model, version, backend)", ["model"], registry=r
+        )
+        self.ready = Gauge("edge_agent_ready", "1 when the daemon is ready (SCP bound, engines warm, spool writable)",
+                           registry=r)
+        self.publish_errors = Counter(
+            "edge_agent_publish_errors_total", "Failed publish attempts by reason (timeout, no_responders, error)",
+            ["reason"], registry=r,
+        )
