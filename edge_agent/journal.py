@@ -276,8 +276,6 @@ class Journal:
                             " first_received=?, last_received=?, updated_at=? WHERE id=?",
                             (SeriesState.OPEN, revision, now, now, now, series_id),
                         )
-                        db.execute("UPDATE instances SET released=0 WHERE series_id=? AND released=1"
-                                   " AND spool_name != ''", (series_id,))
                     else:
                         db.execute(
                             "UPDATE series SET last_received=?, updated_at=?,"
