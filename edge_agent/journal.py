@@ -135,6 +135,7 @@ class Recorded:
     new_series: bool
     replaced_spool_name: str | None  # a re-sent instance replaces its earlier file; delete this one
     reopened: bool  # the series had been closed and is open again under a new revision
+    spool_name: str = ""
 
 
 @dataclass(frozen=True)
@@ -306,7 +307,7 @@ class Journal:
                     instance_id = int(cur.lastrowid or 0)
         except sqlite3.Error as exc:
             raise JournalError(f"cannot record instance: {exc}") from exc
-        return Recorded(series_id, instance_id, revision, new_series, replaced, reopened)
+        return Recorded(series_id, instance_id, revision, new_series, replaced, reopened, spool_name)
 
     # -- series -----------------------------------------------------------------------------------
 

@@ -1,0 +1,181 @@
+"""The spool: received DICOM files, held on disk until their finding is acknowledged.
+
+Layout: ``root/instances/<yyyymmdd>/<32 random hex>.dcm``, and ``root/tmp`` for incoming temp
+files. A spool name is the path relative to ``root/instances`` ("20261126/3f2a...dcm"). Names are
+random, never derived from a UID: UIDs come from the peer and must not choose paths.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import re
+import secrets
+import shutil
+import time
+from pathlib import Path
+
+from edge_agent.errors import EdgeAgentError
+
+logger = logging.getLogger(__name__)
+
+# A stored file, a half-written copy of one (left by a crash), or a file in the temp directory.
+_NAME = re.compile(r"^(?:\d{8}/[0-9a-f]{32}\.dcm|\d{8}/\.[0-9a-f]{32}\.part|tmp/[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})$")
+_STORED = re.compile(r"^[0-9a-f]{32}\.dcm$")
+_PARTIAL = re.compile(r"^\.[0-9a-f]{32}\.part$")
+_DAY = re.compile(r"^\d{8}$")
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+_COPY_CHUNK_BYTES = 1 << 20
+
+
+class SpoolFullError(EdgeAgentError, OSError):
+    """The spool's file system has no room for another instance."""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Spool:
+    """Durable storage for received instances (see the module docstring for the layout)."""
+
+    def __init__(self, root: Path, min_free_bytes: int) -> None:
+        self.root = root
+        self.min_free_bytes = min_free_bytes
+        self._instances = root / "instances"
+        self._tmp = root / "tmp"
+        self._instances.mkdir(parents=True, exist_ok=True)
+        self._tmp.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def tmp_dir(self) -> Path:
+        """A directory on the spool's file system for incoming temp files (so ``store`` can rename)."""
+        return self._tmp
+
+    def path(self, name: str) -> Path:
+        """The absolute path of a spool name. Raises ValueError for anything but a spool name."""
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise ValueError("not a spool name")
+        if name.startswith("tmp/"):
+            return self._tmp / name[4:]
+        return self._instances / name
+
+    def store(self, src: Path) -> tuple[str, int]:
+        """Move ``src`` into the spool durably and return ``(name, size_bytes)``.
+
+        PS3.4 Annex B.2.3: a Success status hands the instance over to us, so the data and the
+        directory entry are fsynced before this returns. Raises SpoolFullError on ENOSPC/EDQUOT,
+        after removing whatever was partly written.
+        """
+        day = time.strftime("%Y%m%d", time.gmtime())
+        day_dir = self._instances / day
+        token = secrets.token_hex(16)
+        name = f"{day}/{token}.dcm"
+        final = day_dir / f"{token}.dcm"
+        try:
+            if not day_dir.is_dir():
+                day_dir.mkdir(exist_ok=True)
+                # The new directory's own entry must survive a power loss too.
+                _fsync_dir(self._instances)
+            if os.stat(src).st_dev == os.stat(day_dir).st_dev:
+                size = self._rename_into(src, final)
+            else:
+                size = self._copy_into(src, day_dir / f".{token}.part", final)
+            _fsync_dir(day_dir)
+        except OSError as exc:
+            final.unlink(missing_ok=True)
+            if exc.errno in _FULL_ERRNOS:
+                raise SpoolFullError(exc.errno, "the spool's file system is full") from exc
+            raise
+        return name, size
+
+    @staticmethod
+    def _rename_into(src: Path, final: Path) -> int:
+        fd = os.open(src, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            size = os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+        os.replace(src, final)
+        return size
+
+    @staticmethod
+    def _copy_into(src: Path, part: Path, final: Path) -> int:
+        try:
+            with open(src, "rb") as fin, open(part, "xb") as fout:
+                shutil.copyfileobj(fin, fout, _COPY_CHUNK_BYTES)
+                fout.flush()
+                os.fsync(fout.fileno())
+                size = fout.tell()
+            os.replace(part, final)
+        except BaseException:
+            part.unlink(missing_ok=True)
+            raise
+        # Moved, not copied: the source is a temp file nobody needs any more.
+        with contextlib.suppress(OSError):
+            os.unlink(src)
+        return size
+
+    def remove(self, name: str) -> None:
+        """Delete a spool file; one that is already gone is fine."""
+        self.path(name).unlink(missing_ok=True)
+
+    def free_bytes(self) -> int:
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize
+
+    def has_room(self, extra_bytes: int = 0) -> bool:
+        """True while the free space, less ``extra_bytes``, stays at or above the watermark."""
+        return self.free_bytes() - extra_bytes >= self.min_free_bytes
+
+    def writable(self) -> bool:
+        """True if a file can be created, fsynced and removed in the spool."""
+        probe = self._tmp / f".probe-{secrets.token_hex(8)}"
+        try:
+            with open(probe, "xb") as f:
+                f.write(b"\0")
+                f.flush()
+                os.fsync(f.fileno())
+            probe.unlink()
+        except OSError as exc:
+            logger.warning("spool is not writable: %s", exc.strerror)
+            with contextlib.suppress(OSError):
+                probe.unlink(missing_ok=True)
+            return False
+        return True
+
+    def orphans(self, referenced: set[str], min_age_seconds: float = 0.0) -> list[str]:
+        """Spool names on disk that the journal does not reference, and stale temp files.
+
+        Call it before the receiver starts (or with ``min_age_seconds`` well above the longest
+        transfer): an instance being received right now is not referenced yet.
+        """
+        cutoff = time.time() - min_age_seconds
+        out: list[str] = []
+
+        def old(p: Path) -> bool:
+            try:
+                return p.stat().st_mtime <= cutoff
+            except FileNotFoundError:
+                return False
+
+        for day_dir in sorted(self._instances.iterdir()):
+            if not (_DAY.fullmatch(day_dir.name) and day_dir.is_dir()):
+                continue
+            for f in sorted(day_dir.iterdir()):
+                name = f"{day_dir.name}/{f.name}"
+                unreferenced = _STORED.fullmatch(f.name) is not None and name not in referenced
+                if (unreferenced or _PARTIAL.fullmatch(f.name)) and old(f):
+                    out.append(name)
+        for f in sorted(self._tmp.iterdir()):
+            name = f"tmp/{f.name}"
+            if _NAME.fullmatch(name) and f.is_file() and old(f):
+                out.append(name)
+        return out

@@ -1,0 +1,196 @@
+"""A dynamic batcher per model, like Triton's: gather up to max_batch items, waiting at most max_queue_delay_ms.
+
+Items from urgent routes are taken first. The engine call runs in an executor, never on the event loop,
+and one batch is in flight at a time: while it runs, the next batch fills.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edge_agent.errors import EngineError
+from edge_agent.inference.engine import Engine, EngineOutput, FloatArray, SliceResult
+from edge_agent.metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Item:
+    x: FloatArray
+    future: asyncio.Future[SliceResult]
+    enqueued_at: float = field(default_factory=time.perf_counter)
+
+
+class Batcher:
+    """Collects single images into batches for one model's engine."""
+
+    def __init__(
+        self,
+        model: str,
+        engine: Engine,
+        max_batch: int,
+        max_queue_delay_ms: float,
+        metrics: Metrics,
+        executor: concurrent.futures.Executor,
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        if max_queue_delay_ms < 0:
+            raise ValueError("max_queue_delay_ms must not be negative")
+        self.model = model
+        self.engine = engine
+        self.max_batch = max_batch
+        self.max_queue_delay_seconds = max_queue_delay_ms / 1000.0
+        self.metrics = metrics
+        self.executor = executor
+        self._urgent: deque[_Item] = deque()
+        self._routine: deque[_Item] = deque()
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._queue_gauge = metrics.queue_depth.labels(queue=f"batch:{model}")
+        self._batch_hist = metrics.batch_size.labels(model=model)
+        self._infer_hist = metrics.inference_seconds.labels(model=model)
+        self._stage_queue = metrics.stage_seconds.labels(stage="queue")
+        self._stage_infer = metrics.stage_seconds.labels(stage="infer")
+        self.batches = 0  # engine calls made; for logs and tests
+
+    @property
+    def pending(self) -> int:
+        """Items waiting for a batch."""
+        return len(self._urgent) + len(self._routine)
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def start(self) -> None:
+        """Start the background task that forms and runs batches."""
+        if self._task is not None:
+            raise RuntimeError(f"batcher {self.model} was already started")
+        self._task = asyncio.create_task(self._run(), name=f"batcher:{self.model}")
+
+    async def stop(self) -> None:
+        """Stop taking items, run what is queued, and wait for the background task to end.
+
+        If this is cancelled (a drain timeout), the task is cancelled and what is still queued fails
+        with EngineError, so no caller waits forever.
+        """
+        self._stopping = True
+        self._wakeup.set()
+        task = self._task
+        if task is None:
+            self._fail_pending("the batcher was never started")
+            return
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.cancel()
+            self._fail_pending("the batcher was stopped before this item ran")
+            raise
+
+    async def submit(self, x: FloatArray, urgent: bool = False) -> SliceResult:
+        """Queue one image [C, H, W]; wait for its result. EngineError if the engine fails."""
+        if self._stopping or not self.running:
+            raise EngineError(f"{self.model}: the batcher is not running")
+        if x.dtype != np.float32 or tuple(x.shape) != self.engine.input_shape:
+            raise EngineError(
+                f"{self.model}: input is {x.dtype}{list(x.shape)}, expected float32{list(self.engine.input_shape)}"
+            )
+        item = _Item(x, asyncio.get_running_loop().create_future())
+        (self._urgent if urgent else self._routine).append(item)
+        self._queue_gauge.set(self.pending)
+        self._wakeup.set()
+        return await item.future
+
+    def _take(self) -> list[_Item]:
+        items: list[_Item] = []
+        for queue in (self._urgent, self._routine):
+            while queue and len(items) < self.max_batch:
+                item = queue.popleft()
+                if not item.future.done():  # the caller may have given up (cancelled)
+                    items.append(item)
+        self._queue_gauge.set(self.pending)
+        return items
+
+    def _oldest(self) -> float:
+        return min(q[0].enqueued_at for q in (self._urgent, self._routine) if q)
+
+    async def _run(self) -> None:
+        while True:
+            if not self.pending:
+                if self._stopping:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            # Triton's rule: the delay counts from the oldest queued item, so an item waits at most
+            # max_queue_delay before its batch starts (unless the engine is busy with the previous one).
+            while self.pending < self.max_batch and not self._stopping:
+                remaining = self._oldest() + self.max_queue_delay_seconds - time.perf_counter()
+                if remaining <= 0:
+                    break
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), timeout=remaining)
+                except TimeoutError:
+                    break
+            items = self._take()
+            if items:
+                await self._run_batch(items)
+
+    async def _run_batch(self, items: list[_Item]) -> None:
+        started = time.perf_counter()
+        for item in items:
+            self._stage_queue.observe(started - item.enqueued_at)
+        n = len(items)
+        self._batch_hist.observe(n)
+        try:
+            batch = np.stack([item.x for item in items])
+            loop = asyncio.get_running_loop()
+            out: EngineOutput = await loop.run_in_executor(self.executor, self.engine.infer, batch)
+            if out.scores.shape[0] != n or (out.heatmap is not None and out.heatmap.shape[0] != n):
+                raise EngineError(f"{self.model}: engine returned {out.scores.shape[0]} results for {n} inputs")
+        except asyncio.CancelledError:
+            # stop() gave up waiting (drain timeout): say so to the callers instead of leaving them hanging.
+            for item in items:
+                if not item.future.done():
+                    item.future.set_exception(EngineError(f"{self.model}: the batcher was stopped during inference"))
+            raise
+        except Exception as exc:
+            # The batcher survives: this batch's callers get the error, the next batch runs as usual.
+            error = exc if isinstance(exc, EngineError) else EngineError(f"{self.model}: engine call failed: {exc!r}")
+            logger.error("model %s: engine call for a batch of %d failed: %s", self.model, n, error)
+            for item in items:
+                if not item.future.done():
+                    item.future.set_exception(error)
+            return
+        finally:
+            self.batches += 1
+        elapsed = time.perf_counter() - started
+        self._infer_hist.observe(elapsed)
+        for i, item in enumerate(items):
+            self._stage_infer.observe(elapsed)
+            if not item.future.done():
+                heat = None if out.heatmap is None else out.heatmap[i].copy()
+                item.future.set_result(SliceResult(out.scores[i].copy(), heat))
+
+    def _fail_pending(self, reason: str) -> None:
+        for item in self._take_all():
+            if not item.future.done():
+                item.future.set_exception(EngineError(f"{self.model}: {reason}"))
+
+    def _take_all(self) -> list[_Item]:
+        items = [*self._urgent, *self._routine]
+        self._urgent.clear()
+        self._routine.clear()
+        self._queue_gauge.set(0)
+        return items

@@ -1,0 +1,286 @@
+"""Model cards: ``engines/<name>/model.yaml`` says what a model is and how to feed it.
+
+A card is validated as strictly as the agent's own config (unknown keys are errors, every problem
+names its field path) and it pins the model file by SHA-256, so a model swapped or corrupted on disk
+is refused at load instead of producing silently different findings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+from edge_agent.errors import ModelError
+
+CARD_FILE = "model.yaml"
+MODEL_FILE = "model.onnx"
+
+# Model names become metric label values and NATS subject tokens: keep them short and tame.
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_HASH_CHUNK_BYTES = 1 << 20
+
+
+class _Card(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class WindowSpec(_Card):
+    """A fixed VOI window in modality units (e.g. HU for CT)."""
+
+    center: float
+    width: Annotated[float, Field(gt=0)]
+
+    @field_validator("center", "width", mode="before")
+    @classmethod
+    def _number(cls, v: Any) -> Any:
+        # YAML writes 40 for 40.0; strict mode would refuse an int for a float field.
+        return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+
+class NormaliseSpec(_Card):
+    """``(x - mean) / std`` applied after windowing to [0, 1] and resizing."""
+
+    mean: float = 0.0
+    std: Annotated[float, Field(gt=0)] = 1.0
+
+    @field_validator("mean", "std", mode="before")
+    @classmethod
+    def _number(cls, v: Any) -> Any:
+        return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+
+class Preprocessing(_Card):
+    """How a decoded frame becomes the model's input tensor."""
+
+    # "auto": the instance's own Window Center/Width if present, else its min-max range.
+    window: WindowSpec | Literal["auto"] = "auto"
+    invert_monochrome1: bool = True
+    rescale: bool = True
+    resize: tuple[Annotated[int, Field(ge=1, le=8192)], Annotated[int, Field(ge=1, le=8192)]]
+    keep_aspect: bool = False
+    normalise: NormaliseSpec = Field(default_factory=NormaliseSpec)
+
+    @field_validator("resize", mode="before")
+    @classmethod
+    def _pair(cls, v: Any) -> Any:
+        return tuple(v) if isinstance(v, list) else v
+
+    @field_validator("window", mode="before")
+    @classmethod
+    def _window(cls, v: Any) -> Any:
+        if v == "auto" or isinstance(v, dict | WindowSpec):
+            return v
+        raise ValueError("must be 'auto' or a mapping with center and width")
+
+
+class InputSpec(_Card):
+    name: str
+    # [channels, height, width]; the batch dimension is dynamic and not written here.
+    shape: tuple[Literal[1, 3], Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]]
+    dtype: Literal["float32"] = "float32"
+
+    @field_validator("shape", mode="before")
+    @classmethod
+    def _triple(cls, v: Any) -> Any:
+        return tuple(v) if isinstance(v, list) else v
+
+
+class OutputSpec(_Card):
+    scores: str
+    heatmap: str | None = None
+
+
+class BatchSpec(_Card):
+    """Batch sizes the model is built for (TensorRT optimisation profiles use them)."""
+
+    min: Annotated[int, Field(ge=1)] = 1
+    opt: Annotated[int, Field(ge=1)] = 1
+    max: Annotated[int, Field(ge=1, le=1024)] = 8
+
+    @model_validator(mode="after")
+    def _order(self) -> BatchSpec:
+        if not self.min <= self.opt <= self.max:
+            raise ValueError(f"need min <= opt <= max, got {self.min}, {self.opt}, {self.max}")
+        return self
+
+
+class ModelCard(_Card):
+    """What a model is, what it expects, and how its outputs become findings."""
+
+    name: str
+    version: str
+    description: str
+    intended_use: str
+    trained: bool
+    sha256: str
+    # "slice": run on each instance/frame as it lands; "image": run on the one image of the series.
+    granularity: Literal["image", "slice"]
+    inputs: InputSpec
+    outputs: OutputSpec
+    labels: Annotated[list[str], Field(min_length=1)]
+    thresholds: dict[str, Annotated[float, Field(ge=0.0, le=1.0)]]
+    aggregation: Literal["max"] = "max"
+    batch: BatchSpec = Field(default_factory=BatchSpec)
+    preprocessing: Preprocessing
+
+    _directory: Path = PrivateAttr(default=Path("."))
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError(f"{v!r} is not a model name (lower-case letters, digits, '-', '_'; at most 64)")
+        return v
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return v
+
+    @field_validator("sha256")
+    @classmethod
+    def _sha(cls, v: str) -> str:
+        if not _SHA256.match(v):
+            raise ValueError("must be 64 lower-case hex digits (the SHA-256 of model.onnx)")
+        return v
+
+    @field_validator("thresholds", mode="before")
+    @classmethod
+    def _floats(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: float(x) if isinstance(x, int) and not isinstance(x, bool) else x for k, x in v.items()}
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelCard:
+        if len(set(self.labels)) != len(self.labels):
+            raise ValueError("labels: a label is listed twice")
+        missing = [label for label in self.labels if label not in self.thresholds]
+        extra = [key for key in self.thresholds if key not in self.labels]
+        if missing:
+            raise ValueError(f"thresholds: no threshold for label(s) {', '.join(missing)}")
+        if extra:
+            raise ValueError(f"thresholds: {', '.join(extra)} is not in labels")
+        if tuple(self.preprocessing.resize) != tuple(self.inputs.shape[1:]):
+            raise ValueError(
+                f"preprocessing.resize {list(self.preprocessing.resize)} must equal inputs.shape[1:] "
+                f"{list(self.inputs.shape[1:])}"
+            )
+        return self
+
+    @property
+    def directory(self) -> Path:
+        """The model's folder in the repository."""
+        return self._directory
+
+    @property
+    def model_path(self) -> Path:
+        """The ONNX file this card describes."""
+        return self._directory / MODEL_FILE
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """[channels, height, width] of one input image."""
+        c, h, w = self.inputs.shape
+        return (int(c), int(h), int(w))
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in chunks so that large models do not sit twice in memory."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in {"literal['auto']", "WindowSpec", "tuple[int, int]"}:
+            continue  # pydantic's name for a union branch, not a key the author wrote
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _message(err: Any) -> str:
+    if err.get("type") == "extra_forbidden":
+        return "unknown key"
+    if err.get("type") == "missing":
+        return "required key is missing"
+    return str(err.get("msg", "invalid")).removeprefix("Value error, ")
+
+
+def parse_card(raw: Any, source: str = "model.yaml") -> ModelCard:
+    """Validate an already-parsed card document; ModelError names every bad field."""
+    if not isinstance(raw, dict):
+        raise ModelError(f"{source}: a model card must be a YAML mapping")
+    try:
+        return ModelCard.model_validate(raw)
+    except ValidationError as exc:
+        errors = [(_loc(e["loc"]) or "(card)", e) for e in exc.errors()]
+        # A {center, width} window with a bad value also fails the "auto" branch of its union; that
+        # second complaint only confuses, so drop a literal mismatch when a deeper error explains it.
+        problems = [
+            f"{path}: {_message(e)}"
+            for path, e in errors
+            if not (e["type"] == "literal_error" and any(p.startswith(path + ".") for p, _ in errors))
+        ]
+        raise ModelError(f"{source}: " + "; ".join(problems)) from None
+
+
+def load_card(model_dir: Path, *, verify: bool = True) -> ModelCard:
+    """Read ``model_dir/model.yaml``, validate it, and check model.onnx against its sha256."""
+    card_path = model_dir / CARD_FILE
+    try:
+        text = card_path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ModelError(f"{card_path}: cannot read model card: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        raise ModelError(f"{card_path}: {where}not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    card = parse_card(raw, str(card_path))
+    if card.name != model_dir.name:
+        # Routes name models by folder; a card that calls itself something else is a copy-paste slip.
+        raise ModelError(f"{card_path}: name: {card.name!r} does not match its folder {model_dir.name!r}")
+    card._directory = model_dir
+    if verify:
+        verify_model_file(card)
+    return card
+
+
+def verify_model_file(card: ModelCard) -> None:
+    """Raise ModelError unless the card's model file exists and matches its sha256."""
+    path = card.model_path
+    try:
+        actual = sha256_file(path)
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot read model file: {exc.strerror}") from None
+    if actual != card.sha256:
+        raise ModelError(
+            f"{path}: sha256 mismatch: the card says {card.sha256}, the file is {actual}; "
+            "the model file was changed or corrupted, or the card was not updated"
+        )
+
+
+def list_models(repository: Path) -> list[str]:
+    """Names of the models in a repository: the sub-folders that hold a model.yaml, sorted."""
+    try:
+        entries = sorted(repository.iterdir())
+    except OSError as exc:
+        raise ModelError(f"{repository}: cannot read the model repository: {exc.strerror}") from None
+    return [p.name for p in entries if p.is_dir() and (p / CARD_FILE).is_file()]

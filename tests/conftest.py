@@ -1,0 +1,39 @@
+"""Shared fixtures: real peers and fresh state for every test."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from edge_agent.journal import Journal
+from edge_agent.metrics import Metrics
+from tests.natsutil import NatsServer
+
+
+@pytest.fixture
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    """A real ``nats-server -js`` on a free loopback port; ``.stop()``/``.start()`` keep port and storage."""
+    server = NatsServer(tmp_path_factory.mktemp("nats"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def metrics() -> Metrics:
+    """A Metrics object on its own registry."""
+    return Metrics()
+
+
+@pytest.fixture
+def journal(tmp_path: Path) -> Iterator[Journal]:
+    """A fresh journal database under the test's tmp_path."""
+    j = Journal(tmp_path / "state" / "journal.db")
+    try:
+        yield j
+    finally:
+        j.close()

@@ -1,0 +1,295 @@
+"""End to end: the daemon as a subprocess, real nats-server, real dcmtk storescu and pynetdicom SCU."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+from pynetdicom import AE
+
+from tests.daemon import Daemon, read_findings, storescu, stream_count, write_config
+from tests.dicomfiles import DATA_STORE, PYDICOM_FILES
+
+pytestmark = pytest.mark.e2e
+
+SCHEMA = json.loads((Path(__file__).resolve().parent.parent / "edge_agent" / "bus" / "finding.schema.json").read_text())
+CR_CHEST = DATA_STORE / "RG1_UNCR.dcm"
+CR_CHEST_J2K = DATA_STORE / "RG1_J2KR.dcm"
+CR_EXTREMITY = DATA_STORE / "RG3_UNCR.dcm"
+
+
+def fresh_copy(src: Path, dst_dir: Path, *, series_uid: str | None = None, study_uid: str | None = None,
+               instance_number: int | None = None, name: str | None = None) -> Path:
+    """A copy of a real file under new UIDs, so that every test sends a series of its own."""
+    ds = pydicom.dcmread(src)
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.SeriesInstanceUID = series_uid or generate_uid()
+    ds.StudyInstanceUID = study_uid or generate_uid()
+    if instance_number is not None:
+        ds.InstanceNumber = instance_number
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    out = dst_dir / (name or f"{src.stem}-{ds.SOPInstanceUID[-12:]}.dcm")
+    ds.save_as(out, enforce_file_format=True)
+    return out
+
+
+def ct_series(src: Path, dst_dir: Path, count: int) -> tuple[str, list[Path]]:
+    series_uid, study_uid = generate_uid(), generate_uid()
+    files = [fresh_copy(src, dst_dir, series_uid=series_uid, study_uid=study_uid, instance_number=i + 1,
+                        name=f"slice{i:04d}.dcm") for i in range(count)]
+    return series_uid, files
+
+
+@pytest.fixture
+def daemon(tmp_path: Path, nats_server: Any) -> Any:
+    started: list[Daemon] = []
+
+    def make(**overrides: Any) -> Daemon:
+        d = Daemon(write_config(tmp_path, nats_server.url, **overrides), tmp_path)
+        started.append(d)
+        return d
+
+    yield make
+    for d in started:
+        if d.proc is not None and d.proc.poll() is None:
+            d.kill9()
+
+
+def _assert_no_patient_data(text: str, *uids: str) -> None:
+    for uid in uids:
+        assert uid not in text
+
+
+def test_cr_chest_via_dcmtk_gives_one_finding_and_metrics(daemon: Any, nats_server: Any, tmp_path: Path) -> None:
+    d = daemon().start()
+    assert d.http("/readyz")[0] == 200
+    assert d.http("/healthz")[0] == 200
+    f = fresh_copy(CR_CHEST, tmp_path / "in")
+    ds = pydicom.dcmread(f, stop_before_pixels=True)
+    result = storescu(d.dicom_port, f)
+    assert result.returncode == 0, result.stderr
+
+    [finding] = read_findings(nats_server.url, 1)
+    jsonschema.validate(finding, SCHEMA)
+    assert finding["series_instance_uid"] == ds.SeriesInstanceUID
+    assert finding["study_instance_uid"] == ds.StudyInstanceUID
+    assert finding["model"]["name"] == "cxr-demo"
+    assert finding["modality"] == "CR"
+    assert finding["route"] == "chest-radiograph"
+    assert finding["priority"] in ("urgent", "routine")
+
+    d.wait_metric("edge_agent_findings_total", 1, model="cxr-demo", outcome="published")
+    assert d.metric("edge_agent_instances_total", outcome="stored") == 1
+    assert d.metric("edge_agent_associations_total", outcome="accepted") >= 1
+    assert d.metric("edge_agent_ready") == 1
+    _, text = d.http("/metrics")
+    assert all(line.startswith(("# ", "edge_agent_")) or not line for line in text.splitlines())
+    _assert_no_patient_data(text, ds.SeriesInstanceUID, ds.StudyInstanceUID, ds.SOPInstanceUID, "STORESCU")
+    # Released after the ack: nothing is left in the spool.
+    d.wait_metric("edge_agent_spool_bytes", 0, at_most=0)
+    assert d.terminate() == 0
+    log = d.log()
+    assert "shutdown:" in log
+    _assert_no_patient_data(log, ds.SeriesInstanceUID, ds.StudyInstanceUID, ds.SOPInstanceUID,
+                            str(ds.get("AccessionNumber", "")) or "\x00", str(ds.get("PatientID", "")) or "\x00")
+
+
+def test_compressed_and_cross_sectional_via_pynetdicom(daemon: Any, nats_server: Any, tmp_path: Path) -> None:
+    d = daemon().start()
+    cr = fresh_copy(CR_CHEST_J2K, tmp_path / "in")
+    ct_uid, ct_files = ct_series(PYDICOM_FILES / "CT_small.dcm", tmp_path / "ct", 5)
+    mr = fresh_copy(PYDICOM_FILES / "MR_small_jpeg_ls_lossless.dcm", tmp_path / "in")
+    mr_rle = fresh_copy(PYDICOM_FILES / "MR_small_RLE.dcm", tmp_path / "in")
+    files = [cr, *ct_files, mr, mr_rle]
+    datasets = [pydicom.dcmread(p) for p in files]
+
+    ae = AE(ae_title="PYNETDICOM")
+    for ds in datasets:
+        ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", d.dicom_port, ae_title="EDGE_AGENT")
+    assert assoc.is_established
+    try:
+        for ds in datasets:
+            status = assoc.send_c_store(ds)
+            assert status.Status == 0x0000
+    finally:
+        assoc.release()
+
+    found = read_findings(nats_server.url, 4)
+    by_series = {f["series_instance_uid"]: f for f in found}
+    assert len(found) == 4
+    assert by_series[ct_uid]["model"]["name"] == "ct-demo"
+    assert by_series[ct_uid]["instance_count"] == 5
+    assert by_series[datasets[0].SeriesInstanceUID]["model"]["name"] == "cxr-demo"
+    for f in found:
+        jsonschema.validate(f, SCHEMA)
+
+
+def test_a_series_no_route_matches_is_recorded_and_released(daemon: Any, nats_server: Any, tmp_path: Path) -> None:
+    d = daemon().start()
+    result = storescu(d.dicom_port, fresh_copy(CR_EXTREMITY, tmp_path / "in"))  # BodyPartExamined EXTREMITY
+    assert result.returncode == 0, result.stderr
+    d.wait_metric("edge_agent_series_total", 1, outcome="unrouted")
+    d.wait_metric("edge_agent_spool_bytes", 0, at_most=0)
+    assert stream_count(nats_server.url) == 0
+
+
+def test_wrong_calling_aet_is_rejected(daemon: Any, tmp_path: Path) -> None:
+    d = daemon(**{"dicom.allowed_calling_aets": ["MODALITY1"]}).start()
+    result = storescu(d.dicom_port, fresh_copy(CR_CHEST, tmp_path / "in"), calling_aet="INTRUDER")
+    assert result.returncode != 0
+    assert "Association Rejected" in result.stderr or "rejected" in result.stderr.lower()
+    d.wait_metric("edge_agent_associations_total", 1, outcome="rejected_calling_aet")
+    assert d.metric("edge_agent_instances_total", outcome="stored") == 0
+    assert "INTRUDER" not in d.log()
+    ok = storescu(d.dicom_port, fresh_copy(CR_CHEST, tmp_path / "in"), calling_aet="MODALITY1")
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_unknown_sop_class_gets_no_context(daemon: Any) -> None:
+    d = daemon().start()
+    ae = AE(ae_title="PYNETDICOM")
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.481.3")  # RT Structure Set Storage: not for us
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate("127.0.0.1", d.dicom_port, ae_title="EDGE_AGENT")
+    assert assoc.is_established
+    accepted = {cx.abstract_syntax for cx in assoc.accepted_contexts}
+    assoc.release()
+    assert accepted == {"1.2.840.10008.1.1"}
+
+
+def test_undecodable_pixels_fail_the_series_and_the_daemon_keeps_serving(daemon: Any, nats_server: Any,
+                                                                        tmp_path: Path) -> None:
+    d = daemon().start()
+    bad = fresh_copy(CR_CHEST, tmp_path / "bad")
+    ds = pydicom.dcmread(bad)
+    ds.PixelData = ds.PixelData[: len(ds.PixelData) // 3]  # a valid header, pixel data cut short
+    ds.save_as(bad, enforce_file_format=True)
+    result = storescu(d.dicom_port, bad)
+    assert result.returncode == 0, result.stderr  # stored as received: decoding is not on the receive path
+    d.wait_metric("edge_agent_instances_total", 1, outcome="decode_failed")
+    d.wait_metric("edge_agent_series_total", 1, outcome="failed")
+    good = storescu(d.dicom_port, fresh_copy(CR_CHEST, tmp_path / "in"))
+    assert good.returncode == 0
+    assert len(read_findings(nats_server.url, 1)) == 1
+    assert d.http("/readyz")[0] == 200
+
+
+def test_a_dataset_that_does_not_parse_gets_a_failure_status(daemon: Any, tmp_path: Path) -> None:
+    d = daemon().start()
+    ds = pydicom.dcmread(fresh_copy(PYDICOM_FILES / "CT_small.dcm", tmp_path / "in"))
+    del ds.SeriesInstanceUID  # a C-STORE the assembler could never place
+    ae = AE(ae_title="PYNETDICOM")
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", d.dicom_port, ae_title="EDGE_AGENT")
+    status = assoc.send_c_store(ds)
+    assoc.release()
+    assert status.Status in (0xC000, 0xA900)
+    d.wait_metric("edge_agent_instances_total", 1, outcome="cannot_understand")
+    assert storescu(d.dicom_port, fresh_copy(CR_CHEST, tmp_path / "in")).returncode == 0
+
+
+def test_spool_below_watermark_answers_out_of_resources(daemon: Any, tmp_path: Path) -> None:
+    d = daemon(**{"spool.min_free_bytes": 2**62}).start()
+    ds = pydicom.dcmread(fresh_copy(PYDICOM_FILES / "CT_small.dcm", tmp_path / "in"))
+    ae = AE(ae_title="PYNETDICOM")
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", d.dicom_port, ae_title="EDGE_AGENT")
+    status = assoc.send_c_store(ds)
+    assoc.release()
+    assert status.Status == 0xA700
+    d.wait_metric("edge_agent_instances_total", 1, outcome="out_of_resources")
+
+
+def test_kill9_after_success_before_publish_gives_the_finding_exactly_once(daemon: Any, nats_server: Any,
+                                                                           tmp_path: Path) -> None:
+    nats_server.stop()  # the finding can only wait in the outbox
+    d = daemon().start()
+    f = fresh_copy(CR_CHEST, tmp_path / "in")
+    assert storescu(d.dicom_port, f).returncode == 0
+    d.wait_metric("edge_agent_findings_total", 1, model="cxr-demo", outcome="queued")
+    d.kill9()
+    nats_server.start()
+    d.start()
+    [finding] = read_findings(nats_server.url, 1)
+    assert finding["series_instance_uid"] == pydicom.dcmread(f, stop_before_pixels=True).SeriesInstanceUID
+    d.wait_metric("edge_agent_findings_total", 1, model="cxr-demo", outcome="published")
+    assert d.terminate() == 0
+    assert stream_count(nats_server.url) == 1
+
+
+def test_kill9_while_a_series_is_open_resumes_it(daemon: Any, nats_server: Any, tmp_path: Path) -> None:
+    d = daemon(**{"routes.1.quiet_seconds": 30}).start()
+    series_uid, files = ct_series(PYDICOM_FILES / "CT_small.dcm", tmp_path / "ct", 4)
+    assert storescu(d.dicom_port, *files).returncode == 0
+    d.wait_metric("edge_agent_instances_total", 4, outcome="stored")
+    d.kill9()
+    d.config_path.write_text(d.config_path.read_text().replace("quiet_seconds: 30", "quiet_seconds: 0.5"))
+    d.start()
+    [finding] = read_findings(nats_server.url, 1)
+    assert finding["series_instance_uid"] == series_uid
+    assert finding["instance_count"] == 4
+
+
+def test_broker_down_while_studies_arrive(daemon: Any, nats_server: Any, tmp_path: Path) -> None:
+    d = daemon().start()
+    nats_server.stop()
+    sent = [fresh_copy(CR_CHEST, tmp_path / "in") for _ in range(3)]
+    for f in sent:
+        assert storescu(d.dicom_port, f).returncode == 0
+    d.wait_metric("edge_agent_findings_total", 3, model="cxr-demo", outcome="queued")
+    assert d.metric("edge_agent_broker_connected") == 0
+    assert d.http("/readyz")[0] == 200  # receiving does not depend on the broker
+    nats_server.start()
+    found = read_findings(nats_server.url, 3)
+    assert {f["series_instance_uid"] for f in found} == {
+        pydicom.dcmread(f, stop_before_pixels=True).SeriesInstanceUID for f in sent}
+    d.wait_metric("edge_agent_outbox_pending", 0, at_most=0)
+    assert stream_count(nats_server.url) == 3
+
+
+def test_sigterm_drains_and_says_what_it_did_and_a_second_forces(daemon: Any, nats_server: Any,
+                                                                 tmp_path: Path) -> None:
+    d = daemon().start()
+    assert storescu(d.dicom_port, fresh_copy(CR_CHEST, tmp_path / "in")).returncode == 0
+    read_findings(nats_server.url, 1)
+    assert d.proc is not None
+    d.proc.send_signal(15)
+    d.wait_note("STOPPING=1")
+    assert d.proc.wait(60) == 0
+    assert re.search(r"shutdown: \d+ series finished", d.log())
+
+    # A second SIGTERM while draining (the broker is gone, so the flush would wait) exits at once.
+    nats_server.stop()
+    d2 = Daemon(d.config_path, tmp_path).start()
+    assert storescu(d2.dicom_port, fresh_copy(CR_CHEST, tmp_path / "in")).returncode == 0
+    d2.wait_metric("edge_agent_findings_total", 1, model="cxr-demo", outcome="queued")
+    assert d2.proc is not None
+    d2.proc.send_signal(15)
+    d2.wait_note("STOPPING=1")
+    d2.proc.send_signal(15)
+    assert d2.proc.wait(8) == 0
+    assert "forcing exit" in d2.log()
+
+
+def test_send_cli_and_metrics_endpoint(daemon: Any, nats_server: Any, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    d = daemon().start()
+    folder = tmp_path / "study"
+    fresh_copy(CR_CHEST, folder)
+    (folder / "notes.txt").write_text("not DICOM")
+    result = subprocess.run([sys.executable, "-m", "edge_agent", "send", str(folder), "--port", str(d.dicom_port)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert len(read_findings(nats_server.url, 1)) == 1
+    shutil.rmtree(folder)

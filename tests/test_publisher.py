@@ -1,0 +1,552 @@
+"""The outbox publisher and `tail`, against a real nats-server."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import io
+import json
+import logging
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+from nats.js.api import StreamConfig
+
+from edge_agent.bus.finding import build_finding, decode, encode, message_id, subject
+from edge_agent.bus.publisher import Publisher, describe_error, redact
+from edge_agent.bus.tail import tail
+from edge_agent.config import BusConfig
+from edge_agent.errors import BusError
+from edge_agent.journal import InstanceMeta, Journal, SeriesState
+from edge_agent.metrics import Metrics
+from tests.natsutil import NatsServer
+from tests.test_finding import make_input
+
+STREAM = "EDGE_FINDINGS"
+PREFIX = "edge.findings"
+
+
+def run(coro: Coroutine[Any, Any, None]) -> None:
+    asyncio.run(asyncio.wait_for(coro, 30))
+
+
+def bus_config(url: str, **changes: Any) -> BusConfig:
+    options: dict[str, Any] = {"reconnect_wait_seconds": 0.05, "publish_timeout_seconds": 1.0, **changes}
+    return BusConfig(url=url, **options)
+
+
+def enqueue(journal: Journal, n: int, start: int = 0) -> list[tuple[int, str]]:
+    """Put n findings (one per new series) into the outbox. Returns (series_id, msg_id) pairs."""
+    out = []
+    for i in range(start, start + n):
+        series_uid = f"1.2.826.0.1.3680043.8.498.{1000 + i}"
+        sop = f"{series_uid}.1"
+        rec = journal.record_instance(
+            InstanceMeta(sop_instance_uid=sop, sop_class_uid="1.2.840.10008.5.1.4.1.1.2", series_uid=series_uid,
+                         modality="CT"),
+            spool_name=f"20260101/{i:032x}.dcm", size_bytes=100)
+        payload = encode(build_finding(make_input(series_instance_uid=series_uid, sop_instance_uids=[sop],
+                                                  labels=[dataclasses.replace(make_input().labels[0],
+                                                                              driving_instance_uid=sop)],
+                                                  heatmap=None)))
+        mid = message_id(series_uid, "ct-demo", "0.1.0", rec.revision)
+        assert journal.enqueue_finding(rec.series_id, rec.revision, "ct-demo", mid,
+                                       subject(PREFIX, "site1", "CT", "ct-demo"), payload)
+        out.append((rec.series_id, mid))
+    return out
+
+
+class Acks:
+    """on_acked callback that lets a test await the n-th acknowledgement."""
+
+    def __init__(self) -> None:
+        self.series: list[int] = []
+        self._changed = asyncio.Event()
+
+    async def __call__(self, series_id: int) -> None:
+        self.series.append(series_id)
+        self._changed.set()
+
+    async def wait(self, n: int, timeout: float = 10.0) -> None:
+        async def reached() -> None:
+            while len(self.series) < n:
+                self._changed.clear()
+                await self._changed.wait()
+
+        await asyncio.wait_for(reached(), timeout)
+
+
+async def wait_until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll a condition that has no event of its own (a foreign process, a log line)."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.01)
+
+
+async def stream_messages(url: str, stream: str = STREAM) -> list[Any]:
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        info = await js.stream_info(stream)
+        return [await js.get_msg(stream, seq) for seq in range(info.state.first_seq, info.state.last_seq + 1)]
+    finally:
+        await nc.close()
+
+
+def sample(metric: Any, **labels: str) -> float:
+    value = metric.labels(**labels)._value.get() if labels else metric._value.get()
+    return float(value)
+
+
+# -- publishing ------------------------------------------------------------------------------------
+
+
+def test_publishes_pending_findings_acks_them_and_wakes_on_new_ones(
+    nats_server: NatsServer, journal: Journal, metrics: Metrics
+) -> None:
+    rows = enqueue(journal, 3)
+
+    async def main() -> None:
+        acks = Acks()
+        pub = Publisher(bus_config(nats_server.url), journal, metrics, on_acked=acks)
+        await pub.start()
+        await acks.wait(3)
+        assert pub.connected
+        assert sorted(acks.series) == sorted(sid for sid, _ in rows)
+        assert journal.counts().outbox_pending == 0
+        assert all(journal.series(sid).state == SeriesState.PUBLISHED for sid, _ in rows)
+        assert sample(metrics.outbox_pending) == 0
+        assert sample(metrics.broker_connected) == 1
+
+        # A finding enqueued later goes out on wake(), well before the one-second poll.
+        [(sid, _)] = enqueue(journal, 1, start=10)
+        t0 = time.monotonic()
+        pub.wake()
+        await acks.wait(4)
+        assert time.monotonic() - t0 < 0.5
+        assert acks.series[-1] == sid
+
+        msgs = await stream_messages(nats_server.url)
+        assert [m.headers["Nats-Msg-Id"] for m in msgs] == [mid for _, mid in rows] + [enqueue_mid(journal, sid)]
+        assert all(m.subject == "edge.findings.site1.CT.ct-demo" for m in msgs)
+        assert decode(msgs[0].data)["finding_id"] == rows[0][1]
+        assert await pub.stop(1.0) == 0
+        assert sample(metrics.broker_connected) == 0
+
+    run(main())
+    assert sample(metrics.findings, model="ct-demo", outcome="published") == 4
+    assert sample(metrics.findings, model="ct-demo", outcome="duplicate") == 0
+
+
+def enqueue_mid(journal: Journal, series_id: int) -> str:
+    row = journal.series(series_id)
+    return message_id(row.series_uid, "ct-demo", "0.1.0", row.revision)
+
+
+def test_a_finding_already_in_the_stream_is_acked_as_duplicate(
+    nats_server: NatsServer, journal: Journal, metrics: Metrics
+) -> None:
+    [(sid, mid)] = enqueue(journal, 1)
+    [row] = journal.pending_outbox()
+
+    async def main() -> None:
+        # As if an earlier run published it and died before recording the PubAck.
+        nc = await nats.connect(nats_server.url)
+        js = nc.jetstream()
+        await js.add_stream(StreamConfig(name=STREAM, subjects=[f"{PREFIX}.>"], duplicate_window=600.0))
+        first = await js.publish(row.subject, row.payload, headers={"Nats-Msg-Id": mid})
+        await nc.close()
+
+        acks = Acks()
+        pub = Publisher(bus_config(nats_server.url), journal, metrics, on_acked=acks)
+        await pub.start()
+        await acks.wait(1)
+        assert await pub.stop(1.0) == 0
+        assert len(await stream_messages(nats_server.url)) == 1
+        assert first.seq == 1
+
+    run(main())
+    assert journal.series(sid).state == SeriesState.PUBLISHED
+    assert sample(metrics.findings, model="ct-demo", outcome="duplicate") == 1
+    assert sample(metrics.findings, model="ct-demo", outcome="published") == 0
+
+
+def test_broker_down_at_start_then_started(
+    nats_server: NatsServer, journal: Journal, metrics: Metrics, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="edge_agent.bus.publisher")
+    nats_server.stop()
+    enqueue(journal, 2)
+
+    async def main() -> None:
+        acks = Acks()
+        pub = Publisher(bus_config(nats_server.url), journal, metrics, on_acked=acks)
+        await pub.start()  # must not raise, nor block, with the broker down
+        await wait_until(lambda: "NATS connection problem" in caplog.text)
+        assert not pub.connected
+        assert sample(metrics.broker_connected) == 0
+        nats_server.start()
+        await acks.wait(2)
+        assert await pub.stop(1.0) == 0
+
+    run(main())
+    assert len(asyncio.run(stream_messages(nats_server.url))) == 2
+
+
+def test_broker_restart_mid_run_delivers_pending_findings_exactly_once(
+    nats_server: NatsServer, journal: Journal, metrics: Metrics
+) -> None:
+    enqueue(journal, 1)
+
+    async def main() -> None:
+        acks = Acks()
+        pub = Publisher(bus_config(nats_server.url, publish_timeout_seconds=0.3), journal, metrics, on_acked=acks)
+        await pub.start()
+        await acks.wait(1)
+        nats_server.stop()
+        await wait_until(lambda: not pub.connected)
+        enqueue(journal, 3, start=1)
+        pub.wake()
+        nats_server.start()
+        await acks.wait(4)
+        assert await pub.stop(1.0) == 0
+
+    run(main())
+    msgs = asyncio.run(stream_messages(nats_server.url))
+    ids = [m.headers["Nats-Msg-Id"] for m in msgs]
+    assert len(ids) == 4 and len(set(ids)) == 4
+    assert journal.counts().outbox_pending == 0
+
+
+def test_a_publish_whose_ack_was_lost_is_retried_and_deduplicated(
+    nats_server: NatsServer, journal: Journal, metrics: Metrics
+) -> None:
+    enqueue(journal, 1)
+
+    async def main() -> None:
+        acks = Acks()
+        pub = Publisher(bus_config(nats_server.url, publish_timeout_seconds=0.2), journal, metrics, on_acked=acks)
+        await pub.start()
+        await acks.wait(1)
+        # A frozen server takes the publish into its socket buffer but answers nothing: the publish
+        # times out, yet the message is stored once the server runs again. The retry must not add it twice.
+        nats_server.pause()
+        try:
+            enqueue(journal, 1, start=1)
+            pub.wake()
+            await wait_until(lambda: sample(metrics.publish_errors, reason="timeout") >= 1)
+        finally:
+            nats_server.resume()
+        await acks.wait(2)
+        assert await pub.stop(1.0) == 0
+
+    run(main())
+    ids = [m.headers["Nats-Msg-Id"] for m in asyncio.run(stream_messages(nats_server.url))]
+    assert len(ids) == 2 and len(set(ids)) == 2
+    assert sample(metrics.findings, model="ct-demo", outcome="duplicate") == 1
+    assert sample(metrics.findings, model="ct-demo", outcome="publish_error") >= 1
+    with closing(sqlite3.connect(journal.path)) as db:
+        [(attempts, error)] = db.execute("SELECT attempts, last_error FROM outbox WHERE id=2").fetchall()
+    assert attempts >= 2 and error.startswith("timeout")
+
+
+def test_stop_with_a_dead_broker_returns_the_pending_count_within_the_flush_timeout(
+    nats_server: NatsServer, journal: Journal, metrics: Metrics
+) -> None:
+    async def main() -> None:
+        pub = Publisher(bus_config(nats_server.url), journal, metrics)
+        await pub.start()
+        await wait_until(lambda: pub.connected)
+        nats_server.stop()
+        await wait_until(lambda: not pub.connected)
+        enqueue(journal, 2)
+        pub.wake()
+        t0 = time.monotonic()
+        assert await pub.stop(0.5) == 2
+        assert time.monotonic() - t0 < 1.5
+        assert sample(metrics.outbox_pending) == 2
+
+    run(main())
+
+
+def test_stop_when_the_broker_was_never_up_is_quick(tmp_path: Path, journal: Journal, metrics: Metrics) -> None:
+    server = NatsServer(tmp_path / "nats")  # never started: nothing listens on its port
+    enqueue(journal, 1)
+
+    async def main() -> None:
+        pub = Publisher(bus_config(server.url), journal, metrics)
+        await pub.start()
+        t0 = time.monotonic()
+        assert await pub.stop(0.3) == 1
+        assert time.monotonic() - t0 < 1.5
+
+    run(main())
+
+
+def test_stop_with_nothing_pending_does_not_wait(tmp_path: Path, journal: Journal, metrics: Metrics) -> None:
+    server = NatsServer(tmp_path / "nats")
+
+    async def main() -> None:
+        pub = Publisher(bus_config(server.url), journal, metrics)
+        await pub.start()
+        t0 = time.monotonic()
+        assert await pub.stop(5.0) == 0
+        assert time.monotonic() - t0 < 1.0
+
+    run(main())
+
+
+# -- the stream ------------------------------------------------------------------------------------
+
+
+def test_an_existing_stream_with_other_settings_is_updated(
+    nats_server: NatsServer, journal: Journal, metrics: Metrics
+) -> None:
+    enqueue(journal, 1)
+
+    async def main() -> None:
+        nc = await nats.connect(nats_server.url)
+        js = nc.jetstream()
+        await js.add_stream(StreamConfig(name=STREAM, subjects=["ops.audit.>"], duplicate_window=5.0, max_age=60.0))
+        acks = Acks()
+        pub = Publisher(bus_config(nats_server.url), journal, metrics, on_acked=acks)
+        await pub.start()
+        await acks.wait(1)
+        cfg = (await js.stream_info(STREAM)).config
+        await nc.close()
+        assert cfg.subjects == ["ops.audit.>", "edge.findings.>"]  # an operator's subjects are kept
+        assert cfg.duplicate_window == pytest.approx(600.0)
+        assert cfg.max_age == pytest.approx(14 * 86400.0)
+        await pub.stop(1.0)
+
+    run(main())
+
+
+@pytest.mark.parametrize("ours_exists", [False, True])
+def test_a_stream_that_cannot_be_set_up_is_logged_and_publishing_goes_on(
+    nats_server: NatsServer, journal: Journal, metrics: Metrics, caplog: pytest.LogCaptureFixture, ours_exists: bool
+) -> None:
+    enqueue(journal, 1)
+
+    async def main() -> None:
+        nc = await nats.connect(nats_server.url)
+        js = nc.jetstream()
+        # Another stream already holds our subjects, so ours can neither be created nor take them.
+        await js.add_stream(StreamConfig(name="LEGACY", subjects=[f"{PREFIX}.>"]))
+        if ours_exists:
+            await js.add_stream(StreamConfig(name=STREAM, subjects=["other.>"]))
+        acks = Acks()
+        pub = Publisher(bus_config(nats_server.url), journal, metrics, on_acked=acks)
+        await pub.start()
+        await acks.wait(1)
+        assert (await js.stream_info("LEGACY")).state.messages == 1
+        await nc.close()
+        await pub.stop(1.0)
+
+    run(main())
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert errors and STREAM in errors[0].getMessage()
+
+
+def test_no_jetstream_counts_no_responders_and_keeps_the_finding(
+    tmp_path: Path, journal: Journal, metrics: Metrics
+) -> None:
+    server = NatsServer(tmp_path / "nats", jetstream=False)
+    server.start()
+    enqueue(journal, 1)
+    [row] = journal.pending_outbox()
+
+    async def main() -> None:
+        pub = Publisher(bus_config(server.url, publish_timeout_seconds=0.3), journal, metrics)
+        await pub.start()
+        await wait_until(lambda: sample(metrics.publish_errors, reason="no_responders") >= 1)
+        assert await pub.stop(0.1) == 1
+
+    try:
+        run(main())
+    finally:
+        server.stop()
+    [after] = journal.pending_outbox()
+    assert after.id == row.id and after.attempts >= 1
+    assert sample(metrics.findings, model="ct-demo", outcome="publish_error") >= 1
+
+
+# -- auth, callbacks, logging ----------------------------------------------------------------------
+
+
+def test_token_auth_and_a_wrong_token_is_never_logged(
+    tmp_path: Path, journal: Journal, metrics: Metrics, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    server = NatsServer(tmp_path / "nats", args=["--auth", "s3cret-token-good"])
+    server.start()
+    enqueue(journal, 1)
+
+    async def main() -> None:
+        bad = Publisher(bus_config(server.url, token="s3cret-token-bad"), journal, Metrics())
+        await bad.start()
+        await wait_until(lambda: "Authorization" in caplog.text)
+        assert not bad.connected
+        assert await bad.stop(0.1) == 1
+
+        acks = Acks()
+        good = Publisher(bus_config(server.url, token="s3cret-token-good"), journal, metrics, on_acked=acks)
+        await good.start()
+        await acks.wait(1)
+        await good.stop(1.0)
+
+    try:
+        run(main())
+    finally:
+        server.stop()
+    assert "s3cret" not in caplog.text
+
+
+def test_credentials_in_urls_are_redacted() -> None:
+    assert redact("nats://alice:pw@10.0.0.1:4222,nats://h2:4222") == "nats://***@10.0.0.1:4222,nats://h2:4222"
+    assert describe_error(OSError("cannot reach tls://bob:hunter2@broker:4222")) == (
+        "OSError: cannot reach tls://***@broker:4222"
+    )
+
+
+def test_a_failing_on_acked_is_logged_and_publishing_goes_on(
+    nats_server: NatsServer, journal: Journal, metrics: Metrics, caplog: pytest.LogCaptureFixture
+) -> None:
+    enqueue(journal, 2)
+    seen: list[int] = []
+    done = asyncio.Event()
+
+    def on_acked(series_id: int) -> Awaitable[None] | None:
+        seen.append(series_id)
+        if len(seen) == 2:
+            done.set()
+        raise RuntimeError("downstream broke")
+
+    async def main() -> None:
+        pub = Publisher(bus_config(nats_server.url), journal, metrics, on_acked=on_acked)
+        await pub.start()
+        await asyncio.wait_for(done.wait(), 10)
+        assert await pub.stop(1.0) == 0
+
+    run(main())
+    assert len(seen) == 2
+    assert "on_acked failed" in caplog.text
+
+
+def test_a_credentials_file_that_cannot_work_is_refused_at_start(
+    tmp_path: Path, journal: Journal, metrics: Metrics
+) -> None:
+    cfg = bus_config("nats://127.0.0.1:4222", credentials_file=str(tmp_path / "missing.creds"))
+
+    async def main() -> None:
+        with pytest.raises(BusError, match="credentials_file"):
+            await Publisher(cfg, journal, metrics).start()
+
+    run(main())
+
+
+# -- tail ------------------------------------------------------------------------------------------
+
+
+def publish_findings(url: str, journal: Journal, metrics: Metrics, n: int) -> None:
+    enqueue(journal, n)
+
+    async def main() -> None:
+        acks = Acks()
+        pub = Publisher(bus_config(url), journal, metrics, on_acked=acks)
+        await pub.start()
+        await acks.wait(n)
+        await pub.stop(1.0)
+
+    run(main())
+
+
+def test_tail_prints_each_finding_as_one_json_line(nats_server: NatsServer, journal: Journal,
+                                                   metrics: Metrics) -> None:
+    publish_findings(nats_server.url, journal, metrics, 2)
+    out = io.StringIO()
+    count = asyncio.run(tail(nats_server.url, STREAM, from_start=True, out=out, max_messages=2, timeout_seconds=10))
+    lines = out.getvalue().splitlines()
+    assert count == 2 and len(lines) == 2
+    findings = [json.loads(line) for line in lines]
+    assert [f["series_instance_uid"] for f in findings] == [journal.series(i).series_uid for i in (1, 2)]
+
+
+def test_tail_shows_only_new_findings_by_default(nats_server: NatsServer, journal: Journal, metrics: Metrics) -> None:
+    publish_findings(nats_server.url, journal, metrics, 1)
+
+    async def main() -> None:
+        out = io.StringIO()
+        task = asyncio.create_task(tail(nats_server.url, STREAM, out=out, max_messages=1, timeout_seconds=10))
+        nc = await nats.connect(nats_server.url)
+        js = nc.jetstream()
+        # The tail is listening once its consumer exists.
+        while (await js.stream_info(STREAM)).state.consumer_count == 0:
+            await asyncio.sleep(0.01)
+        new = encode(build_finding(make_input(series_instance_uid="1.2.3.999")))
+        await js.publish("edge.findings.site1.CT.ct-demo", new)
+        await nc.close()
+        assert await task == 1
+        assert json.loads(out.getvalue())["series_instance_uid"] == "1.2.3.999"
+
+    run(main())
+
+
+def test_tail_skips_messages_that_are_not_findings(nats_server: NatsServer, caplog: pytest.LogCaptureFixture) -> None:
+    async def main() -> None:
+        nc = await nats.connect(nats_server.url)
+        js = nc.jetstream()
+        await js.add_stream(StreamConfig(name=STREAM, subjects=[f"{PREFIX}.>"]))
+        await js.publish("edge.findings.x.CT.m", b"\x00not json")
+        await js.publish("edge.findings.x.CT.m", encode(build_finding(make_input())))
+        await nc.close()
+        out = io.StringIO()
+        assert await tail(nats_server.url, STREAM, from_start=True, out=out, max_messages=1, timeout_seconds=10) == 1
+        assert json.loads(out.getvalue())["schema_version"] == "1.0"
+
+    run(main())
+    assert "skipping stream message 1" in caplog.text
+
+
+def test_tail_stops_at_its_timeout(nats_server: NatsServer, journal: Journal, metrics: Metrics) -> None:
+    publish_findings(nats_server.url, journal, metrics, 1)
+    out = io.StringIO()
+    t0 = time.monotonic()
+    assert asyncio.run(tail(nats_server.url, STREAM, out=out, timeout_seconds=0.3)) == 0
+    assert 0.25 < time.monotonic() - t0 < 2.0
+    assert out.getvalue() == ""
+
+
+def test_tail_ends_cleanly_when_cancelled(nats_server: NatsServer, journal: Journal, metrics: Metrics) -> None:
+    publish_findings(nats_server.url, journal, metrics, 1)
+
+    async def main() -> None:
+        task = asyncio.create_task(tail(nats_server.url, STREAM, out=io.StringIO()))
+        nc = await nats.connect(nats_server.url)
+        js = nc.jetstream()
+        while (await js.stream_info(STREAM)).state.consumer_count == 0:
+            await asyncio.sleep(0.01)
+        await nc.close()
+        task.cancel()  # what asyncio.run does on Ctrl-C
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    run(main())
+
+
+def test_tail_errors_say_what_is_wrong(nats_server: NatsServer, tmp_path: Path) -> None:
+    with pytest.raises(BusError, match="no stream 'NOPE'"):
+        asyncio.run(tail(nats_server.url, "NOPE", timeout_seconds=1))
+    down = NatsServer(tmp_path / "down")
+    t0 = time.monotonic()
+    with pytest.raises(BusError, match="cannot connect"):
+        asyncio.run(tail(down.url, STREAM, connect_timeout_seconds=0.3))
+    assert time.monotonic() - t0 < 2.0
