@@ -26,9 +26,9 @@ from pynetdicom import AE
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.daemon import Daemon, write_config  # noqa: E402
-from tests.dicomfiles import DATA_STORE  # noqa: E402
-from tests.netutil import free_port  # noqa: E402
+from tests.daemon import Daemon, write_config
+from tests.dicomfiles import DATA_STORE
+from tests.netutil import free_port
 
 CT_SOURCE = DATA_STORE / "693_UNCR.dcm"  # a real 512x512 CT slice
 
@@ -51,8 +51,7 @@ def make_series(n: int) -> tuple[str, list[pydicom.Dataset]]:
 async def _wait_finding(url: str, series_uid: str, timeout_seconds: float) -> float:
     nc = await nats.connect(url)
     try:
-        sub = await nc.jetstream().subscribe("edge.findings.>", ordered_consumer=True,
-                                             deliver_policy=DeliverPolicy.ALL)
+        sub = await nc.jetstream().subscribe("edge.findings.>", ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
         deadline = time.monotonic() + timeout_seconds
         while True:
             msg = await sub.next_msg(timeout=max(0.01, deadline - time.monotonic()))
@@ -84,8 +83,11 @@ def main() -> None:
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="edge-bench-"))
     port = free_port()
-    nats_proc = subprocess.Popen(["nats-server", "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(tmp / "js")],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    nats_proc = subprocess.Popen(
+        ["nats-server", "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(tmp / "js")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"nats://127.0.0.1:{port}"
     daemon = Daemon(write_config(tmp, url, **{"routes.1.quiet_seconds": 30, "logging.level": "WARNING"}), tmp)
     try:
@@ -99,8 +101,10 @@ def main() -> None:
                 sends.append(send)
                 delays.append(delay)
             rows.append((n, statistics.median(sends), statistics.median(delays), min(delays), max(delays)))
-        print(f"{'slices':>6} | {'send all (s)':>12} | {'last Success -> finding, median (ms)':>37} | "
-              f"{'min (ms)':>8} | {'max (ms)':>8}")
+        print(
+            f"{'slices':>6} | {'send all (s)':>12} | {'last Success -> finding, median (ms)':>37} | "
+            f"{'min (ms)':>8} | {'max (ms)':>8}"
+        )
         print("-" * 84)
         for n, send, med, lo, hi in rows:
             print(f"{n:>6} | {send:>12.2f} | {med * 1000:>37.1f} | {lo * 1000:>8.1f} | {hi * 1000:>8.1f}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
@@ -78,8 +79,9 @@ class Agent:
         self.publisher = Publisher(cfg.bus, self.journal, self.metrics, on_acked=self._on_acked)
         await self.publisher.start()
         spool = self.spool
-        self.pipeline = Pipeline(cfg, self.journal, spool.path, self.metrics, self.models, self._pixel_pool,
-                                 self.publisher.wake)
+        self.pipeline = Pipeline(
+            cfg, self.journal, spool.path, self.metrics, self.models, self._pixel_pool, self.publisher.wake
+        )
         resumed_open, resumed_complete = self.pipeline.resume()
         if resumed_open or resumed_complete:
             logger.info("resumed %d open and %d complete series from the journal", resumed_open, resumed_complete)
@@ -90,8 +92,16 @@ class Agent:
         self._spool_writable = spool.writable()
         self._update_gauges()
         ready, reasons = self.readiness()
-        logger.info("edge-agent ready=%s: DICOM %s:%d AE %s, HTTP %s:%d, models %s", ready, cfg.dicom.host,
-                    cfg.dicom.port, cfg.dicom.ae_title, cfg.http.host, self.http.port, ", ".join(self.models) or "none")
+        logger.info(
+            "edge-agent ready=%s: DICOM %s:%d AE %s, HTTP %s:%d, models %s",
+            ready,
+            cfg.dicom.host,
+            cfg.dicom.port,
+            cfg.dicom.ae_title,
+            cfg.http.host,
+            self.http.port,
+            ", ".join(self.models) or "none",
+        )
         if ready:
             self.notifier.ready(f"serving: {len(self.models)} models")
         else:
@@ -104,10 +114,8 @@ class Agent:
             interval = min(interval, watchdog / 2)
         was_ready = self._ready
         while not self.should_exit.is_set():
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.should_exit.wait(), timeout=interval)
-            except TimeoutError:
-                pass
             self._last_tick = time.monotonic()
             try:
                 self._tick()
@@ -150,12 +158,18 @@ class Agent:
         self._engine_pool.shutdown(wait=False, cancel_futures=True)
         if self.journal is not None:
             counts = self.journal.counts()
-            in_spool = sum(n for s, n in counts.by_series_state.items()
-                           if s in (SeriesState.OPEN, SeriesState.COMPLETE, SeriesState.QUEUED, SeriesState.FAILED))
+            in_spool = sum(
+                n
+                for s, n in counts.by_series_state.items()
+                if s in (SeriesState.OPEN, SeriesState.COMPLETE, SeriesState.QUEUED, SeriesState.FAILED)
+            )
             logger.info(
                 "shutdown: %d series finished, %d unfinished, %d series left in spool (%d files), "
                 "%d findings waiting for the bus",
-                self.pipeline.finished_series if self.pipeline else 0, unfinished, in_spool, counts.spool_files,
+                self.pipeline.finished_series if self.pipeline else 0,
+                unfinished,
+                in_spool,
+                counts.spool_files,
                 pending,
             )
             self.journal.close()
@@ -223,24 +237,29 @@ class Agent:
             await loop.run_in_executor(self._engine_pool, engine.load)
             await loop.run_in_executor(self._engine_pool, engine.warm_up)
             self._engines.append(engine)
-            batcher = Batcher(name, engine, deployment.max_batch, deployment.max_queue_delay_ms, self.metrics,
-                              self._engine_pool)
+            batcher = Batcher(
+                name, engine, deployment.max_batch, deployment.max_queue_delay_ms, self.metrics, self._engine_pool
+            )
             await batcher.start()
             self.models[name] = LoadedModel(card, batcher, engine.backend)
             self.metrics.engine_up.labels(model=name).set(1)
             self.metrics.engine_info.labels(model=name).info({"version": card.version, "backend": engine.backend})
-            logger.info("model %s %s loaded on %s and warm in %.2f s", name, card.version, engine.backend,
-                        time.perf_counter() - started)
+            logger.info(
+                "model %s %s loaded on %s and warm in %.2f s",
+                name,
+                card.version,
+                engine.backend,
+                time.perf_counter() - started,
+            )
 
     def _stored_from_thread(self, meta: InstanceMeta, recorded: Recorded) -> None:
         """The receiver calls this in an association thread, after the instance is durable."""
         loop = self._loop
         if loop is None or loop.is_closed():
             return  # journalled: the next start resumes it
-        try:
+        # The loop may close meanwhile: the instance is journalled and resumed at the next start.
+        with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(self._on_stored, meta, recorded)
-        except RuntimeError:
-            pass  # the loop closed meanwhile; journalled, resumed at next start
 
     def _on_stored(self, meta: InstanceMeta, recorded: Recorded) -> None:
         if self.pipeline is not None and not self.force_exit.is_set():

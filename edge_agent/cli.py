@@ -85,8 +85,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         for line in exc.lines():
             print(f"  {line}", file=sys.stderr)
         return EXIT_CONFIG
-    print(f"{args.file}: OK (site {config.site}, {len(config.routes)} routes, models: "
-          f"{', '.join(config.model_names()) or 'none'})")
+    print(
+        f"{args.file}: OK (site {config.site}, {len(config.routes)} routes, models: "
+        f"{', '.join(config.model_names()) or 'none'})"
+    )
     return EXIT_OK
 
 
@@ -133,9 +135,20 @@ def cmd_tail(args: argparse.Namespace) -> int:
     url = args.url or config.bus.url
     subject = args.subject or f"{config.bus.subject_prefix}.>"
     try:
-        asyncio.run(tail(url, config.bus.stream, subject, from_start=args.all, max_messages=args.count,
-                         timeout_seconds=args.timeout, token=config.bus.token, user=config.bus.user,
-                         password=config.bus.password, credentials_file=config.bus.credentials_file))
+        asyncio.run(
+            tail(
+                url,
+                config.bus.stream,
+                subject,
+                from_start=args.all,
+                max_messages=args.count,
+                timeout_seconds=args.timeout,
+                token=config.bus.token,
+                user=config.bus.user,
+                password=config.bus.password,
+                credentials_file=config.bus.credentials_file,
+            )
+        )
     except KeyboardInterrupt:
         return EXIT_OK
     except EdgeAgentError as exc:

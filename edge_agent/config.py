@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from edge_agent.errors import ConfigError
 
@@ -231,7 +231,6 @@ class Route(_Strict):
 
 class LoggingConfig(_Strict):
     level: str = "INFO"
-    json_format: StrictBool = False
 
     @field_validator("level")
     @classmethod
@@ -371,9 +370,9 @@ def load_config(path: Path | str, env: Mapping[str, str] | None = None) -> Agent
     base = path.resolve().parent
     updates: dict[str, Any] = {}
     if not config.state_dir.is_absolute():
-        updates["state_dir"] = base / config.state_dir
+        updates["state_dir"] = (base / config.state_dir).resolve()
     if not config.model_repository.is_absolute():
-        updates["model_repository"] = base / config.model_repository
+        updates["model_repository"] = (base / config.model_repository).resolve()
     return config.model_copy(update=updates) if updates else config
 
 

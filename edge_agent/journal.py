@@ -243,12 +243,16 @@ class Journal:
 
     # -- the receive path -------------------------------------------------------------------------
 
-    def record_instance(self, meta: InstanceMeta, spool_name: str, size_bytes: int, now: float | None = None) -> Recorded:
+    def record_instance(
+        self, meta: InstanceMeta, spool_name: str, size_bytes: int, now: float | None = None
+    ) -> Recorded:
         """Record a stored instance. Creates its series, or re-opens a closed one under a new revision."""
         now = time.time() if now is None else now
         try:
             with self._tx() as db:
-                row = db.execute("SELECT id, state, revision FROM series WHERE series_uid=?", (meta.series_uid,)).fetchone()
+                row = db.execute(
+                    "SELECT id, state, revision FROM series WHERE series_uid=?", (meta.series_uid,)
+                ).fetchone()
                 new_series = row is None
                 reopened = False
                 if row is None:
@@ -258,9 +262,22 @@ class Journal:
                         " revision, first_received, last_received, state, updated_at)"
                         " VALUES(?,?,?,?,?,?,?,?,?,?,?,?,0,?,?,?,?)",
                         (
-                            meta.series_uid, meta.study_uid, meta.accession, meta.modality, meta.body_part,
-                            meta.sop_class_uid, meta.image_type, meta.series_description, meta.manufacturer,
-                            meta.calling_aet, meta.called_aet, meta.expected_count, now, now, SeriesState.OPEN, now,
+                            meta.series_uid,
+                            meta.study_uid,
+                            meta.accession,
+                            meta.modality,
+                            meta.body_part,
+                            meta.sop_class_uid,
+                            meta.image_type,
+                            meta.series_description,
+                            meta.manufacturer,
+                            meta.calling_aet,
+                            meta.called_aet,
+                            meta.expected_count,
+                            now,
+                            now,
+                            SeriesState.OPEN,
+                            now,
                         ),
                     )
                     series_id = int(cur.lastrowid or 0)
@@ -293,16 +310,31 @@ class Journal:
                     db.execute(
                         "UPDATE instances SET sop_class_uid=?, transfer_syntax_uid=?, instance_number=?,"
                         " spool_name=?, size_bytes=?, received_at=?, released=0 WHERE id=?",
-                        (meta.sop_class_uid, meta.transfer_syntax_uid, meta.instance_number, spool_name,
-                         size_bytes, now, int(old[0])),
+                        (
+                            meta.sop_class_uid,
+                            meta.transfer_syntax_uid,
+                            meta.instance_number,
+                            spool_name,
+                            size_bytes,
+                            now,
+                            int(old[0]),
+                        ),
                     )
                     instance_id = int(old[0])
                 else:
                     cur = db.execute(
                         "INSERT INTO instances(series_id, sop_instance_uid, sop_class_uid, transfer_syntax_uid,"
                         " instance_number, spool_name, size_bytes, received_at) VALUES(?,?,?,?,?,?,?,?)",
-                        (series_id, meta.sop_instance_uid, meta.sop_class_uid, meta.transfer_syntax_uid,
-                         meta.instance_number, spool_name, size_bytes, now),
+                        (
+                            series_id,
+                            meta.sop_instance_uid,
+                            meta.sop_class_uid,
+                            meta.transfer_syntax_uid,
+                            meta.instance_number,
+                            spool_name,
+                            size_bytes,
+                            now,
+                        ),
                     )
                     instance_id = int(cur.lastrowid or 0)
         except sqlite3.Error as exc:
@@ -332,8 +364,9 @@ class Journal:
 
     def series_in(self, *states: SeriesState) -> list[SeriesRow]:
         marks = ",".join("?" * len(states))
-        rows = self._read(f"SELECT {self._SERIES_COLS} FROM series s WHERE s.state IN ({marks}) ORDER BY s.id",
-                          tuple(states))
+        rows = self._read(
+            f"SELECT {self._SERIES_COLS} FROM series s WHERE s.state IN ({marks}) ORDER BY s.id", tuple(states)
+        )
         return [self._series(r) for r in rows]
 
     def instances(self, series_id: int) -> list[InstanceRow]:
@@ -345,16 +378,26 @@ class Journal:
         )
         return [InstanceRow(*r) for r in rows]
 
-    def set_series_state(self, series_id: int, state: SeriesState, *, revision: int | None = None,
-                         route: str | None = None, model: str | None = None, note: str | None = None) -> bool:
+    def set_series_state(
+        self,
+        series_id: int,
+        state: SeriesState,
+        *,
+        revision: int | None = None,
+        route: str | None = None,
+        model: str | None = None,
+        note: str | None = None,
+    ) -> bool:
         """Move a series to ``state``. With ``revision``, only if the series is still at that revision.
 
         Returns False (and changes nothing) when the series was re-opened meanwhile.
         """
         now = time.time()
         with self._tx() as db:
-            sql = ("UPDATE series SET state=?, route=COALESCE(?, route), model=COALESCE(?, model),"
-                   " note=COALESCE(?, note), updated_at=? WHERE id=?")
+            sql = (
+                "UPDATE series SET state=?, route=COALESCE(?, route), model=COALESCE(?, model),"
+                " note=COALESCE(?, note), updated_at=? WHERE id=?"
+            )
             args: tuple[Any, ...] = (state, route, model, note, now, series_id)
             if revision is not None:
                 sql += " AND revision=?"
@@ -372,13 +415,16 @@ class Journal:
 
     def finish_job(self, job_id: int, error: str | None = None) -> None:
         with self._tx() as db:
-            db.execute("UPDATE jobs SET state=?, error=?, finished_at=? WHERE id=?",
-                       ("failed" if error else "done", error, time.time(), job_id))
+            db.execute(
+                "UPDATE jobs SET state=?, error=?, finished_at=? WHERE id=?",
+                ("failed" if error else "done", error, time.time(), job_id),
+            )
 
     # -- the outbox -------------------------------------------------------------------------------
 
-    def enqueue_finding(self, series_id: int, revision: int, model: str, msg_id: str, subject: str,
-                        payload: bytes) -> bool:
+    def enqueue_finding(
+        self, series_id: int, revision: int, model: str, msg_id: str, subject: str, payload: bytes
+    ) -> bool:
         """Put a finding in the outbox and mark its series QUEUED, in one transaction.
 
         Returns False if the series moved on to another revision meanwhile (the finding is stale).
@@ -386,8 +432,10 @@ class Journal:
         """
         now = time.time()
         with self._tx() as db:
-            cur = db.execute("UPDATE series SET state=?, updated_at=? WHERE id=? AND revision=?",
-                             (SeriesState.QUEUED, now, series_id, revision))
+            cur = db.execute(
+                "UPDATE series SET state=?, updated_at=? WHERE id=? AND revision=?",
+                (SeriesState.QUEUED, now, series_id, revision),
+            )
             if cur.rowcount != 1:
                 return False
             db.execute(
@@ -420,13 +468,18 @@ class Journal:
             if row is None:
                 raise JournalError(f"no outbox row {outbox_id}")
             series_id = int(row[0])
-            db.execute("UPDATE outbox SET state='acked', acked_at=?, stream_seq=?, attempts=attempts+1 WHERE id=?",
-                       (now, stream_seq, outbox_id))
-            waiting = db.execute("SELECT COUNT(*) FROM outbox WHERE series_id=? AND state='pending'",
-                                 (series_id,)).fetchone()[0]
+            db.execute(
+                "UPDATE outbox SET state='acked', acked_at=?, stream_seq=?, attempts=attempts+1 WHERE id=?",
+                (now, stream_seq, outbox_id),
+            )
+            waiting = db.execute(
+                "SELECT COUNT(*) FROM outbox WHERE series_id=? AND state='pending'", (series_id,)
+            ).fetchone()[0]
             if not waiting:
-                db.execute("UPDATE series SET state=?, updated_at=? WHERE id=? AND state=?",
-                           (SeriesState.PUBLISHED, now, series_id, SeriesState.QUEUED))
+                db.execute(
+                    "UPDATE series SET state=?, updated_at=? WHERE id=? AND state=?",
+                    (SeriesState.PUBLISHED, now, series_id, SeriesState.QUEUED),
+                )
             return series_id
 
     # -- releasing spool files --------------------------------------------------------------------
@@ -439,16 +492,20 @@ class Journal:
         )
         out = []
         for (sid,) in rows:
-            names = [str(r[0]) for r in self._read(
-                "SELECT spool_name FROM instances WHERE series_id=? AND released=0", (sid,))]
+            names = [
+                str(r[0])
+                for r in self._read("SELECT spool_name FROM instances WHERE series_id=? AND released=0", (sid,))
+            ]
             out.append((int(sid), names))
         return out
 
     def mark_released(self, series_id: int, final_state: SeriesState = SeriesState.RELEASED) -> None:
         """Record that a series' files were removed. Only from PUBLISHED/UNROUTED (a re-opened series is left)."""
         with self._tx() as db:
-            cur = db.execute("UPDATE series SET state=?, updated_at=? WHERE id=? AND state IN (?, ?)",
-                             (final_state, time.time(), series_id, SeriesState.PUBLISHED, SeriesState.UNROUTED))
+            cur = db.execute(
+                "UPDATE series SET state=?, updated_at=? WHERE id=? AND state IN (?, ?)",
+                (final_state, time.time(), series_id, SeriesState.PUBLISHED, SeriesState.UNROUTED),
+            )
             if cur.rowcount:
                 db.execute("UPDATE instances SET released=1 WHERE series_id=?", (series_id,))
 

@@ -15,7 +15,23 @@ STAGES = ("receive", "assemble", "preprocess", "queue", "infer", "publish", "end
 
 # Latency buckets from 1 ms to 5 min: a CR is tens of ms per stage, a 500-slice CT minutes end to end.
 LATENCY_BUCKETS_SECONDS = (
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
 )
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
@@ -64,7 +80,9 @@ class Metrics:
             registry=r,
         )
         self.triage = Counter(
-            "edge_agent_triage_total", "Series-level triage results by model and priority", ["model", "priority"],
+            "edge_agent_triage_total",
+            "Series-level triage results by model and priority",
+            ["model", "priority"],
             registry=r,
         )
         self.batch_size = Histogram(
@@ -91,14 +109,18 @@ class Metrics:
         self.broker_connected = Gauge(
             "edge_agent_broker_connected", "1 while connected to the NATS server, else 0", registry=r
         )
-        self.engine_up = Gauge("edge_agent_engine_up", "1 when the model's engine is loaded and warm", ["model"],
-                               registry=r)
+        self.engine_up = Gauge(
+            "edge_agent_engine_up", "1 when the model's engine is loaded and warm", ["model"], registry=r
+        )
         self.engine_info = Info(
             "edge_agent_engine", "Model engines loaded (model, version, backend)", ["model"], registry=r
         )
-        self.ready = Gauge("edge_agent_ready", "1 when the daemon is ready (SCP bound, engines warm, spool writable)",
-                           registry=r)
+        self.ready = Gauge(
+            "edge_agent_ready", "1 when the daemon is ready (SCP bound, engines warm, spool writable)", registry=r
+        )
         self.publish_errors = Counter(
-            "edge_agent_publish_errors_total", "Failed publish attempts by reason (timeout, no_responders, error)",
-            ["reason"], registry=r,
+            "edge_agent_publish_errors_total",
+            "Failed publish attempts by reason (timeout, no_responders, error)",
+            ["reason"],
+            registry=r,
         )

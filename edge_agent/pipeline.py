@@ -16,10 +16,10 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from edge_agent import __version__
 from edge_agent.bus import finding as findings
 from edge_agent.config import AgentConfig, Route
 from edge_agent.dicom.assembler import Assembler
@@ -28,10 +28,10 @@ from edge_agent.errors import DecodeError, EdgeAgentError
 from edge_agent.inference.batcher import Batcher
 from edge_agent.inference.card import ModelCard
 from edge_agent.inference.engine import SliceResult
-from edge_agent.journal import InstanceMeta, InstanceRow, Journal, Recorded, SeriesState
+from edge_agent.journal import InstanceMeta, InstanceRow, Journal, Recorded, SeriesRow, SeriesState
 from edge_agent.metrics import Metrics
 from edge_agent.routing import SeriesFacts, candidate_routes, match_route
-from edge_agent.triage import aggregate
+from edge_agent.triage import SeriesResult, aggregate
 
 logger = logging.getLogger(__name__)
 
@@ -108,9 +108,15 @@ class Pipeline:
         work.first_received = work.first_received or now
         work.last_received = now
         row = InstanceRow(
-            id=recorded.instance_id, series_id=recorded.series_id, sop_instance_uid=meta.sop_instance_uid,
-            sop_class_uid=meta.sop_class_uid, transfer_syntax_uid=meta.transfer_syntax_uid,
-            instance_number=meta.instance_number, spool_name=recorded.spool_name, size_bytes=0, received_at=now,
+            id=recorded.instance_id,
+            series_id=recorded.series_id,
+            sop_instance_uid=meta.sop_instance_uid,
+            sop_class_uid=meta.sop_class_uid,
+            transfer_syntax_uid=meta.transfer_syntax_uid,
+            instance_number=meta.instance_number,
+            spool_name=recorded.spool_name,
+            size_bytes=0,
+            received_at=now,
         )
         self._start_instance(work, row, recorded.spool_name or None)
         self._assembler.touch(recorded.series_id, work.quiet_seconds, len(work.instances), meta.expected_count)
@@ -207,10 +213,12 @@ class Pipeline:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a series must end in a recorded state, whatever failed
-            logger.exception("series %d: processing failed (%s); instances kept in the spool", series_id,
-                             type(exc).__name__)
-            self._journal.set_series_state(series_id, SeriesState.FAILED, revision=work.revision,
-                                           note=f"{type(exc).__name__}: {exc}"[:500])
+            logger.exception(
+                "series %d: processing failed (%s); instances kept in the spool", series_id, type(exc).__name__
+            )
+            self._journal.set_series_state(
+                series_id, SeriesState.FAILED, revision=work.revision, note=f"{type(exc).__name__}: {exc}"[:500]
+            )
             self._metrics.series.labels(outcome="failed").inc()
             outcome = _SeriesOutcome(SeriesState.FAILED)
         finally:
@@ -220,8 +228,9 @@ class Pipeline:
             self._metrics.open_series.set(len(self._work))
         self._metrics.stage_seconds.labels(stage="assemble").observe(time.perf_counter() - started)
         self.finished_series += 1
-        logger.info("series %d revision %d: %s (model %s)", series_id, work.revision, outcome.state.value,
-                    outcome.model or "-")
+        logger.info(
+            "series %d revision %d: %s (model %s)", series_id, work.revision, outcome.state.value, outcome.model or "-"
+        )
 
     async def _finish(self, work: _SeriesWork) -> _SeriesOutcome:
         row = self._journal.series(work.series_id)
@@ -231,13 +240,15 @@ class Pipeline:
         facts = SeriesFacts.from_row(row)
         route = match_route(self._config.routes, facts, len(instances))
         if route is None or route.model not in self._models:
-            self._journal.set_series_state(work.series_id, SeriesState.UNROUTED, revision=work.revision,
-                                           note="no route matched")
+            self._journal.set_series_state(
+                work.series_id, SeriesState.UNROUTED, revision=work.revision, note="no route matched"
+            )
             self._metrics.series.labels(outcome="unrouted").inc()
             self._cancel(work)
             return _SeriesOutcome(SeriesState.UNROUTED)
-        if not self._journal.set_series_state(work.series_id, SeriesState.COMPLETE, revision=work.revision,
-                                              route=route.name, model=route.model):
+        if not self._journal.set_series_state(
+            work.series_id, SeriesState.COMPLETE, revision=work.revision, route=route.name, model=route.model
+        ):
             return _SeriesOutcome(SeriesState.OPEN)
         if work.model != route.model:
             # Streaming ran a different candidate (the slice count ruled it out): run the right model now.
@@ -268,25 +279,15 @@ class Pipeline:
         result = aggregate(loaded.card, slices)
         self._metrics.triage.labels(model=route.model, priority=result.priority).inc()
         payload = findings.build_finding(
-            site=self._config.site,
-            series=row,
-            route=route.name,
-            card=loaded.card,
-            backend=loaded.backend,
-            result=result,
-            slice_refs=slice_refs,
-            sop_instance_uids=[i.sop_instance_uid for i in instances],
-            failed_instances=failed,
-            received_first=row.first_received,
-            received_last=row.last_received,
-            inferred_at=inferred_at,
-            agent_version=__version__,
-            host=self._host,
+            self._finding_input(
+                row, route.name, loaded, result, slice_refs, [i.sop_instance_uid for i in instances], inferred_at
+            )
         )
         msg_id = findings.message_id(row.series_uid, route.model, loaded.card.version, work.revision)
         subject = findings.subject(self._config.bus.subject_prefix, self._config.site, row.modality, route.model)
-        queued = self._journal.enqueue_finding(work.series_id, work.revision, route.model, msg_id, subject,
-                                               findings.encode(payload))
+        queued = self._journal.enqueue_finding(
+            work.series_id, work.revision, route.model, msg_id, subject, findings.encode(payload)
+        )
         self._journal.finish_job(job, error=None if queued else "series re-opened before the finding was queued")
         if queued:
             self._metrics.findings.labels(model=route.model, outcome="queued").inc()
@@ -294,6 +295,64 @@ class Pipeline:
             self._wake_publisher()
             return _SeriesOutcome(SeriesState.QUEUED, route.model)
         return _SeriesOutcome(SeriesState.OPEN, route.model)
+
+    def _finding_input(
+        self,
+        row: SeriesRow,
+        route: str,
+        loaded: LoadedModel,
+        result: SeriesResult,
+        slice_refs: list[tuple[str, int]],
+        sop_instance_uids: list[str],
+        inferred_at: float,
+    ) -> findings.FindingInput:
+        labels = []
+        heatmap = None
+        for r in result.labels:
+            uid, frame = slice_refs[r.index]
+            labels.append(
+                findings.LabelResult(
+                    label=r.label, score=r.score, threshold=r.threshold, driving_instance_uid=uid, driving_frame=frame
+                )
+            )
+            if r.box is not None and (heatmap is None or r.positive):
+                x0, y0, x1, y1 = r.box.fraction
+                heatmap = findings.Heatmap(
+                    label=r.label,
+                    x0=x0,
+                    y0=y0,
+                    x1=x1,
+                    y1=y1,
+                    peak=min(1.0, max(0.0, r.box.peak)),
+                    driving_instance_uid=uid,
+                    driving_frame=frame,
+                )
+        card = loaded.card
+        return findings.FindingInput(
+            site=self._config.site,
+            study_instance_uid=row.study_uid,
+            series_instance_uid=row.series_uid,
+            sop_instance_uids=sop_instance_uids,
+            accession_number=row.accession,
+            calling_ae_title=row.calling_aet,
+            called_ae_title=row.called_aet,
+            modality=row.modality,
+            body_part=row.body_part,
+            route=route,
+            model=findings.ModelInfo(name=card.name, version=card.version, sha256=card.sha256, backend=loaded.backend),
+            labels=labels,
+            priority=str(result.priority.value),
+            heatmap=heatmap,
+            revision=row.revision,
+            timings=findings.Timings(
+                received_first=row.first_received,
+                received_last=row.last_received,
+                completed=time.time(),
+                inferred=inferred_at,
+            ),
+            produced_at=time.time(),
+            agent_host=self._host,
+        )
 
     def _cancel(self, work: _SeriesWork) -> None:
         for w in work.instances.values():
@@ -314,13 +373,13 @@ class Pipeline:
 
     async def close(self) -> None:
         """Cancel what is in flight; the journal keeps it, and the next start resumes it."""
-        tasks: list[asyncio.Task[object]] = []
+        tasks: list[asyncio.Task[Any]] = []
         for work in list(self._work.values()):
             tasks.extend(w.task for w in work.instances.values())
             self._cancel(work)
         for task in list(self._completing):
             task.cancel()
-            tasks.append(task)  # type: ignore[arg-type]
+            tasks.append(task)
         await asyncio.gather(*tasks, return_exceptions=True)
         await self._assembler.close()
         self._work.clear()

@@ -19,6 +19,7 @@ from typing import Any
 import nats
 import yaml
 from nats.js.api import DeliverPolicy
+from nats.js.errors import NotFoundError
 
 from tests.netutil import free_port
 
@@ -87,7 +88,10 @@ class Daemon:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "edge_agent", "serve", "--config", str(self.config_path)],
-            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=REPO,
         )
         log.close()
         if wait_ready:
@@ -121,16 +125,16 @@ class Daemon:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGTERM)
         rc = self.proc.wait(timeout_seconds)
-        self._close()
+        self.close()
         return rc
 
     def kill9(self) -> None:
         assert self.proc is not None
         self.proc.kill()
         self.proc.wait(30)
-        self._close()
+        self.close()
 
-    def _close(self) -> None:
+    def close(self) -> None:
         if self.notify is not None:
             self.notify.close()
             self.notify = None
@@ -159,8 +163,9 @@ class Daemon:
                 return float(value)
         return 0.0
 
-    def wait_metric(self, name: str, at_least: float, timeout_seconds: float = 30.0, at_most: float | None = None,
-                    **labels: str) -> float:
+    def wait_metric(
+        self, name: str, at_least: float, timeout_seconds: float = 30.0, at_most: float | None = None, **labels: str
+    ) -> float:
         """Poll /metrics until the sample reaches ``at_least`` (or falls to ``at_most``)."""
         deadline = time.monotonic() + timeout_seconds
         value = 0.0
@@ -174,13 +179,17 @@ class Daemon:
         raise AssertionError(f"{name}{labels} = {value}, wanted >= {at_least}\n{self.log()}")
 
 
-def storescu(port: int, *files: Path, calling_aet: str = "STORESCU", called_aet: str = "EDGE_AGENT",
-             extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+def storescu(
+    port: int, *files: Path, calling_aet: str = "STORESCU", called_aet: str = "EDGE_AGENT", extra: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
     """dcmtk's storescu, with Nagle off (TCP_NODELAY=1; dcmtk leaves it on otherwise)."""
     env = dict(os.environ, TCP_NODELAY="1")
     return subprocess.run(
         [DCMTK_STORESCU, "-aet", calling_aet, "-aec", called_aet, *extra, "127.0.0.1", str(port), *map(str, files)],
-        capture_output=True, text=True, timeout=120, env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
     )
 
 
@@ -188,9 +197,17 @@ async def _read_findings(url: str, count: int, timeout_seconds: float, subject: 
     nc = await nats.connect(url, connect_timeout=5, allow_reconnect=False)
     try:
         js = nc.jetstream()
-        sub = await js.subscribe(subject, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
-        out: list[dict[str, Any]] = []
         deadline = time.monotonic() + timeout_seconds
+        while True:
+            # The daemon creates the stream once it reaches the broker; until then there is nothing to read.
+            try:
+                sub = await js.subscribe(subject, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
+                break
+            except NotFoundError:
+                if time.monotonic() > deadline:
+                    return []
+                await asyncio.sleep(0.1)
+        out: list[dict[str, Any]] = []
         while len(out) < count:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -206,8 +223,9 @@ async def _read_findings(url: str, count: int, timeout_seconds: float, subject: 
         await nc.close()
 
 
-def read_findings(url: str, count: int, timeout_seconds: float = 60.0,
-                  subject: str = "edge.findings.>") -> list[dict[str, Any]]:
+def read_findings(
+    url: str, count: int, timeout_seconds: float = 60.0, subject: str = "edge.findings.>"
+) -> list[dict[str, Any]]:
     """Every finding in the stream from the start, waiting until ``count`` are there or the timeout passes."""
     return asyncio.run(_read_findings(url, count, timeout_seconds, subject))
 

@@ -20,13 +20,14 @@ from typing import Any
 
 import pydicom
 import pydicom.data
+import pynetdicom
 from pydicom.uid import generate_uid
 
 from tests.netutil import free_port
 
 PYDICOM_FILES = Path(pydicom.data.__file__).parent / "test_files"
 DATA_STORE = Path(pydicom.data.__file__).parent.parent.parent / "data_store" / "data"
-PYNETDICOM_FILES = Path(__import__("pynetdicom").__file__).parent / "tests" / "dicom_files"
+PYNETDICOM_FILES = Path(str(pynetdicom.__file__)).parent / "tests" / "dicom_files"
 
 # pydicom's own test files
 CT_SMALL = PYDICOM_FILES / "CT_small.dcm"  # CT, Explicit VR LE, 128x128

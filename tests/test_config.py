@@ -44,8 +44,12 @@ def test_every_error_is_reported_at_once_with_list_indices() -> None:
         "state_dir": "/s",
         "routes": [
             {"name": "ok", "model": "m"},
-            {"name": "bad", "model": "m", "priority": "asap", "match": {"series_description": "(", "slices": {
-                "min": 5, "max": 2}}},
+            {
+                "name": "bad",
+                "model": "m",
+                "priority": "asap",
+                "match": {"series_description": "(", "slices": {"min": 5, "max": 2}},
+            },
         ],
     }
     problems = _problems(raw)
@@ -56,8 +60,9 @@ def test_every_error_is_reported_at_once_with_list_indices() -> None:
 
 
 def test_bad_ae_titles_are_refused() -> None:
-    problems = _problems({"site": "a", "state_dir": "/s", "dicom": {"ae_title": "A" * 17,
-                                                                    "allowed_calling_aets": ["OK", "BAD\\AE"]}})
+    problems = _problems(
+        {"site": "a", "state_dir": "/s", "dicom": {"ae_title": "A" * 17, "allowed_calling_aets": ["OK", "BAD\\AE"]}}
+    )
     assert set(problems) == {"dicom.ae_title", "dicom.allowed_calling_aets"}
 
 
@@ -69,9 +74,10 @@ def test_route_to_a_missing_model_suggests_the_nearest() -> None:
 
 
 def test_secrets_come_from_the_environment() -> None:
-    config = parse_config({"site": "a", "state_dir": "/s", "bus": {"token": "from-yaml"}},
-                          env={"EDGE_AGENT_BUS_TOKEN": "from-env", "EDGE_AGENT_BUS_USER": "u",
-                               "EDGE_AGENT_BUS_PASSWORD": "p"})
+    config = parse_config(
+        {"site": "a", "state_dir": "/s", "bus": {"token": "from-yaml"}},
+        env={"EDGE_AGENT_BUS_TOKEN": "from-env", "EDGE_AGENT_BUS_USER": "u", "EDGE_AGENT_BUS_PASSWORD": "p"},
+    )
     assert (config.bus.token, config.bus.user, config.bus.password) == ("from-env", "u", "p")
 
 
@@ -84,8 +90,9 @@ def test_invalid_yaml_says_where(tmp_path: Path) -> None:
 
 
 def _run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "edge_agent", *args], capture_output=True, text=True, timeout=60,
-                          cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "edge_agent", *args], capture_output=True, text=True, timeout=60, cwd=REPO
+    )
 
 
 def test_check_config_exits_0_on_the_default() -> None:

@@ -25,8 +25,15 @@ CR_CHEST_J2K = DATA_STORE / "RG1_J2KR.dcm"
 CR_EXTREMITY = DATA_STORE / "RG3_UNCR.dcm"
 
 
-def fresh_copy(src: Path, dst_dir: Path, *, series_uid: str | None = None, study_uid: str | None = None,
-               instance_number: int | None = None, name: str | None = None) -> Path:
+def fresh_copy(
+    src: Path,
+    dst_dir: Path,
+    *,
+    series_uid: str | None = None,
+    study_uid: str | None = None,
+    instance_number: int | None = None,
+    name: str | None = None,
+) -> Path:
     """A copy of a real file under new UIDs, so that every test sends a series of its own."""
     ds = pydicom.dcmread(src)
     ds.SOPInstanceUID = generate_uid()
@@ -43,8 +50,12 @@ def fresh_copy(src: Path, dst_dir: Path, *, series_uid: str | None = None, study
 
 def ct_series(src: Path, dst_dir: Path, count: int) -> tuple[str, list[Path]]:
     series_uid, study_uid = generate_uid(), generate_uid()
-    files = [fresh_copy(src, dst_dir, series_uid=series_uid, study_uid=study_uid, instance_number=i + 1,
-                        name=f"slice{i:04d}.dcm") for i in range(count)]
+    files = [
+        fresh_copy(
+            src, dst_dir, series_uid=series_uid, study_uid=study_uid, instance_number=i + 1, name=f"slice{i:04d}.dcm"
+        )
+        for i in range(count)
+    ]
     return series_uid, files
 
 
@@ -61,6 +72,7 @@ def daemon(tmp_path: Path, nats_server: Any) -> Any:
     for d in started:
         if d.proc is not None and d.proc.poll() is None:
             d.kill9()
+        d.close()
 
 
 def _assert_no_patient_data(text: str, *uids: str) -> None:
@@ -98,8 +110,14 @@ def test_cr_chest_via_dcmtk_gives_one_finding_and_metrics(daemon: Any, nats_serv
     assert d.terminate() == 0
     log = d.log()
     assert "shutdown:" in log
-    _assert_no_patient_data(log, ds.SeriesInstanceUID, ds.StudyInstanceUID, ds.SOPInstanceUID,
-                            str(ds.get("AccessionNumber", "")) or "\x00", str(ds.get("PatientID", "")) or "\x00")
+    _assert_no_patient_data(
+        log,
+        ds.SeriesInstanceUID,
+        ds.StudyInstanceUID,
+        ds.SOPInstanceUID,
+        str(ds.get("AccessionNumber", "")) or "\x00",
+        str(ds.get("PatientID", "")) or "\x00",
+    )
 
 
 def test_compressed_and_cross_sectional_via_pynetdicom(daemon: Any, nats_server: Any, tmp_path: Path) -> None:
@@ -166,8 +184,9 @@ def test_unknown_sop_class_gets_no_context(daemon: Any) -> None:
     assert accepted == {"1.2.840.10008.1.1"}
 
 
-def test_undecodable_pixels_fail_the_series_and_the_daemon_keeps_serving(daemon: Any, nats_server: Any,
-                                                                        tmp_path: Path) -> None:
+def test_undecodable_pixels_fail_the_series_and_the_daemon_keeps_serving(
+    daemon: Any, nats_server: Any, tmp_path: Path
+) -> None:
     d = daemon().start()
     bad = fresh_copy(CR_CHEST, tmp_path / "bad")
     ds = pydicom.dcmread(bad)
@@ -209,8 +228,9 @@ def test_spool_below_watermark_answers_out_of_resources(daemon: Any, tmp_path: P
     d.wait_metric("edge_agent_instances_total", 1, outcome="out_of_resources")
 
 
-def test_kill9_after_success_before_publish_gives_the_finding_exactly_once(daemon: Any, nats_server: Any,
-                                                                           tmp_path: Path) -> None:
+def test_kill9_after_success_before_publish_gives_the_finding_exactly_once(
+    daemon: Any, nats_server: Any, tmp_path: Path
+) -> None:
     nats_server.stop()  # the finding can only wait in the outbox
     d = daemon().start()
     f = fresh_copy(CR_CHEST, tmp_path / "in")
@@ -251,13 +271,13 @@ def test_broker_down_while_studies_arrive(daemon: Any, nats_server: Any, tmp_pat
     nats_server.start()
     found = read_findings(nats_server.url, 3)
     assert {f["series_instance_uid"] for f in found} == {
-        pydicom.dcmread(f, stop_before_pixels=True).SeriesInstanceUID for f in sent}
+        pydicom.dcmread(f, stop_before_pixels=True).SeriesInstanceUID for f in sent
+    }
     d.wait_metric("edge_agent_outbox_pending", 0, at_most=0)
     assert stream_count(nats_server.url) == 3
 
 
-def test_sigterm_drains_and_says_what_it_did_and_a_second_forces(daemon: Any, nats_server: Any,
-                                                                 tmp_path: Path) -> None:
+def test_sigterm_drains_and_says_what_it_did_and_a_second_forces(daemon: Any, nats_server: Any, tmp_path: Path) -> None:
     d = daemon().start()
     assert storescu(d.dicom_port, fresh_copy(CR_CHEST, tmp_path / "in")).returncode == 0
     read_findings(nats_server.url, 1)
@@ -269,6 +289,7 @@ def test_sigterm_drains_and_says_what_it_did_and_a_second_forces(daemon: Any, na
 
     # A second SIGTERM while draining (the broker is gone, so the flush would wait) exits at once.
     nats_server.stop()
+    d.close()
     d2 = Daemon(d.config_path, tmp_path).start()
     assert storescu(d2.dicom_port, fresh_copy(CR_CHEST, tmp_path / "in")).returncode == 0
     d2.wait_metric("edge_agent_findings_total", 1, model="cxr-demo", outcome="queued")
@@ -276,7 +297,10 @@ def test_sigterm_drains_and_says_what_it_did_and_a_second_forces(daemon: Any, na
     d2.proc.send_signal(15)
     d2.wait_note("STOPPING=1")
     d2.proc.send_signal(15)
-    assert d2.proc.wait(8) == 0
+    try:
+        assert d2.proc.wait(8) == 0
+    finally:
+        d2.close()
     assert "forcing exit" in d2.log()
 
 
@@ -288,8 +312,12 @@ def test_send_cli_and_metrics_endpoint(daemon: Any, nats_server: Any, tmp_path: 
     folder = tmp_path / "study"
     fresh_copy(CR_CHEST, folder)
     (folder / "notes.txt").write_text("not DICOM")
-    result = subprocess.run([sys.executable, "-m", "edge_agent", "send", str(folder), "--port", str(d.dicom_port)],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "edge_agent", "send", str(folder), "--port", str(d.dicom_port)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert len(read_findings(nats_server.url, 1)) == 1
     shutil.rmtree(folder)

@@ -287,7 +287,7 @@ def test_resize_area_averages_when_shrinking_and_is_bilinear_when_growing() -> N
 
 def test_letterbox_keeps_aspect_and_pads_with_black() -> None:
     prep = plain(resize=(64, 64), keep_aspect=True)
-    frame = Frame(np.ones((100, 50), np.float32) * np.arange(50, dtype=np.float32), None, False)
+    frame = Frame(np.tile(np.arange(50, dtype=np.float32), (100, 1)), None, False)
     place = placement((100, 50), prep)
     assert (place.top, place.left, place.height, place.width) == (0, 16, 64, 32)
     out = preprocess(frame, prep)[0]

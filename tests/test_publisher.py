@@ -73,22 +73,39 @@ class Acks:
         self.series.append(series_id)
         self._changed.set()
 
-    async def wait(self, n: int, timeout: float = 10.0) -> None:
+    async def wait(self, n: int, within_seconds: float = 10.0) -> None:
         async def reached() -> None:
             while len(self.series) < n:
                 self._changed.clear()
                 await self._changed.wait()
 
-        await asyncio.wait_for(reached(), timeout)
+        await asyncio.wait_for(reached(), within_seconds)
 
 
-async def wait_until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
+async def poll(check: Callable[[], Awaitable[bool]], within_seconds: float = 10.0) -> None:
     """Poll a condition that has no event of its own (a foreign process, a log line)."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
+    deadline = time.monotonic() + within_seconds
+    while time.monotonic() < deadline:
+        if await check():
+            return
         await asyncio.sleep(0.01)
+    raise AssertionError("condition not reached in time")
+
+
+async def wait_until(cond: Callable[[], bool], within_seconds: float = 10.0) -> None:
+    async def check() -> bool:
+        return cond()
+
+    await poll(check, within_seconds)
+
+
+async def consumer_listening(js: Any) -> None:
+    """Wait until a consumer (the tail's) exists on the stream."""
+
+    async def check() -> bool:
+        return bool((await js.stream_info(STREAM)).state.consumer_count)
+
+    await poll(check)
 
 
 async def stream_messages(url: str, stream: str = STREAM) -> list[Any]:
@@ -258,23 +275,35 @@ def test_a_publish_whose_ack_was_lost_is_retried_and_deduplicated(
     assert attempts >= 2 and error.startswith("timeout")
 
 
+@pytest.mark.parametrize("how", ["stopped", "frozen"])
 def test_stop_with_a_dead_broker_returns_the_pending_count_within_the_flush_timeout(
-    nats_server: NatsServer, journal: Journal, metrics: Metrics
+    nats_server: NatsServer, journal: Journal, metrics: Metrics, how: str
 ) -> None:
     async def main() -> None:
-        pub = Publisher(bus_config(nats_server.url), journal, metrics)
+        acks = Acks()
+        pub = Publisher(bus_config(nats_server.url), journal, metrics, on_acked=acks)
         await pub.start()
-        await wait_until(lambda: pub.connected)
-        nats_server.stop()
-        await wait_until(lambda: not pub.connected)
-        enqueue(journal, 2)
+        enqueue(journal, 1)
+        pub.wake()
+        await acks.wait(1)
+        if how == "stopped":
+            nats_server.stop()
+            await wait_until(lambda: not pub.connected)
+        else:
+            nats_server.pause()  # still connected, but nothing answers
+        enqueue(journal, 2, start=1)
         pub.wake()
         t0 = time.monotonic()
         assert await pub.stop(0.5) == 2
         assert time.monotonic() - t0 < 1.5
         assert sample(metrics.outbox_pending) == 2
+        assert sample(metrics.broker_connected) == 0
 
-    run(main())
+    try:
+        run(main())
+    finally:
+        if how == "frozen":
+            nats_server.resume()
 
 
 def test_stop_when_the_broker_was_never_up_is_quick(tmp_path: Path, journal: Journal, metrics: Metrics) -> None:
@@ -488,9 +517,7 @@ def test_tail_shows_only_new_findings_by_default(nats_server: NatsServer, journa
         task = asyncio.create_task(tail(nats_server.url, STREAM, out=out, max_messages=1, timeout_seconds=10))
         nc = await nats.connect(nats_server.url)
         js = nc.jetstream()
-        # The tail is listening once its consumer exists.
-        while (await js.stream_info(STREAM)).state.consumer_count == 0:
-            await asyncio.sleep(0.01)
+        await consumer_listening(js)
         new = encode(build_finding(make_input(series_instance_uid="1.2.3.999")))
         await js.publish("edge.findings.site1.CT.ct-demo", new)
         await nc.close()
@@ -532,8 +559,7 @@ def test_tail_ends_cleanly_when_cancelled(nats_server: NatsServer, journal: Jour
         task = asyncio.create_task(tail(nats_server.url, STREAM, out=io.StringIO()))
         nc = await nats.connect(nats_server.url)
         js = nc.jetstream()
-        while (await js.stream_info(STREAM)).state.consumer_count == 0:
-            await asyncio.sleep(0.01)
+        await consumer_listening(js)
         await nc.close()
         task.cancel()  # what asyncio.run does on Ctrl-C
         with pytest.raises(asyncio.CancelledError):

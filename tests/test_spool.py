@@ -10,10 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
-from tests.dicomfiles import CT_SMALL, fill, fill_inodes, tmpfs
 
 from edge_agent.dicom.spool import Spool, SpoolFullError
 from edge_agent.errors import EdgeAgentError
+from tests.dicomfiles import CT_SMALL, fill, fill_inodes, tmpfs
 
 NAME = re.compile(r"^\d{8}/[0-9a-f]{32}\.dcm$")
 
@@ -143,7 +143,7 @@ def test_orphans_lists_unreferenced_and_stale_files(tmp_path: Path) -> None:
 
 def test_orphans_spares_files_younger_than_min_age(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool", 0)
-    young, _ = spool.store(_src(tmp_path / "1", b"a"))
+    spool.store(_src(tmp_path / "1", b"a"))  # young: spared
     old, _ = spool.store(_src(tmp_path / "2", b"b"))
     an_hour_ago = time.time() - 3600
     os.utime(spool.path(old), (an_hour_ago, an_hour_ago))

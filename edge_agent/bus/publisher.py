@@ -94,6 +94,18 @@ def check_credentials_file(credentials_file: str | None) -> None:
         raise BusError(f"bus.credentials_file cannot be read: {exc.strerror}") from None
 
 
+async def cancel_and_wait(task: asyncio.Task[Any], retry_seconds: float = 0.1) -> None:
+    """Cancel ``task`` and wait until it has ended, cancelling again if a cancellation was lost.
+
+    On Python 3.11 ``asyncio.wait_for`` returns the result instead of raising when the awaited future
+    completes in the same loop iteration as the cancellation (CPython gh-86296, bpo-42130). nats-py
+    connects inside wait_for, so a single cancel() of a connecting task can vanish.
+    """
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=retry_seconds)
+
+
 class _Backoff:
     def __init__(self, first_seconds: float, max_seconds: float = MAX_BACKOFF_SECONDS) -> None:
         self._first = first_seconds
@@ -154,13 +166,10 @@ class Publisher:
                 self.wake()
                 with suppress(TimeoutError):
                     await asyncio.wait_for(self._flushed.wait(), flush_timeout_seconds)
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
-            except Exception:
-                logger.exception("the publisher task had failed")
+            await cancel_and_wait(task)
+            failure = None if task.cancelled() else task.exception()
+            if failure is not None:
+                logger.error("the publisher task had failed: %s", describe_error(failure))
         await self._close_connection(max(deadline - loop.time(), 0.1))
         pending = await self._count_pending()
         self._metrics.outbox_pending.set(pending)
@@ -340,10 +349,16 @@ class Publisher:
         if nc is None or nc.is_closed:
             return
         if nc.is_connected:
-            try:
-                await asyncio.wait_for(nc.drain(), timeout_seconds)
-            except (nats.errors.Error, TimeoutError) as exc:
-                logger.warning("draining the NATS connection failed: %s", describe_error(exc))
+            # A task and asyncio.wait rather than wait_for: nc.drain() swallows one cancellation and
+            # then flushes, which waits on a frozen broker for as long as nats-py's own flush timeout.
+            draining = asyncio.create_task(nc.drain())
+            await asyncio.wait({draining}, timeout=timeout_seconds)
+            if not draining.done():
+                logger.warning("draining the NATS connection took over %.1f s; closing it", timeout_seconds)
+                await cancel_and_wait(draining)
+            failure = None if draining.cancelled() else draining.exception()
+            if failure is not None:
+                logger.warning("draining the NATS connection failed: %s", describe_error(failure))
         with suppress(Exception):
             await nc.close()
         self._metrics.broker_connected.set(0)

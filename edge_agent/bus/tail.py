@@ -17,12 +17,23 @@ from nats.aio.client import Client as NATS
 from nats.js.api import DeliverPolicy
 
 from edge_agent.bus.finding import decode, encode
-from edge_agent.bus.publisher import check_credentials_file, connect_options, describe_error, redact
+from edge_agent.bus.publisher import (
+    cancel_and_wait,
+    check_credentials_file,
+    connect_options,
+    describe_error,
+    redact,
+)
 from edge_agent.errors import BusError
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CONNECT_TIMEOUT_SECONDS = 5.0
+
+
+def _last_error(nc: NATS) -> str:
+    err = nc.last_error
+    return f": {describe_error(err)}" if err is not None else ""
 
 
 async def _quiet(exc: Exception) -> None:
@@ -55,22 +66,25 @@ async def tail(
     loop = asyncio.get_running_loop()
     deadline = None if timeout_seconds is None else loop.time() + timeout_seconds
     nc = NATS()
+    connecting = asyncio.create_task(nc.connect(
+        **connect_options(url, token=token, user=user, password=password, credentials_file=credentials_file),
+        name="edge-agent-tail",
+        allow_reconnect=True,
+        max_reconnect_attempts=-1,
+        error_cb=_quiet,
+    ))
     try:
+        # Not asyncio.wait_for: on Python 3.11 its cancellation of nats-py's connect can be lost
+        # (see cancel_and_wait), and then it would wait forever.
+        await asyncio.wait({connecting}, timeout=connect_timeout_seconds)
+        if not connecting.done():
+            await cancel_and_wait(connecting)
+            raise BusError(f"cannot connect to the NATS server at {redact(url)} within {connect_timeout_seconds:g} s"
+                           f"{_last_error(nc)}")
         try:
-            await asyncio.wait_for(
-                nc.connect(
-                    **connect_options(url, token=token, user=user, password=password,
-                                      credentials_file=credentials_file),
-                    name="edge-agent-tail",
-                    allow_reconnect=True,
-                    max_reconnect_attempts=-1,
-                    error_cb=_quiet,
-                ),
-                connect_timeout_seconds,
-            )
-        except (TimeoutError, nats.errors.Error, OSError) as exc:
-            raise BusError(f"cannot connect to the NATS server at {redact(url)} "
-                           f"within {connect_timeout_seconds:g} s: {describe_error(exc)}") from None
+            connecting.result()
+        except (nats.errors.Error, OSError) as exc:
+            raise BusError(f"cannot connect to the NATS server at {redact(url)}: {describe_error(exc)}") from None
         js = nc.jetstream()
         try:
             sub = await js.subscribe(subject_filter, stream=stream, ordered_consumer=True,
@@ -99,5 +113,6 @@ async def tail(
         return count
     finally:
         # Also on Ctrl-C (the task is cancelled): the ephemeral consumer goes with the connection.
+        await cancel_and_wait(connecting)
         await nc.close()
 

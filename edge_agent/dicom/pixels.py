@@ -155,8 +155,8 @@ def _read(path: Path) -> tuple[Dataset, np.ndarray[Any, Any], list[str]]:
     return ds, arr, kinds
 
 
-def _to_grey(arr: np.ndarray[Any, Any], ds: Dataset, frames: int) -> tuple[np.ndarray[Any, Any], str]:
-    """Frames as [F, rows, cols] grey values, and the photometric interpretation they came from."""
+def _frame_stack(arr: np.ndarray[Any, Any], ds: Dataset, frames: int) -> tuple[np.ndarray[Any, Any], str]:
+    """The frames as [F, rows, cols] (grey) or [F, rows, cols, 3] (RGB), and the photometric interpretation."""
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     if photometric == "PALETTE COLOR":
@@ -164,8 +164,7 @@ def _to_grey(arr: np.ndarray[Any, Any], ds: Dataset, frames: int) -> tuple[np.nd
         samples = 3
     if samples == 3:
         # pydicom already converted YBR_* to RGB (its default), so one luma formula fits all.
-        rgb = arr.reshape(frames, arr.shape[-3], arr.shape[-2], 3)
-        return rgb.astype(np.float32) @ _LUMA, photometric
+        return arr.reshape(frames, arr.shape[-3], arr.shape[-2], 3), photometric
     if samples != 1:
         raise DecodeError(f"{samples} samples per pixel is not supported")
     return arr.reshape(frames, arr.shape[-2], arr.shape[-1]), photometric
@@ -181,17 +180,20 @@ def decode_frames(path: Path) -> list[Frame]:
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         if arr.size == 0 or arr.ndim < 2:
             raise DecodeError("pixel data is empty")
-        grey, photometric = _to_grey(arr, ds, frames)
+        stack, photometric = _frame_stack(arr, ds, frames)
         colour = photometric not in {"MONOCHROME1", "MONOCHROME2"}
         modality_lut = "ModalityLUTSequence" in ds and not colour
         out: list[Frame] = []
         for i in range(frames):
             slope, intercept = 1.0, 0.0
-            if modality_lut:
+            if stack.ndim == 4:
+                # Luma one frame at a time: a long colour cine as float32 all at once would be huge.
+                pixels = np.asarray(stack[i].astype(np.float32) @ _LUMA, dtype=np.float32)
+            elif modality_lut:
                 # A non-linear Modality LUT (rare; mostly old XA/CR): let pydicom apply it as written.
-                pixels = np.asarray(apply_rescale(grey[i], ds), dtype=np.float32)
+                pixels = np.asarray(apply_rescale(stack[i], ds), dtype=np.float32)
             else:
-                pixels = grey[i].astype(np.float32, copy=True)
+                pixels = stack[i].astype(np.float32, copy=True)
                 if not colour:
                     src = _frame_attr(ds, i, "PixelValueTransformationSequence")
                     slope = _first(src.get("RescaleSlope")) or 1.0

@@ -145,6 +145,7 @@ class Receiver:
         self._server: ThreadedAssociationServer | None = None
         self._thread: threading.Thread | None = None
         self._accepting = False
+        self._stopping = threading.Lock()
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -206,23 +207,26 @@ class Receiver:
 
     def stop(self, timeout_seconds: float) -> None:
         """Stop accepting, let running associations finish for up to ``timeout_seconds``, then abort the rest."""
-        server, self._accepting = self._server, False
-        if server is None:
-            return
-        # Close the listening socket first: a new peer gets "connection refused" and tries later.
-        server.shutdown()
-        if self._thread is not None:
-            self._thread.join()
-        deadline = time.monotonic() + timeout_seconds
-        running: list[Association] = list(server.active_associations)
-        for assoc in running:
-            assoc.join(max(0.0, deadline - time.monotonic()))
-        left = [a for a in running if a.is_alive()]
-        for assoc in left:
-            assoc.abort()
-        self._server = self._thread = self._ae = None
-        logger.info("DICOM receiver stopped: %d associations finished, %d aborted",
-                    len(running) - len(left), len(left))
+        # A second caller (a second signal, the owner's finally) waits for the first, then finds nothing to do.
+        with self._stopping:
+            server, self._accepting = self._server, False
+            if server is None:
+                return
+            # Close the listening socket first: a new peer gets "connection refused" and tries later.
+            # One that got in just before is refused in _on_requested (self._accepting is False).
+            server.shutdown()
+            if self._thread is not None:
+                self._thread.join()
+            deadline = time.monotonic() + timeout_seconds
+            running: list[Association] = list(server.active_associations)
+            for assoc in running:
+                assoc.join(max(0.0, deadline - time.monotonic()))
+            left = [a for a in running if a.is_alive()]
+            for assoc in left:
+                assoc.abort()
+            self._server = self._thread = self._ae = None
+            logger.info("DICOM receiver stopped: %d associations finished, %d aborted",
+                        len(running) - len(left), len(left))
 
     # -- association handlers (association threads) ----------------------------------------------
 

@@ -84,8 +84,8 @@ def _reason(assoc: Association) -> str:
         why = f"{rsp.reason_str}" if rsp is not None else "no reason given"
         return f"association rejected: {why}"
     if assoc.is_aborted:
-        return "association aborted by the peer"
-    return "could not connect or no answer to the association request"
+        return "association aborted (no answer to the request, or no presentation context accepted)"
+    return "no answer to the association request"
 
 
 def send_files(paths: list[Path], host: str, port: int, called_aet: str, calling_aet: str = "EDGE_SEND",
@@ -130,9 +130,16 @@ def _send_batch(items: list[_Item], pairs: list[tuple[str, str]], host: str, por
     ae.dimse_timeout = timeout_seconds
     ae.network_timeout = timeout_seconds
     ae.requested_contexts = [build_context(sop, [ts]) for sop, ts in pairs]
-    assoc = ae.associate(host, port, ae_title=called_aet, evt_handlers=[(evt.EVT_CONN_OPEN, _set_nodelay)])
+    connected: list[bool] = []
+
+    def on_open(event: Event) -> None:
+        connected.append(True)
+        _set_nodelay(event)
+
+    assoc = ae.associate(host, port, ae_title=called_aet, evt_handlers=[(evt.EVT_CONN_OPEN, on_open)])
     if not assoc.is_established:
-        reason = _reason(assoc)
+        # pynetdicom reports a refused connection as an abort; the connection event tells them apart.
+        reason = _reason(assoc) if connected else "could not connect (is the receiver running? host and port right?)"
         report.errors.append(f"{host}:{port}: {reason}")
         for item in items:
             report.add(FileResult(item.path, None, reason), "failed")

@@ -58,7 +58,7 @@ class OnnxRuntimeEngine:
         self._outputs = [self.card.outputs.scores]
         if self.card.outputs.heatmap is not None:
             self._outputs.append(self.card.outputs.heatmap)
-        logger.info("model %s %s loaded on onnxruntime %s (CPU)", self.name, self.card.version, ort.__version__)
+        logger.debug("model %s %s: onnxruntime %s session created (CPU)", self.name, self.card.version, ort.__version__)
 
     def _check_signature(self, session: ort.InferenceSession) -> None:
         card = self.card
