@@ -103,7 +103,12 @@ def build_model(spec: DemoSpec) -> onnx.ModelProto:
         inits.append(numpy_helper.from_array(np.zeros(out_ch, np.float32), b))
         nodes.append(
             helper.make_node(
-                "Conv", [prev, w, b], [f"conv{i}"], name=f"conv{i}", kernel_shape=[3, 3], strides=[2, 2],
+                "Conv",
+                [prev, w, b],
+                [f"conv{i}"],
+                name=f"conv{i}",
+                kernel_shape=[3, 3],
+                strides=[2, 2],
                 pads=[1, 1, 1, 1],
             )
         )
@@ -181,7 +186,31 @@ def build(out: Path) -> dict[str, str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "engines")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="build into a temporary folder and fail unless --out holds exactly those files",
+    )
     args = parser.parse_args(argv)
+    if args.check:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            built = build(Path(tmp))
+            stale = [
+                name
+                for name in built
+                for f in ("model.onnx", "model.yaml")
+                if (Path(tmp) / name / f).read_bytes() != (args.out / name / f).read_bytes()
+            ]
+        if stale:
+            print(
+                f"out of date in {args.out}: {', '.join(sorted(set(stale)))}; run {Path(__file__).name}",
+                file=sys.stderr,
+            )
+            return 1
+        print(f"{', '.join(built)}: up to date")
+        return 0
     for name, sha in build(args.out).items():
         print(f"{name}: {sha}")
     return 0
