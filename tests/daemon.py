@@ -77,7 +77,9 @@ class Daemon:
     def log_path(self) -> Path:
         return self.tmp / "daemon.log"
 
-    def start(self, wait_ready: bool = True, timeout_seconds: float = 60.0) -> Daemon:
+    def start(
+        self, wait_ready: bool = True, timeout_seconds: float = 60.0, env: dict[str, str] | None = None
+    ) -> Daemon:
         sock_path = self.tmp / "notify.sock"
         if sock_path.exists():
             sock_path.unlink()

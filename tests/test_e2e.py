@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -321,3 +322,58 @@ def test_send_cli_and_metrics_endpoint(daemon: Any, nats_server: Any, tmp_path: 
     assert result.returncode == 0, result.stdout + result.stderr
     assert len(read_findings(nats_server.url, 1)) == 1
     shutil.rmtree(folder)
+
+
+def test_watchdog_comes_from_the_loop_tick_and_status_is_reported(daemon: Any) -> None:
+    d = daemon().start(env={"WATCHDOG_USEC": "400000"})  # 0.4 s: the loop must tick at least every 0.2 s
+    d.wait_note("STATUS=", timeout_seconds=5)
+    for _ in range(3):  # it keeps beating, not just once at start
+        d.notes.clear()
+        d.wait_note("WATCHDOG=1", timeout_seconds=2)
+    # A stopped (SIGSTOP) event loop sends no heartbeat: the watchdog is not fed from a thread.
+    assert d.proc is not None
+    d.proc.send_signal(19)
+    try:
+        assert d.notify is not None
+        d.notify.settimeout(0.3)
+        with contextlib.suppress(TimeoutError):
+            while True:
+                d.notify.recv(4096)  # drain what was sent before the stop
+        d.notify.settimeout(1.0)
+        with pytest.raises(TimeoutError):
+            d.notify.recv(4096)
+    finally:
+        d.proc.send_signal(18)
+    d.notes.clear()
+    d.wait_note("WATCHDOG=1", timeout_seconds=5)
+
+
+def test_tail_cli_prints_findings_as_they_arrive(daemon: Any, nats_server: Any, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    d = daemon().start()
+    tail = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "edge_agent",
+            "tail",
+            "--config",
+            str(d.config_path),
+            "--all",
+            "--count",
+            "1",
+            "--timeout",
+            "60",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    f = fresh_copy(CR_CHEST, tmp_path / "in")
+    assert storescu(d.dicom_port, f).returncode == 0
+    out, err = tail.communicate(timeout=90)
+    assert tail.returncode == 0, err
+    [line] = out.strip().splitlines()
+    assert json.loads(line)["series_instance_uid"] == pydicom.dcmread(f, stop_before_pixels=True).SeriesInstanceUID
