@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import json
 import shutil
 import statistics
@@ -38,7 +39,7 @@ def make_series(n: int) -> tuple[str, list[pydicom.Dataset]]:
     series_uid, study_uid = generate_uid(), generate_uid()
     out = []
     for i in range(n):
-        ds = base.copy()
+        ds = copy.deepcopy(base)
         ds.SOPInstanceUID = generate_uid()
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         ds.SeriesInstanceUID, ds.StudyInstanceUID = series_uid, study_uid

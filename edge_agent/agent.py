@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -87,6 +88,10 @@ class Agent:
             logger.info("resumed %d open and %d complete series from the journal", resumed_open, resumed_complete)
         self.http = HttpServer(cfg.http.host, cfg.http.port, self.metrics.registry, self.health, self.readiness)
         await self.http.start()
+        # pynetdicom streams each incoming dataset to a temp file in the process' temp folder. On the spool's
+        # file system, storing it is a rename, not a copy (and /tmp may be RAM); a dataset left by an aborted
+        # association is then found by the orphan sweep at the next start.
+        tempfile.tempdir = str(spool.tmp_dir)
         self.receiver = Receiver(cfg.dicom, spool, self.journal, self.metrics, self._stored_from_thread)
         self.receiver.start()
         self._spool_writable = spool.writable()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -103,6 +105,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"  {line}", file=sys.stderr)
         return EXIT_CONFIG
     _setup_logging(config.logging.level)
+    # `kill -USR1 <pid>` prints every thread's stack to stderr (the journal): the first thing to ask
+    # of a daemon that looks stuck.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         asyncio.run(Agent(config).run())
     except EdgeAgentError as exc:

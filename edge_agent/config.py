@@ -53,7 +53,9 @@ class DicomConfig(_Strict):
     calling_aet_hosts: dict[str, list[str]] = Field(default_factory=dict)
     max_associations: Annotated[int, Field(ge=1, le=1024)] = 16
     max_pdu_bytes: Annotated[int, Field(ge=0, le=2**32 - 1)] = 0
-    acse_timeout_seconds: Annotated[float, Field(gt=0)] = 30.0
+    # A bare TCP connect (a load balancer's health check, a port scan) holds an association slot until
+    # this runs out, so keep it short.
+    acse_timeout_seconds: Annotated[float, Field(gt=0)] = 10.0
     dimse_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
     network_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
 
@@ -148,8 +150,6 @@ class PipelineConfig(_Strict):
     drain_timeout_seconds: Annotated[float, Field(ge=0)] = 30.0
     # A series whose quiet time has passed is complete; a route may override this.
     default_quiet_seconds: Annotated[float, Field(ge=0)] = 5.0
-    # Give up on a series after this long without completing (e.g. a lost slice that never comes).
-    max_series_age_seconds: Annotated[float, Field(gt=0)] = 3600.0
 
 
 class ModelDeployment(_Strict):

@@ -158,11 +158,18 @@ class Pipeline:
         path = self._spool_path(spool_name)
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
+        waiting = self._metrics.queue_depth.labels(queue="preprocess")
+        waiting.inc()
         try:
             inputs: list[np.ndarray] = await loop.run_in_executor(self._executor, load_instance, path, loaded.card)
         except DecodeError:
-            self._metrics.instances.labels(outcome="decode_failed").inc()
+            # A re-sent instance replaces (and deletes) the file an earlier task may still be reading: only a
+            # file that is still there failed to decode.
+            if path.exists():
+                self._metrics.instances.labels(outcome="decode_failed").inc()
             raise
+        finally:
+            waiting.dec()
         self._metrics.stage_seconds.labels(stage="preprocess").observe(time.perf_counter() - started)
         results = await asyncio.gather(*(loaded.batcher.submit(x, urgent=work.urgent) for x in inputs))
         self._metrics.instances.labels(outcome="inferred").inc()

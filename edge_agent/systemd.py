@@ -56,7 +56,9 @@ class Notifier:
         return self._send("STOPPING=1" + (f"\nSTATUS={_one_line(status)}" if status else ""))
 
     def watchdog(self) -> bool:
-        """Keep-alive ping; send only while the daemon's health checks pass."""
+        """Keep-alive ping; send only while the daemon's health checks pass. A no-op unless WatchdogSec= is set."""
+        if self.watchdog_interval_seconds() is None:
+            return False
         return self._send("WATCHDOG=1")
 
     def watchdog_interval_seconds(self) -> float | None:
@@ -91,7 +93,11 @@ class Notifier:
             return False
         try:
             if self._sock is None:
-                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                # Non-blocking: the caller is the event loop, which must never wait on a full socket buffer
+                # (a reader that stopped reading); a dropped datagram is a missed ping, not a wedged daemon.
+                self._sock = socket.socket(
+                    socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+                )
             self._sock.sendto(message.encode(), self._address)
         except OSError as exc:
             # Never fatal: a missed READY makes systemd time the start out, which is the right signal.

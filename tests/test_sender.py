@@ -61,6 +61,10 @@ def test_files_the_peer_refuses_are_counted_failed_with_their_status(tmp_path: P
         assert by_name["JPEGLSNearLossless_16.dcm"].note == "cannot understand"
         assert by_name["CT_small.dcm"].status == status.SUCCESS
         assert by_name["missing.dcm"].note == "no such file"
+        text = report.summary()
+        assert text.endswith("sent 1, failed 2, skipped 1")
+        assert "JPEGLSNearLossless_16.dcm: cannot understand (0xC000)" in text
+        assert "CT_small.dcm" not in text
 
 
 def test_a_rejected_association_fails_every_file_and_says_why(tmp_path: Path) -> None:

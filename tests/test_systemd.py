@@ -39,7 +39,7 @@ def received(sock: socket.socket) -> str:
 
 def test_messages_arrive_as_systemd_reads_them(listener: tuple[socket.socket, str]) -> None:
     sock, path = listener
-    n = Notifier({"NOTIFY_SOCKET": path})
+    n = Notifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "30000000"})
     assert n.enabled
     assert n.ready("listening on 11112")
     assert received(sock) == "READY=1\nSTATUS=listening on 11112"
@@ -95,7 +95,7 @@ def test_relative_notify_socket_is_refused(caplog: pytest.LogCaptureFixture) -> 
 
 def test_vanished_socket_warns_once_and_never_raises(notify_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = str(notify_dir / "gone")
-    n = Notifier({"NOTIFY_SOCKET": path})
+    n = Notifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "1000000"})
     with caplog.at_level(logging.WARNING, logger="edge_agent.systemd"):
         assert n.watchdog() is False
         assert n.watchdog() is False
@@ -138,4 +138,24 @@ def test_reads_the_process_environment(listener: tuple[socket.socket, str], monk
     assert n.watchdog_interval_seconds() == 2.0
     n.watchdog()
     assert received(sock) == "WATCHDOG=1"
+    n.close()
+
+
+def test_watchdog_pings_only_when_systemd_asked_for_them(listener: tuple[socket.socket, str]) -> None:
+    sock, path = listener
+    n = Notifier({"NOTIFY_SOCKET": path})
+    assert not n.watchdog()
+    assert n.status("x")
+    assert received(sock) == "STATUS=x"  # the ping above sent nothing
+    n.close()
+
+
+def test_a_reader_that_stops_reading_never_blocks_the_sender(listener: tuple[socket.socket, str],
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    # The caller is the event loop: a full socket buffer must cost a dropped datagram, not a wedged loop.
+    _, path = listener
+    n = Notifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "1000000"})
+    results = [n.watchdog() for _ in range(5000)]
+    assert results[0] and not results[-1]
+    assert sum("sd_notify" in r.message for r in caplog.records) == 1
     n.close()

@@ -4,6 +4,10 @@ pynetdicom runs each association in its own thread; the handlers here run in tho
 are total: every outcome is a named status (status.py) and a metric, never a raised exception.
 A Success is answered only once the instance is fsynced in the spool and its journal row is
 committed (PS3.4 Annex B.2.3: after Success the sender may delete its copy).
+
+pynetdicom streams each received dataset into a temp file in ``tempfile.gettempdir()``. Point that
+at ``Spool.tmp_dir`` (TMPDIR, or ``tempfile.tempdir`` before start) and storing is a rename on the
+same file system; elsewhere it is a copy, and /tmp may be RAM.
 """
 
 from __future__ import annotations
@@ -265,8 +269,7 @@ class Receiver:
                 return
         except Exception as exc:
             logger.error("association request check failed (%s); aborting", type(exc).__name__)
-            self._metrics.associations.labels(outcome="aborted").inc()
-            event.assoc.abort()
+            event.assoc.abort()  # counted by _on_aborted
 
     def _on_accepted(self, event: Event) -> None:
         self._metrics.associations.labels(outcome="accepted").inc()

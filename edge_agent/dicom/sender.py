@@ -54,6 +54,16 @@ class SendReport:
         else:
             self.skipped += 1
 
+    def summary(self) -> str:
+        """Lines for a person: each problem, then the counts."""
+        lines = list(self.errors)
+        for r in self.results:
+            if r.status is None or not status.is_success(r.status):
+                code = f" (0x{r.status:04X})" if r.status is not None else ""
+                lines.append(f"{r.path}: {r.note}{code}")
+        lines.append(f"sent {self.ok}, failed {self.failed}, skipped {self.skipped}")
+        return "\n".join(lines)
+
 
 @dataclass(frozen=True)
 class _Item:
