@@ -223,6 +223,8 @@ class Agent:
                 reasons.append(f"engine {name} not loaded")
         if not self._spool_writable:
             reasons.append("spool not writable")
+        elif self.spool is not None and not self.spool.has_room():
+            reasons.append("spool below its free-space watermark (spool.min_free_bytes)")
         if self.should_exit.is_set():
             reasons.append("shutting down")
         self._ready = not reasons

@@ -59,6 +59,7 @@ class _SeriesWork:
     quiet_seconds: float
     urgent: bool
     instances: dict[int, _InstanceWork] = field(default_factory=dict)
+    seen: set[int] = field(default_factory=set)  # instance ids stored in this revision, inferred or not
     first_received: float = 0.0
     last_received: float = 0.0
 
@@ -91,7 +92,8 @@ class Pipeline:
         self._wake_publisher = wake_publisher
         self._work: dict[int, _SeriesWork] = {}
         self._completing: set[asyncio.Task[None]] = set()
-        self._assembler = Assembler(self._complete)
+        # Wall-clock time, so that a series resumed from the journal keeps the quiet time it already waited.
+        self._assembler = Assembler(self._complete, clock=time.time)
         self._host = socket.gethostname()
         self.finished_series = 0
 
@@ -119,7 +121,7 @@ class Pipeline:
             received_at=now,
         )
         self._start_instance(work, row, recorded.spool_name or None)
-        self._assembler.touch(recorded.series_id, work.quiet_seconds, len(work.instances), meta.expected_count)
+        self._assembler.touch(recorded.series_id, work.quiet_seconds, len(work.seen), meta.expected_count)
 
     def _new_work(self, series_id: int, revision: int, facts: SeriesFacts) -> _SeriesWork:
         routes = candidate_routes(self._config.routes, facts)
@@ -139,6 +141,7 @@ class Pipeline:
         return work
 
     def _start_instance(self, work: _SeriesWork, row: InstanceRow, spool_name: str | None) -> None:
+        work.seen.add(row.id)
         old = work.instances.pop(row.id, None)
         if old is not None:
             old.task.cancel()  # a re-sent instance replaces the earlier one
@@ -191,7 +194,9 @@ class Pipeline:
             for inst in self._journal.instances(s.id):
                 self._start_instance(work, inst, inst.spool_name)
             work.first_received, work.last_received = s.first_received, s.last_received
-            self._assembler.touch(s.id, work.quiet_seconds, len(work.instances), s.expected_count)
+            self._assembler.touch(
+                s.id, work.quiet_seconds, len(work.seen), s.expected_count, last_received=s.last_received
+            )
         complete_rows = self._journal.series_in(SeriesState.COMPLETE)
         for s in complete_rows:
             work = self._new_work(s.id, s.revision, SeriesFacts.from_row(s))

@@ -16,7 +16,7 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 
 from tests.daemon import Daemon, read_findings, storescu, stream_count, write_config
-from tests.dicomfiles import DATA_STORE, PYDICOM_FILES
+from tests.dicomfiles import DATA_STORE, PYDICOM_FILES, fill, tmpfs
 
 pytestmark = pytest.mark.e2e
 
@@ -377,3 +377,40 @@ def test_tail_cli_prints_findings_as_they_arrive(daemon: Any, nats_server: Any, 
     assert tail.returncode == 0, err
     [line] = out.strip().splitlines()
     assert json.loads(line)["series_instance_uid"] == pydicom.dcmread(f, stop_before_pixels=True).SeriesInstanceUID
+
+
+def test_a_full_disk_makes_the_daemon_not_ready_and_refuse_then_it_recovers(daemon: Any, nats_server: Any,
+                                                                             tmp_path: Path) -> None:
+    with tmpfs("64m") as disk:
+        d = daemon(state_dir=str(disk / "state"), **{"spool.min_free_bytes": 16 * 2**20}).start()
+        assert d.http("/readyz")[0] == 200
+        fill(disk, leave_bytes=8 * 2**20)  # a real file system below the 16 MB watermark
+        ds = pydicom.dcmread(fresh_copy(PYDICOM_FILES / "CT_small.dcm", tmp_path / "in"))
+        ae = AE(ae_title="PYNETDICOM")
+        ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+        assoc = ae.associate("127.0.0.1", d.dicom_port, ae_title="EDGE_AGENT")
+        status = assoc.send_c_store(ds)
+        assoc.release()
+        assert status.Status == 0xA700
+        d.wait_metric("edge_agent_ready", 0, at_most=0)
+        code, body = d.http("/readyz")
+        assert code == 503 and "spool below its free-space watermark" in body
+        assert d.http("/healthz")[0] == 200  # alive, just not ready: no restart loop
+
+        # Nothing free at all: pynetdicom cannot even buffer the dataset, so the association is aborted
+        # (the sender keeps the study and retries); the daemon keeps serving.
+        (disk / "more").mkdir()
+        fill(disk / "more", leave_bytes=0)
+        assoc = ae.associate("127.0.0.1", d.dicom_port, ae_title="EDGE_AGENT")
+        status = assoc.send_c_store(ds)
+        assert "Status" not in status or status.Status == 0xA700  # no Success: the sender keeps the study
+        if assoc.is_established:
+            assoc.release()
+        assert d.http("/readyz")[0] == 503
+
+        (disk / "filler").unlink()
+        (disk / "more" / "filler").unlink()
+        d.wait_metric("edge_agent_ready", 1)
+        assert storescu(d.dicom_port, fresh_copy(CR_CHEST, tmp_path / "in")).returncode == 0
+        assert len(read_findings(nats_server.url, 1)) == 1
+        assert d.terminate() == 0
