@@ -9,11 +9,10 @@ import signal
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 from edge_agent.bus.publisher import Publisher
-from edge_agent.config import AgentConfig, Retention
+from edge_agent.config import AgentConfig, PoolKind, Retention
 from edge_agent.dicom.receiver import Receiver
 from edge_agent.dicom.spool import Spool
 from edge_agent.errors import EdgeAgentError
@@ -25,6 +24,7 @@ from edge_agent.journal import InstanceMeta, Journal, Recorded, SeriesState
 from edge_agent.metrics import Metrics
 from edge_agent.pipeline import LoadedModel, Pipeline
 from edge_agent.systemd import Notifier
+from edge_agent.workers import WorkerPool
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,11 @@ class Agent:
         self.http: HttpServer | None = None
         self.models: dict[str, LoadedModel] = {}
         self._engines: list[Engine] = []
-        self._pixel_pool = ThreadPoolExecutor(config.pipeline.preprocess_workers, thread_name_prefix="preprocess")
+        self._pixel_pool = WorkerPool(
+            config.pipeline.preprocess_workers,
+            processes=config.pipeline.preprocess_pool == PoolKind.PROCESS,
+            on_crash=self.metrics.worker_crashes.inc,
+        )
         self._engine_pool = ThreadPoolExecutor(max(1, len(config.model_names())), thread_name_prefix="engine")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._last_tick = time.monotonic()
@@ -77,6 +81,7 @@ class Agent:
         self.spool = Spool(cfg.state_dir / "spool", cfg.spool.min_free_bytes)
         self._remove_orphans()
         await self._load_models()
+        await self._pixel_pool.warm_up()
         self.publisher = Publisher(cfg.bus, self.journal, self.metrics, on_acked=self._on_acked)
         await self.publisher.start()
         spool = self.spool
@@ -107,10 +112,9 @@ class Agent:
             self.http.port,
             ", ".join(self.models) or "none",
         )
-        if ready:
-            self.notifier.ready(f"serving: {len(self.models)} models")
-        else:
-            self.notifier.status("not ready: " + "; ".join(reasons.get("reasons", [])))
+        # READY=1 means start-up is over, whatever the readiness: a full disk at boot must not become a
+        # start time-out and a restart loop. Readiness for traffic is /readyz (and the STATUS line).
+        self.notifier.ready(self._status_line(ready, reasons))
 
     async def main_loop(self) -> None:
         interval = TICK_SECONDS
@@ -130,8 +134,13 @@ class Agent:
             if healthy:
                 # WATCHDOG=1 comes from the loop's own tick (STYLE.md 6): if the loop wedges, systemd sees it.
                 self.notifier.watchdog()
-            if self._ready and not was_ready:
-                self.notifier.ready("serving")
+            if self._ready != was_ready:
+                ready, reasons = self.readiness()
+                self.notifier.status(self._status_line(ready, reasons))
+                if ready:
+                    logger.info("ready")
+                else:
+                    logger.warning("not ready: %s", "; ".join(reasons["reasons"]))
             was_ready = self._ready
 
     async def shutdown(self) -> None:
@@ -159,7 +168,7 @@ class Agent:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._pixel_pool.shutdown(wait=False, cancel_futures=True)
+        self._pixel_pool.shutdown()
         self._engine_pool.shutdown(wait=False, cancel_futures=True)
         if self.journal is not None:
             counts = self.journal.counts()
@@ -206,6 +215,11 @@ class Agent:
         else:
             logger.info("received %s: draining (a second signal forces exit)", signal.Signals(sig).name)
         self.should_exit.set()
+
+    def _status_line(self, ready: bool, reasons: dict[str, Any]) -> str:
+        if ready:
+            return f"serving: {len(self.models)} models"
+        return "not ready: " + "; ".join(reasons.get("reasons", []))
 
     # -- health -----------------------------------------------------------------------------------
 
@@ -314,7 +328,3 @@ class Agent:
             self.spool.remove(name)
         if orphans:
             logger.info("removed %d spool files that were never acknowledged to a sender", len(orphans))
-
-
-def state_paths(config: AgentConfig) -> dict[str, Path]:
-    return {"journal": config.state_dir / "journal.sqlite3", "spool": config.state_dir / "spool"}

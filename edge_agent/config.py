@@ -34,6 +34,14 @@ _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 6.2: 16 chars, 
 _SUBJECT_TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
+def _enum_value(kind: type[StrEnum], v: Any) -> Any:
+    if isinstance(v, str):
+        if v in {m.value for m in kind}:
+            return kind(v)
+        raise ValueError(f"{v!r} is not one of: {', '.join(m.value for m in kind)}")
+    return v
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
@@ -94,7 +102,7 @@ class SpoolConfig(_Strict):
     @field_validator("retention", mode="before")
     @classmethod
     def _retention(cls, v: Any) -> Any:
-        return Retention(v) if isinstance(v, str) and v in {r.value for r in Retention} else v
+        return _enum_value(Retention, v)
 
 
 class BusConfig(_Strict):
@@ -145,11 +153,24 @@ class HttpConfig(_Strict):
     port: Annotated[int, Field(ge=0, le=65535)] = 9108
 
 
+class PoolKind(StrEnum):
+    PROCESS = "process"
+    THREAD = "thread"
+
+
 class PipelineConfig(_Strict):
+    # Decoding and resizing are CPU work that holds the GIL much of the time (pydicom is Python): in
+    # processes they run beside the receiver's threads instead of taking turns with them.
     preprocess_workers: Annotated[int, Field(ge=1, le=256)] = 2
+    preprocess_pool: PoolKind = PoolKind.PROCESS
     drain_timeout_seconds: Annotated[float, Field(ge=0)] = 30.0
     # A series whose quiet time has passed is complete; a route may override this.
     default_quiet_seconds: Annotated[float, Field(ge=0)] = 5.0
+
+    @field_validator("preprocess_pool", mode="before")
+    @classmethod
+    def _pool(cls, v: Any) -> Any:
+        return _enum_value(PoolKind, v)
 
 
 class ModelDeployment(_Strict):
@@ -226,7 +247,7 @@ class Route(_Strict):
     @field_validator("priority", mode="before")
     @classmethod
     def _priority(cls, v: Any) -> Any:
-        return Priority(v) if isinstance(v, str) and v in {p.value for p in Priority} else v
+        return _enum_value(Priority, v)
 
 
 class LoggingConfig(_Strict):

@@ -118,6 +118,10 @@ class Metrics:
         self.ready = Gauge(
             "edge_agent_ready", "1 when the daemon is ready (SCP bound, engines warm, spool writable)", registry=r
         )
+        self.worker_crashes = Counter(
+            "edge_agent_preprocess_worker_crashes_total", "Preprocessing worker processes that died (pool rebuilt)",
+            registry=r,
+        )
         self.publish_errors = Counter(
             "edge_agent_publish_errors_total",
             "Failed publish attempts by reason (timeout, no_responders, error)",

@@ -13,7 +13,6 @@ import logging
 import socket
 import time
 from collections.abc import Callable
-from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from edge_agent.journal import InstanceMeta, InstanceRow, Journal, Recorded, Ser
 from edge_agent.metrics import Metrics
 from edge_agent.routing import SeriesFacts, candidate_routes, match_route
 from edge_agent.triage import SeriesResult, aggregate
+from edge_agent.workers import WorkerPool
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class Pipeline:
         spool_path: Callable[[str], Path],
         metrics: Metrics,
         models: dict[str, LoadedModel],
-        executor: Executor,
+        pool: WorkerPool,
         wake_publisher: Callable[[], None],
     ) -> None:
         self._config = config
@@ -88,7 +88,7 @@ class Pipeline:
         self._spool_path = spool_path
         self._metrics = metrics
         self._models = models
-        self._executor = executor
+        self._pool = pool
         self._wake_publisher = wake_publisher
         self._work: dict[int, _SeriesWork] = {}
         self._completing: set[asyncio.Task[None]] = set()
@@ -159,12 +159,11 @@ class Pipeline:
         if spool_name is None:
             spool_name = self._spool_name(work.series_id, instance_id)
         path = self._spool_path(spool_name)
-        loop = asyncio.get_running_loop()
         started = time.perf_counter()
         waiting = self._metrics.queue_depth.labels(queue="preprocess")
         waiting.inc()
         try:
-            inputs: list[np.ndarray] = await loop.run_in_executor(self._executor, load_instance, path, loaded.card)
+            inputs: list[np.ndarray] = await self._pool.run(load_instance, path, loaded.card)
         except DecodeError:
             # A re-sent instance replaces (and deletes) the file an earlier task may still be reading: only a
             # file that is still there failed to decode.

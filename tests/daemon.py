@@ -86,13 +86,13 @@ class Daemon:
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.notify.bind(str(sock_path))
         self.notes = []
-        env = dict(os.environ, NOTIFY_SOCKET=str(sock_path), PYTHONUNBUFFERED="1")
+        full_env = dict(os.environ, NOTIFY_SOCKET=str(sock_path), PYTHONUNBUFFERED="1", **(env or {}))
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "edge_agent", "serve", "--config", str(self.config_path)],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=env,
+            env=full_env,
             cwd=REPO,
         )
         log.close()

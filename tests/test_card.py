@@ -59,7 +59,7 @@ def test_demo_granularity() -> None:
 
 
 def test_list_models_finds_folders_with_a_card(tmp_path: Path) -> None:
-    assert list_models(ENGINES) == sorted(DEMOS)
+    assert set(DEMOS) <= set(list_models(ENGINES))
     repo = tmp_path / "repo"
     (repo / "b-model").mkdir(parents=True)
     (repo / "b-model" / "model.yaml").write_text("name: b-model\n")
