@@ -79,13 +79,20 @@ def _load_checked(path: Path) -> AgentConfig:
     return config
 
 
-def cmd_check_config(args: argparse.Namespace) -> int:
+def _load_or_report(path: Path) -> AgentConfig | None:
+    """The checked config, or None after printing every problem with its field path."""
     try:
-        config = _load_checked(args.file)
+        return _load_checked(path)
     except ConfigError as exc:
-        print(f"{args.file}: invalid configuration", file=sys.stderr)
+        print(f"{path}: invalid configuration", file=sys.stderr)
         for line in exc.lines():
             print(f"  {line}", file=sys.stderr)
+        return None
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = _load_or_report(args.file)
+    if config is None:
         return EXIT_CONFIG
     print(
         f"{args.file}: OK (site {config.site}, {len(config.routes)} routes, models: "
@@ -97,12 +104,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from edge_agent.agent import Agent
 
-    try:
-        config = _load_checked(args.config)
-    except ConfigError as exc:
-        print(f"{args.config}: invalid configuration", file=sys.stderr)
-        for line in exc.lines():
-            print(f"  {line}", file=sys.stderr)
+    config = _load_or_report(args.config)
+    if config is None:
         return EXIT_CONFIG
     _setup_logging(config.logging.level)
     # `kill -USR1 <pid>` prints every thread's stack to stderr (the journal): the first thing to ask

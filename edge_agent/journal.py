@@ -305,36 +305,27 @@ class Journal:
                     (series_id, meta.sop_instance_uid),
                 ).fetchone()
                 replaced = None
+                fields = (
+                    meta.sop_class_uid,
+                    meta.transfer_syntax_uid,
+                    meta.instance_number,
+                    spool_name,
+                    size_bytes,
+                    now,
+                )
                 if old is not None:
                     replaced = None if int(old[2]) else str(old[1])
                     db.execute(
                         "UPDATE instances SET sop_class_uid=?, transfer_syntax_uid=?, instance_number=?,"
                         " spool_name=?, size_bytes=?, received_at=?, released=0 WHERE id=?",
-                        (
-                            meta.sop_class_uid,
-                            meta.transfer_syntax_uid,
-                            meta.instance_number,
-                            spool_name,
-                            size_bytes,
-                            now,
-                            int(old[0]),
-                        ),
+                        (*fields, int(old[0])),
                     )
                     instance_id = int(old[0])
                 else:
                     cur = db.execute(
-                        "INSERT INTO instances(series_id, sop_instance_uid, sop_class_uid, transfer_syntax_uid,"
-                        " instance_number, spool_name, size_bytes, received_at) VALUES(?,?,?,?,?,?,?,?)",
-                        (
-                            series_id,
-                            meta.sop_instance_uid,
-                            meta.sop_class_uid,
-                            meta.transfer_syntax_uid,
-                            meta.instance_number,
-                            spool_name,
-                            size_bytes,
-                            now,
-                        ),
+                        "INSERT INTO instances(sop_class_uid, transfer_syntax_uid, instance_number, spool_name,"
+                        " size_bytes, received_at, series_id, sop_instance_uid) VALUES(?,?,?,?,?,?,?,?)",
+                        (*fields, series_id, meta.sop_instance_uid),
                     )
                     instance_id = int(cur.lastrowid or 0)
         except sqlite3.Error as exc:

@@ -49,6 +49,18 @@ def fresh_copy(
     return out
 
 
+def pynetdicom_store(port: int, ds: pydicom.Dataset) -> pydicom.Dataset:
+    """One C-STORE from the pynetdicom SCU; returns the response status dataset (empty if none came)."""
+    ae = AE(ae_title="PYNETDICOM")
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title="EDGE_AGENT")
+    assert assoc.is_established
+    status = assoc.send_c_store(ds)
+    if assoc.is_established:
+        assoc.release()
+    return status
+
+
 def ct_series(src: Path, dst_dir: Path, count: int) -> tuple[str, list[Path]]:
     series_uid, study_uid = generate_uid(), generate_uid()
     files = [
@@ -207,11 +219,7 @@ def test_a_dataset_that_does_not_parse_gets_a_failure_status(daemon: Any, tmp_pa
     d = daemon().start()
     ds = pydicom.dcmread(fresh_copy(PYDICOM_FILES / "CT_small.dcm", tmp_path / "in"))
     del ds.SeriesInstanceUID  # a C-STORE the assembler could never place
-    ae = AE(ae_title="PYNETDICOM")
-    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
-    assoc = ae.associate("127.0.0.1", d.dicom_port, ae_title="EDGE_AGENT")
-    status = assoc.send_c_store(ds)
-    assoc.release()
+    status = pynetdicom_store(d.dicom_port, ds)
     assert status.Status in (0xC000, 0xA900)
     d.wait_metric("edge_agent_instances_total", 1, outcome="cannot_understand")
     assert storescu(d.dicom_port, fresh_copy(CR_CHEST, tmp_path / "in")).returncode == 0
@@ -220,11 +228,7 @@ def test_a_dataset_that_does_not_parse_gets_a_failure_status(daemon: Any, tmp_pa
 def test_spool_below_watermark_answers_out_of_resources(daemon: Any, tmp_path: Path) -> None:
     d = daemon(**{"spool.min_free_bytes": 2**62}).start()
     ds = pydicom.dcmread(fresh_copy(PYDICOM_FILES / "CT_small.dcm", tmp_path / "in"))
-    ae = AE(ae_title="PYNETDICOM")
-    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
-    assoc = ae.associate("127.0.0.1", d.dicom_port, ae_title="EDGE_AGENT")
-    status = assoc.send_c_store(ds)
-    assoc.release()
+    status = pynetdicom_store(d.dicom_port, ds)
     assert status.Status == 0xA700
     d.wait_metric("edge_agent_instances_total", 1, outcome="out_of_resources")
 
@@ -379,19 +383,15 @@ def test_tail_cli_prints_findings_as_they_arrive(daemon: Any, nats_server: Any, 
     assert json.loads(line)["series_instance_uid"] == pydicom.dcmread(f, stop_before_pixels=True).SeriesInstanceUID
 
 
-def test_a_full_disk_makes_the_daemon_not_ready_and_refuse_then_it_recovers(daemon: Any, nats_server: Any,
-                                                                             tmp_path: Path) -> None:
+def test_a_full_disk_makes_the_daemon_not_ready_and_refuse_then_it_recovers(
+    daemon: Any, nats_server: Any, tmp_path: Path
+) -> None:
     with tmpfs("64m") as disk:
         d = daemon(state_dir=str(disk / "state"), **{"spool.min_free_bytes": 16 * 2**20}).start()
         assert d.http("/readyz")[0] == 200
         fill(disk, leave_bytes=8 * 2**20)  # a real file system below the 16 MB watermark
         ds = pydicom.dcmread(fresh_copy(PYDICOM_FILES / "CT_small.dcm", tmp_path / "in"))
-        ae = AE(ae_title="PYNETDICOM")
-        ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
-        assoc = ae.associate("127.0.0.1", d.dicom_port, ae_title="EDGE_AGENT")
-        status = assoc.send_c_store(ds)
-        assoc.release()
-        assert status.Status == 0xA700
+        assert pynetdicom_store(d.dicom_port, ds).Status == 0xA700
         d.wait_metric("edge_agent_ready", 0, at_most=0)
         code, body = d.http("/readyz")
         assert code == 503 and "spool below its free-space watermark" in body
@@ -401,11 +401,8 @@ def test_a_full_disk_makes_the_daemon_not_ready_and_refuse_then_it_recovers(daem
         # (the sender keeps the study and retries); the daemon keeps serving.
         (disk / "more").mkdir()
         fill(disk / "more", leave_bytes=0)
-        assoc = ae.associate("127.0.0.1", d.dicom_port, ae_title="EDGE_AGENT")
-        status = assoc.send_c_store(ds)
+        status = pynetdicom_store(d.dicom_port, ds)
         assert "Status" not in status or status.Status == 0xA700  # no Success: the sender keeps the study
-        if assoc.is_established:
-            assoc.release()
         assert d.http("/readyz")[0] == 503
 
         (disk / "filler").unlink()
