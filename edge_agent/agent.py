@@ -309,9 +309,20 @@ class Agent:
                 for name in names:
                     self.spool.remove(name)
                 self.journal.mark_released(sid)
+        self._remove_old_heatmaps()
         self._spool_writable = self.spool.writable()
         self._update_gauges()
         self.readiness()
+
+    def _remove_old_heatmaps(self) -> None:
+        folder = self.config.state_dir / "heatmaps"
+        if not folder.is_dir():
+            return
+        cutoff = time.time() - self.config.heatmaps.retain_days * 86400
+        for png in folder.glob("*.png"):
+            with contextlib.suppress(FileNotFoundError):
+                if png.stat().st_mtime < cutoff:
+                    png.unlink()
 
     def _update_gauges(self) -> None:
         assert self.journal is not None and self.spool is not None

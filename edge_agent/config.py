@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
 
 from edge_agent.errors import ConfigError
 
@@ -250,6 +250,12 @@ class Route(_Strict):
         return _enum_value(Priority, v)
 
 
+class HeatmapConfig(_Strict):
+    # Heat maps are written as PNGs under <state_dir>/heatmaps/, named by finding id, for viewers.
+    enabled: StrictBool = True
+    retain_days: Annotated[float, Field(gt=0)] = 30.0
+
+
 class LoggingConfig(_Strict):
     level: str = "INFO"
 
@@ -272,6 +278,7 @@ class AgentConfig(_Strict):
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     models: dict[str, ModelDeployment] = Field(default_factory=dict)
     routes: list[Route] = Field(default_factory=list)
+    heatmaps: HeatmapConfig = Field(default_factory=HeatmapConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     @field_validator("site")

@@ -22,15 +22,16 @@ import numpy as np
 from edge_agent.bus import finding as findings
 from edge_agent.config import AgentConfig, Route
 from edge_agent.dicom.assembler import Assembler
-from edge_agent.dicom.pixels import load_instance
+from edge_agent.dicom.pixels import load_instance, resize
 from edge_agent.errors import DecodeError, EdgeAgentError
 from edge_agent.inference.batcher import Batcher
 from edge_agent.inference.card import ModelCard
 from edge_agent.inference.engine import SliceResult
 from edge_agent.journal import InstanceMeta, InstanceRow, Journal, Recorded, SeriesRow, SeriesState
 from edge_agent.metrics import Metrics
+from edge_agent.png import write_png
 from edge_agent.routing import SeriesFacts, candidate_routes, match_route
-from edge_agent.triage import SeriesResult, aggregate
+from edge_agent.triage import LabelResult, SeriesResult, aggregate
 from edge_agent.workers import WorkerPool
 
 logger = logging.getLogger(__name__)
@@ -289,12 +290,20 @@ class Pipeline:
             raise EdgeAgentError(f"none of the {len(ordered)} instances could be decoded or inferred")
         result = aggregate(loaded.card, slices)
         self._metrics.triage.labels(model=route.model, priority=result.priority).inc()
+        msg_id = findings.message_id(row.series_uid, route.model, loaded.card.version, work.revision)
+        image = await self._store_heatmap(result, loaded.card, msg_id)
         payload = findings.build_finding(
             self._finding_input(
-                row, route.name, loaded, result, slice_refs, [i.sop_instance_uid for i in instances], inferred_at
+                row,
+                route.name,
+                loaded,
+                result,
+                slice_refs,
+                [i.sop_instance_uid for i in instances],
+                inferred_at,
+                image,
             )
         )
-        msg_id = findings.message_id(row.series_uid, route.model, loaded.card.version, work.revision)
         subject = findings.subject(self._config.bus.subject_prefix, self._config.site, row.modality, route.model)
         queued = self._journal.enqueue_finding(
             work.series_id, work.revision, route.model, msg_id, subject, findings.encode(payload)
@@ -316,9 +325,9 @@ class Pipeline:
         slice_refs: list[tuple[str, int]],
         sop_instance_uids: list[str],
         inferred_at: float,
+        image: str | None,
     ) -> findings.FindingInput:
         labels = []
-        heatmap = None
         for r in result.labels:
             uid, frame = slice_refs[r.index]
             labels.append(
@@ -326,18 +335,22 @@ class Pipeline:
                     label=r.label, score=r.score, threshold=r.threshold, driving_instance_uid=uid, driving_frame=frame
                 )
             )
-            if r.box is not None and (heatmap is None or r.positive):
-                x0, y0, x1, y1 = r.box.fraction
-                heatmap = findings.Heatmap(
-                    label=r.label,
-                    x0=x0,
-                    y0=y0,
-                    x1=x1,
-                    y1=y1,
-                    peak=min(1.0, max(0.0, r.box.peak)),
-                    driving_instance_uid=uid,
-                    driving_frame=frame,
-                )
+        heatmap = None
+        shown = _shown_label(result)
+        if shown is not None and shown.box is not None:
+            uid, frame = slice_refs[shown.index]
+            x0, y0, x1, y1 = shown.box.fraction
+            heatmap = findings.Heatmap(
+                label=shown.label,
+                x0=x0,
+                y0=y0,
+                x1=x1,
+                y1=y1,
+                peak=min(1.0, max(0.0, shown.box.peak)),
+                driving_instance_uid=uid,
+                driving_frame=frame,
+                image=image,
+            )
         card = loaded.card
         return findings.FindingInput(
             site=self._config.site,
@@ -364,6 +377,22 @@ class Pipeline:
             produced_at=time.time(),
             agent_host=self._host,
         )
+
+    async def _store_heatmap(self, result: SeriesResult, card: ModelCard, msg_id: str) -> str | None:
+        """Write the shown label's heat map as a PNG for viewers; its name is the finding id, never a UID."""
+        shown = _shown_label(result)
+        if not self._config.heatmaps.enabled or shown is None or shown.heatmap is None:
+            return None
+        name = f"heatmaps/{msg_id}.png"
+        path = self._config.state_dir / name
+        height, width = card.preprocessing.resize
+        try:
+            await asyncio.to_thread(_write_heatmap, path, shown.heatmap, height, width)
+        except OSError as exc:
+            # The finding matters more than its picture: publish it without the image.
+            logger.warning("heat map not stored (%s); the finding goes out without it", exc.strerror or exc)
+            return None
+        return name
 
     def _cancel(self, work: _SeriesWork) -> None:
         for w in work.instances.values():
@@ -394,6 +423,18 @@ class Pipeline:
         await asyncio.gather(*tasks, return_exceptions=True)
         await self._assembler.close()
         self._work.clear()
+
+
+def _shown_label(result: SeriesResult) -> LabelResult | None:
+    """The label whose heat map a viewer is shown: the highest-scoring positive one, else the highest."""
+    with_maps = [r for r in result.labels if r.heatmap is not None]
+    return max(with_maps, key=lambda r: (r.positive, r.score)) if with_maps else None
+
+
+def _write_heatmap(path: Path, heatmap: np.ndarray, height: int, width: int) -> None:
+    grey = np.clip(resize(np.asarray(heatmap, dtype=np.float32), height, width), 0.0, 1.0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_png(path, np.round(grey * 255).astype(np.uint8))
 
 
 def _retrieve(task: asyncio.Task[list[SliceResult]]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import struct
 import shutil
 from pathlib import Path
 from typing import Any
@@ -110,6 +111,11 @@ def test_cr_chest_via_dcmtk_gives_one_finding_and_metrics(daemon: Any, nats_serv
     assert finding["modality"] == "CR"
     assert finding["route"] == "chest-radiograph"
     assert finding["priority"] in ("urgent", "routine")
+    # The heat map reaches viewers: a PNG beside the spool, named by finding id, in the model's input size.
+    image = d.tmp / "state" / finding["heatmap"]["image"]
+    assert finding["heatmap"]["image"] == f"heatmaps/{finding['finding_id']}.png"
+    png = image.read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and struct.unpack(">II", png[16:24]) == (256, 256)
 
     d.wait_metric("edge_agent_findings_total", 1, model="cxr-demo", outcome="published")
     assert d.metric("edge_agent_instances_total", outcome="stored") == 1

@@ -18,7 +18,7 @@ import nats
 import pytest
 from nats.js.api import StreamConfig
 
-from edge_agent.bus.finding import build_finding, decode, encode, message_id, subject
+from edge_agent.bus.finding import SCHEMA_VERSION, build_finding, decode, encode, message_id, subject
 from edge_agent.bus.publisher import Publisher, describe_error, redact
 from edge_agent.bus.tail import tail
 from edge_agent.config import BusConfig
@@ -537,7 +537,7 @@ def test_tail_skips_messages_that_are_not_findings(nats_server: NatsServer, capl
         await nc.close()
         out = io.StringIO()
         assert await tail(nats_server.url, STREAM, from_start=True, out=out, max_messages=1, timeout_seconds=10) == 1
-        assert json.loads(out.getvalue())["schema_version"] == "1.0"
+        assert json.loads(out.getvalue())["schema_version"] == SCHEMA_VERSION
 
     run(main())
     assert "skipping stream message 1" in caplog.text

@@ -18,7 +18,7 @@ from typing import Any
 
 from edge_agent import __version__
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: heatmap.image (an additive change)
 PRIORITIES = ("urgent", "routine")
 
 _NOT_SUBJECT_CHAR = re.compile(r"[^A-Za-z0-9_-]")
@@ -62,6 +62,8 @@ class Heatmap:
     peak: float
     driving_instance_uid: str
     driving_frame: int = 0
+    # The heat map as a PNG, relative to the agent's state directory (model-input geometry), if stored.
+    image: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -155,6 +157,7 @@ def _heatmap(heatmap: Heatmap | None) -> dict[str, Any] | None:
         "peak": _fraction("heatmap peak", heatmap.peak),
         "driving_instance_uid": heatmap.driving_instance_uid,
         "driving_frame": heatmap.driving_frame,
+        "image": heatmap.image,
     }
 
 
