@@ -264,6 +264,7 @@ class Agent:
             await batcher.start()
             self.models[name] = LoadedModel(card, batcher, engine.backend)
             self.metrics.engine_up.labels(model=name).set(1)
+            self.metrics.model_loaded(name)
             self.metrics.engine_info.labels(model=name).info({"version": card.version, "backend": engine.backend})
             logger.info(
                 "model %s %s loaded on %s and warm in %.2f s",

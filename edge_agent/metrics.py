@@ -13,6 +13,21 @@ from edge_agent import __version__
 
 STAGES = ("receive", "assemble", "preprocess", "queue", "infer", "publish", "end_to_end")
 
+# Every value each outcome label takes, created at start: a counter that first appears at 1 is invisible to
+# rate() and increase(), so an alert on it would miss the first refusal after each restart.
+ASSOCIATION_OUTCOMES = ("accepted", "rejected_calling_aet", "rejected_host", "rejected_busy", "aborted")
+INSTANCE_OUTCOMES = (
+    "stored",
+    "duplicate",
+    "out_of_resources",
+    "cannot_understand",
+    "processing_failure",
+    "decode_failed",
+    "inferred",
+)
+SERIES_OUTCOMES = ("routed", "unrouted", "failed")
+PUBLISH_ERROR_REASONS = ("timeout", "no_responders", "error")
+
 # Latency buckets from 1 ms to 5 min: a CR is tens of ms per stage, a 500-slice CT minutes end to end.
 LATENCY_BUCKETS_SECONDS = (
     0.001,
@@ -69,7 +84,7 @@ class Metrics:
         )
         self.series = Counter(
             "edge_agent_series_total",
-            "Series by outcome (routed, unrouted, failed, expired)",
+            "Series by outcome (routed, unrouted, failed)",
             ["outcome"],
             registry=r,
         )
@@ -118,8 +133,17 @@ class Metrics:
         self.ready = Gauge(
             "edge_agent_ready", "1 when the daemon is ready (SCP bound, engines warm, spool writable)", registry=r
         )
+        for outcome in ASSOCIATION_OUTCOMES:
+            self.associations.labels(outcome=outcome)
+        for outcome in INSTANCE_OUTCOMES:
+            self.instances.labels(outcome=outcome)
+        for outcome in SERIES_OUTCOMES:
+            self.series.labels(outcome=outcome)
+        for stage in STAGES:
+            self.stage_seconds.labels(stage=stage)
         self.worker_crashes = Counter(
-            "edge_agent_preprocess_worker_crashes_total", "Preprocessing worker processes that died (pool rebuilt)",
+            "edge_agent_preprocess_worker_crashes_total",
+            "Preprocessing worker processes that died (pool rebuilt)",
             registry=r,
         )
         self.publish_errors = Counter(
@@ -128,3 +152,12 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        for reason in PUBLISH_ERROR_REASONS:
+            self.publish_errors.labels(reason=reason)
+
+    def model_loaded(self, model: str) -> None:
+        """Create a model's labelled series at load, for the same reason as the outcomes above."""
+        for outcome in ("queued", "published", "duplicate", "publish_error"):
+            self.findings.labels(model=model, outcome=outcome)
+        for priority in ("urgent", "routine"):
+            self.triage.labels(model=model, priority=priority)
