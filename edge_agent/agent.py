@@ -12,14 +12,17 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from edge_agent.bus.publisher import Publisher
-from edge_agent.config import AgentConfig, PoolKind, Retention
+from edge_agent.config import AgentConfig, ModelDeployment, PoolKind, Retention
 from edge_agent.dicom.receiver import Receiver
 from edge_agent.dicom.spool import Spool
-from edge_agent.errors import EdgeAgentError
+from edge_agent.errors import EdgeAgentError, EngineError
+from edge_agent.gpu_metrics import GpuMetrics
 from edge_agent.http import HttpServer
 from edge_agent.inference.batcher import Batcher
-from edge_agent.inference.card import load_card
-from edge_agent.inference.engine import Engine, create_engine
+from edge_agent.inference.card import ModelCard, load_card
+from edge_agent.inference.engine import Engine, create_engine, resolve_precision
+from edge_agent.inference.plan_cache import PlanUnavailable
+from edge_agent.inference.verify import DEFAULT_TOLERANCE, synthetic_inputs, verify_engine
 from edge_agent.journal import InstanceMeta, Journal, Recorded, SeriesState
 from edge_agent.metrics import Metrics
 from edge_agent.pipeline import LoadedModel, Pipeline
@@ -49,6 +52,11 @@ class Agent:
         self.http: HttpServer | None = None
         self.models: dict[str, LoadedModel] = {}
         self._engines: list[Engine] = []
+        # Models whose engine could not be made ready here (no plan for this GPU, verify failed, ...): the reason.
+        self.engine_problems: dict[str, str] = {}
+        self.gpu_metrics: GpuMetrics | None = None
+        if any(config.deployment(n).backend != "onnxruntime" for n in config.model_names()):
+            self.gpu_metrics = GpuMetrics(self.metrics.registry)
         self._pixel_pool = WorkerPool(
             config.pipeline.preprocess_workers,
             processes=config.pipeline.preprocess_pool == PoolKind.PROCESS,
@@ -81,6 +89,11 @@ class Agent:
         self.spool = Spool(cfg.state_dir / "spool", cfg.spool.min_free_bytes)
         self._remove_orphans()
         await self._load_models()
+        if self.engine_problems:
+            # Without every engine, series routed to the missing one could not be finished: stay up, say why on
+            # /readyz and in the systemd STATUS, and leave DICOM unanswered until the operator fixes it.
+            await self._serve_not_ready()
+            return
         await self._pixel_pool.warm_up()
         self.publisher = Publisher(cfg.bus, self.journal, self.metrics, on_acked=self._on_acked)
         await self.publisher.start()
@@ -114,6 +127,17 @@ class Agent:
         )
         # READY=1 means start-up is over, whatever the readiness: a full disk at boot must not become a
         # start time-out and a restart loop. Readiness for traffic is /readyz (and the STATUS line).
+        self.notifier.ready(self._status_line(ready, reasons))
+
+    async def _serve_not_ready(self) -> None:
+        cfg = self.config
+        self.http = HttpServer(cfg.http.host, cfg.http.port, self.metrics.registry, self.health, self.readiness)
+        await self.http.start()
+        self._spool_writable = self.spool is not None and self.spool.writable()
+        self._update_gauges()
+        ready, reasons = self.readiness()
+        for problem in self.engine_problems.values():
+            logger.error("%s", problem)
         self.notifier.ready(self._status_line(ready, reasons))
 
     async def main_loop(self) -> None:
@@ -233,7 +257,9 @@ class Agent:
         if self.receiver is None or not self.receiver.accepting:
             reasons.append("DICOM receiver not listening")
         for name in self.config.model_names():
-            if name not in self.models:
+            if name in self.engine_problems:
+                reasons.append(self.engine_problems[name])
+            elif name not in self.models:
                 reasons.append(f"engine {name} not loaded")
         if not self._spool_writable:
             reasons.append("spool not writable")
@@ -253,11 +279,25 @@ class Agent:
         for name in self.config.model_names():
             card = load_card(self.config.model_repository / name)
             deployment = self.config.deployment(name)
-            engine = create_engine(card, deployment)
             started = time.perf_counter()
-            await loop.run_in_executor(self._engine_pool, engine.load)
-            await loop.run_in_executor(self._engine_pool, engine.warm_up)
-            self._engines.append(engine)
+            try:
+                engine = create_engine(card, deployment, self.config.state_dir)
+                self._engines.append(engine)
+                await loop.run_in_executor(self._engine_pool, engine.load)
+                await loop.run_in_executor(self._engine_pool, engine.warm_up)
+                if deployment.verify_at_start:
+                    await loop.run_in_executor(self._engine_pool, self._verify, card, deployment, engine)
+            except EngineError as exc:
+                if deployment.backend == "onnxruntime" and not isinstance(exc, PlanUnavailable):
+                    raise
+                # A GPU engine that cannot be made ready here is an operator's job (build the plan, install
+                # TensorRT), not something a restart fixes: report it instead of exiting into a restart loop.
+                text = str(exc)
+                self.engine_problems[name] = text if text.startswith(f"engine {name}") else f"engine {name}: {text}"
+                self.metrics.engine_up.labels(model=name).set(0)
+                continue
+            if self.gpu_metrics is not None:
+                self.gpu_metrics.record_engine(name, engine)
             batcher = Batcher(
                 name, engine, deployment.max_batch, deployment.max_queue_delay_ms, self.metrics, self._engine_pool
             )
@@ -273,6 +313,16 @@ class Agent:
                 engine.backend,
                 time.perf_counter() - started,
             )
+
+    def _verify(self, card: ModelCard, deployment: ModelDeployment, engine: Engine) -> None:
+        """The start-up gate: the engine against ONNX Runtime on the CPU; EngineError if they disagree."""
+        if engine.backend == "onnxruntime":
+            return  # ONNX Runtime on the CPU is the reference: it would be compared with itself
+        tolerance = deployment.verify_max_abs_diff or DEFAULT_TOLERANCE[resolve_precision(deployment)]
+        inputs = synthetic_inputs(card, max(8, deployment.max_batch))
+        report = verify_engine(card, engine, inputs, tolerance=tolerance, batch=deployment.max_batch)
+        if not report.passed:
+            raise EngineError(f"engine {card.name}: verify failed: {report.summary()}")
 
     def _stored_from_thread(self, meta: InstanceMeta, recorded: Recorded) -> None:
         """The receiver calls this in an association thread, after the instance is durable."""

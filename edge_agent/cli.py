@@ -1,4 +1,4 @@
-"""The command line: serve, check-config, send, tail."""
+"""The command line: serve, check-config, send, tail, build-engine, verify-engine."""
 
 from __future__ import annotations
 
@@ -10,10 +10,15 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edge_agent import __version__
-from edge_agent.config import DEFAULT_CONFIG_PATH, AgentConfig, check_models, load_config
+from edge_agent.config import DEFAULT_CONFIG_PATH, AgentConfig, ModelDeployment, check_models, load_config
 from edge_agent.errors import ConfigError, EdgeAgentError, ModelError
+
+if TYPE_CHECKING:
+    from edge_agent.inference.card import ModelCard
+    from edge_agent.inference.engine import FloatArray
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +54,21 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--all", action="store_true", help="start from the first finding in the stream, not the next")
     t.add_argument("--count", type=int, default=None, help="exit after this many findings")
     t.add_argument("--timeout", type=float, default=None, help="exit after this many seconds")
+
+    b = sub.add_parser("build-engine", help="build (or rebuild) the TensorRT plan of a model for this GPU")
+    b.add_argument("model")
+    b.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH)
+    b.add_argument("--precision", choices=["fp32", "fp16", "int8"], default=None, help="default: the deployment's")
+    b.add_argument("--workspace-bytes", type=int, default=None, help="default: the deployment's workspace_bytes")
+    b.add_argument("--force", action="store_true", help="rebuild even if a matching plan is cached")
+
+    v = sub.add_parser("verify-engine", help="compare a model's engine with ONNX Runtime on the CPU")
+    v.add_argument("model")
+    v.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH)
+    v.add_argument("--backend", choices=["tensorrt", "onnxruntime", "auto"], default=None)
+    v.add_argument("--dicom", type=Path, nargs="*", default=[], help="DICOM files or folders to use as inputs")
+    v.add_argument("--count", type=int, default=32, help="number of input images (default: %(default)s)")
+    v.add_argument("--tolerance", type=float, default=None, help="largest score difference accepted")
     return p
 
 
@@ -165,7 +185,108 @@ def cmd_tail(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"serve": cmd_serve, "check-config": cmd_check_config, "send": cmd_send, "tail": cmd_tail}
+def _model_and_deployment(config_path: Path, model: str) -> tuple[AgentConfig, ModelCard, ModelDeployment] | None:
+    from edge_agent.inference.card import load_card
+
+    config = _load_or_report(config_path)
+    if config is None:
+        return None
+    try:
+        card = load_card(config.model_repository / model)
+    except ModelError as exc:
+        print(str(exc), file=sys.stderr)
+        return None
+    return config, card, config.deployment(model)
+
+
+def cmd_build_engine(args: argparse.Namespace) -> int:
+    from edge_agent.inference.engine import resolve_precision
+    from edge_agent.inference.plan_cache import PlanCache
+    from edge_agent.inference.trt_build import BuildOptions, build_and_cache, ensure_plan, import_tensorrt
+    from edge_agent.inference.verify import dicom_files, dicom_inputs
+
+    loaded = _model_and_deployment(args.config, args.model)
+    if loaded is None:
+        return EXIT_CONFIG
+    config, card, deployment = loaded
+    _setup_logging("INFO")
+    updates: dict[str, object] = {}
+    if args.precision is not None:
+        updates["precision"] = args.precision
+    if args.workspace_bytes is not None:
+        updates["workspace_bytes"] = args.workspace_bytes
+    deployment = deployment.model_copy(update=updates)
+    try:
+        trt = import_tensorrt()
+        precision = resolve_precision(deployment)
+        images: list[FloatArray] = []
+        if precision == "int8" and deployment.calibration_dir is not None:
+            images = list(dicom_inputs(card, dicom_files(deployment.calibration_dir), limit=512))
+        options = BuildOptions(precision, deployment.workspace_bytes, images)
+        cache = PlanCache(config.state_dir)
+        if args.force:
+            _, meta = build_and_cache(card, cache, options, trt)
+            built = True
+        else:
+            _, meta, built = ensure_plan(card, cache, options, allow_build=True, trt=trt)
+    except EdgeAgentError as exc:
+        print(f"build-engine {args.model}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    where = cache.plan_path(card.name, meta.key)
+    verb = f"built in {meta.build_seconds:.1f} s" if built else "already cached (use --force to rebuild)"
+    print(
+        f"{card.name} {card.version}: {meta.key.precision} plan for {meta.key.gpu_name} (sm "
+        f"{meta.key.compute_capability}), TensorRT {meta.key.trt_version}, batch {meta.profile.min}/"
+        f"{meta.profile.opt}/{meta.profile.max}, {meta.plan_bytes >> 20} MiB: {verb}\n  {where}"
+    )
+    return EXIT_OK
+
+
+def cmd_verify_engine(args: argparse.Namespace) -> int:
+    from edge_agent.inference.engine import create_engine, resolve_precision
+    from edge_agent.inference.verify import (
+        DEFAULT_TOLERANCE,
+        dicom_files,
+        dicom_inputs,
+        synthetic_inputs,
+        verify_engine,
+    )
+
+    loaded = _model_and_deployment(args.config, args.model)
+    if loaded is None:
+        return EXIT_CONFIG
+    config, card, deployment = loaded
+    _setup_logging("WARNING")
+    if args.backend is not None:
+        deployment = deployment.model_copy(update={"backend": args.backend})
+    tolerance = args.tolerance or deployment.verify_max_abs_diff or DEFAULT_TOLERANCE[resolve_precision(deployment)]
+    try:
+        if args.dicom:
+            files = [f for p in args.dicom for f in (dicom_files(p) if p.is_dir() else [p])]
+            inputs = dicom_inputs(card, files, args.count)
+        else:
+            inputs = synthetic_inputs(card, args.count)
+        engine = create_engine(card, deployment, config.state_dir)
+        engine.load()
+        try:
+            report = verify_engine(card, engine, inputs, tolerance=tolerance, batch=deployment.max_batch)
+        finally:
+            engine.close()
+    except EdgeAgentError as exc:
+        print(f"verify-engine {args.model}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(report.summary())
+    return EXIT_OK if report.passed else EXIT_FAILURE
+
+
+COMMANDS = {
+    "serve": cmd_serve,
+    "check-config": cmd_check_config,
+    "send": cmd_send,
+    "tail": cmd_tail,
+    "build-engine": cmd_build_engine,
+    "verify-engine": cmd_verify_engine,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

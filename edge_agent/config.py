@@ -178,15 +178,42 @@ class ModelDeployment(_Strict):
 
     max_batch: Annotated[int, Field(ge=1, le=1024)] = 8
     max_queue_delay_ms: Annotated[float, Field(ge=0, le=60_000)] = 5.0
+    # tensorrt | onnxruntime | auto (TensorRT when it and a GPU are there, else ONNX Runtime; logged).
     backend: str = "onnxruntime"
     intra_op_threads: Annotated[int, Field(ge=0, le=256)] = 0
+    # TensorRT: the precision to build (unset: fp32), and whether start-up may build a missing plan.
+    # Off by default: a build takes minutes, longer than a service manager waits for start-up;
+    # `edge-agent build-engine MODEL` builds it beforehand.
+    precision: str | None = None
+    allow_build: bool = False
+    workspace_bytes: Annotated[int, Field(ge=1 << 24, le=1 << 40)] = 2 << 30
+    # INT8 on TensorRT 10: a folder of representative DICOM files, preprocessed like live traffic.
+    calibration_dir: Path | None = None
+    # Compare with ONNX Runtime on the CPU at start-up; a mismatch leaves the daemon not ready.
+    verify_at_start: bool = False
+    verify_max_abs_diff: Annotated[float | None, Field(gt=0)] = None
 
     @field_validator("backend")
     @classmethod
     def _backend(cls, v: str) -> str:
-        if v not in {"onnxruntime"}:
-            raise ValueError(f"unknown backend {v!r}; this build supports: onnxruntime")
+        if v not in {"onnxruntime", "tensorrt", "auto"}:
+            raise ValueError(f"unknown backend {v!r}; one of: onnxruntime, tensorrt, auto")
         return v
+
+    @field_validator("precision")
+    @classmethod
+    def _precision(cls, v: str | None) -> str | None:
+        if v is not None and v not in {"fp32", "fp16", "int8"}:
+            raise ValueError(f"unknown precision {v!r}; one of: fp32, fp16, int8")
+        return v
+
+    @field_validator("calibration_dir", mode="before")
+    @classmethod
+    def _calibration_dir(cls, v: Any) -> Any:
+        path = Path(v) if isinstance(v, str) else v
+        if isinstance(path, Path) and not path.is_absolute():
+            raise ValueError("must be an absolute path")
+        return path
 
 
 class Priority(StrEnum):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-import struct
 import shutil
+import struct
 from pathlib import Path
 from typing import Any
 

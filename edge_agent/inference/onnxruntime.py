@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -19,12 +20,19 @@ _ORT_LOG_ERRORS_ONLY = 3
 
 
 class OnnxRuntimeEngine:
-    """One ONNX Runtime session on the CPU execution provider."""
+    """One ONNX Runtime session, on the execution providers given (the CPU unless told otherwise)."""
 
     backend = "onnxruntime"
 
-    def __init__(self, card: ModelCard, intra_op_threads: int = 0, max_batch: int | None = None) -> None:
+    def __init__(
+        self,
+        card: ModelCard,
+        intra_op_threads: int = 0,
+        max_batch: int | None = None,
+        providers: Sequence[str] = ("CPUExecutionProvider",),
+    ) -> None:
         self.card = card
+        self.providers = tuple(providers)
         self.name = card.name
         self.input_shape = card.input_shape
         self.intra_op_threads = intra_op_threads
@@ -50,7 +58,7 @@ class OnnxRuntimeEngine:
         # Idle spinning threads would steal the cores that decode DICOM between batches.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
-            session = ort.InferenceSession(data, sess_options=options, providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(data, sess_options=options, providers=list(self.providers))
         except Exception as exc:
             raise EngineError(f"{self.name}: ONNX Runtime cannot load {path}: {exc}") from None
         self._check_signature(session)
