@@ -417,3 +417,16 @@ def test_a_full_disk_makes_the_daemon_not_ready_and_refuse_then_it_recovers(
         assert storescu(d.dicom_port, fresh_copy(CR_CHEST, tmp_path / "in")).returncode == 0
         assert len(read_findings(nats_server.url, 1)) == 1
         assert d.terminate() == 0
+
+
+def test_a_heat_map_that_cannot_be_stored_does_not_hold_the_finding_back(
+    daemon: Any, nats_server: Any, tmp_path: Path
+) -> None:
+    d = daemon()
+    (tmp_path / "state").mkdir(parents=True)
+    (tmp_path / "state" / "heatmaps").write_text("a file where the folder should be")
+    d.start()
+    assert storescu(d.dicom_port, fresh_copy(CR_CHEST, tmp_path / "in")).returncode == 0
+    [finding] = read_findings(nats_server.url, 1)
+    assert finding["heatmap"]["image"] is None and finding["heatmap"]["bbox"]
+    assert "heat map not stored" in d.log()
