@@ -1,4 +1,4 @@
-"""The command line: serve, check-config, send, tail, build-engine, verify-engine."""
+"""The command line: serve, check-config, send, tail, build-engine, verify-engine, validate."""
 
 from __future__ import annotations
 
@@ -69,6 +69,24 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--dicom", type=Path, nargs="*", default=[], help="DICOM files or folders to use as inputs")
     v.add_argument("--count", type=int, default=32, help="number of input images (default: %(default)s)")
     v.add_argument("--tolerance", type=float, default=None, help="largest score difference accepted")
+
+    val = sub.add_parser(
+        "validate",
+        help="run a model over labelled DICOM through the daemon's preprocessing; sensitivity, specificity, AUC",
+    )
+    val.add_argument("model", help="a model name in the repository, or a model folder")
+    val.add_argument("data", type=Path, help="folder of DICOM files named in the labels CSV")
+    val.add_argument("--labels", type=Path, default=None, help="labels CSV (default: DATA/labels.csv)")
+    val.add_argument("--out", type=Path, default=Path("validation"), help="report folder (default: %(default)s)")
+    val.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH, help="for the model repository")
+    val.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default: %(default)s)")
+    val.add_argument("--seed", type=int, default=0)
+    val.add_argument(
+        "--subgroup",
+        action="append",
+        default=None,
+        help="a labels CSV column or DICOM keyword to break down by (repeatable; default: all)",
+    )
     return p
 
 
@@ -279,6 +297,30 @@ def cmd_verify_engine(args: argparse.Namespace) -> int:
     return EXIT_OK if report.passed else EXIT_FAILURE
 
 
+def cmd_validate(args: argparse.Namespace) -> int:
+    from edge_agent.validate import markdown, validate
+
+    _setup_logging("INFO")
+    model_dir = Path(args.model)
+    if not (model_dir / "model.yaml").is_file():
+        try:
+            model_dir = load_config(args.config).model_repository / args.model
+        except ConfigError as exc:
+            print(str(exc), file=sys.stderr)
+            return EXIT_CONFIG
+    labels = args.labels or args.data / "labels.csv"
+    try:
+        report = validate(
+            model_dir, args.data, labels, args.out, bootstrap=args.bootstrap, seed=args.seed, subgroups=args.subgroup
+        )
+    except EdgeAgentError as exc:
+        print(f"validate: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(markdown(report))
+    print(f"reports: {', '.join(report.files.values())}")
+    return EXIT_OK
+
+
 COMMANDS = {
     "serve": cmd_serve,
     "check-config": cmd_check_config,
@@ -286,6 +328,7 @@ COMMANDS = {
     "tail": cmd_tail,
     "build-engine": cmd_build_engine,
     "verify-engine": cmd_verify_engine,
+    "validate": cmd_validate,
 }
 
 

@@ -1,0 +1,279 @@
+"""edge_agent.validate: the statistics, the PNG, and a real model (the bundled cxr-demo) over the smoke data set."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import shutil
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_agent.config import ModelDeployment
+from edge_agent.dicom.pixels import load_instance
+from edge_agent.errors import ModelError
+from edge_agent.inference.card import load_card
+from edge_agent.inference.engine import create_engine
+from edge_agent.validate import (
+    ValidationInputError,
+    bootstrap_estimates,
+    roc_auc,
+    roc_curve,
+    roc_png,
+    threshold_for_sensitivity,
+    validate,
+)
+from tests.test_recipe_smoke import run_smoke
+
+REPO = Path(__file__).resolve().parent.parent
+# validate is about the mechanics (same preprocessing and engine as the daemon, the statistics, the reports), so
+# any one-label chest model does; cxr-demo is always in the repository.
+MODEL = REPO / "engines" / "cxr-demo"
+
+
+# --- pure statistics --------------------------------------------------------------------------------
+
+
+def pairwise_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    wins = sum((p > n) + 0.5 * (p == n) for p, n in itertools.product(pos, neg))
+    return float(wins / (len(pos) * len(neg)))
+
+
+def test_auc_matches_the_pairwise_definition_with_ties() -> None:
+    rng = np.random.default_rng(3)
+    scores = np.round(rng.random(60), 1)  # rounding makes plenty of ties
+    labels = rng.integers(0, 2, 60)
+    assert roc_auc(scores, labels) == pytest.approx(pairwise_auc(scores, labels))
+
+
+def test_auc_edge_cases() -> None:
+    assert roc_auc([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1]) == 1.0
+    assert roc_auc([0.9, 0.8, 0.2, 0.1], [0, 0, 1, 1]) == 0.0
+    assert roc_auc([0.5, 0.5, 0.5, 0.5], [0, 1, 0, 1]) == 0.5
+    assert roc_auc([0.1, 0.2], [1, 1]) is None
+    assert roc_auc([], []) is None
+
+
+def test_roc_curve_runs_from_origin_to_one_one_and_never_goes_back() -> None:
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, 2, 50)
+    points = roc_curve(rng.random(50) + labels * 0.3, labels)
+    assert points[0] == (0.0, 0.0) and points[-1] == (1.0, 1.0)
+    assert all(a[0] <= b[0] and a[1] <= b[1] for a, b in itertools.pairwise(points))
+    assert roc_curve([0.1, 0.2], [0, 0]) == []
+
+
+def test_threshold_is_the_highest_that_keeps_the_target_sensitivity() -> None:
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 2, 200)
+    scores = rng.random(200) * 0.5 + labels * 0.3
+    t = threshold_for_sensitivity(scores, labels, 0.9)
+    positives = np.sort(scores[labels == 1])
+    assert (positives >= t).mean() >= 0.9
+    # Rounded down by at most 1e-6, and the next positive score up would lose the target.
+    exact = positives[positives >= t][0]
+    assert exact - 1e-6 <= t <= exact
+    higher = positives[positives > exact][0]
+    assert (positives >= higher).mean() < 0.9
+    with pytest.raises(ValidationInputError, match="without positive"):
+        threshold_for_sensitivity([0.1, 0.2], [0, 0], 0.9)
+
+
+def test_bootstrap_intervals_bracket_the_estimate_and_are_reproducible() -> None:
+    rng = np.random.default_rng(6)
+    labels = rng.integers(0, 2, 120)
+    scores = rng.random(120) + labels * 0.4
+    first = bootstrap_estimates(scores, labels, 0.7, 300, seed=1)
+    assert first == bootstrap_estimates(scores, labels, 0.7, 300, seed=1)
+    for est in first:
+        assert est.value is not None and est.low is not None and est.high is not None
+        assert 0.0 <= est.low <= est.value <= est.high <= 1.0
+    sens, spec, auc = bootstrap_estimates(scores[labels == 1], labels[labels == 1], 0.7, 50, seed=1)
+    assert spec.value is None and auc.value is None and sens.value is not None
+
+
+def read_png(data: bytes) -> tuple[int, int, np.ndarray]:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, chunks = 8, {}
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind = data[pos + 4 : pos + 8]
+        body = data[pos + 8 : pos + 8 + length]
+        (crc,) = struct.unpack(">I", data[pos + 8 + length : pos + 12 + length])
+        assert crc == zlib.crc32(kind + body) & 0xFFFFFFFF
+        chunks[kind] = chunks.get(kind, b"") + body
+        pos += 12 + length
+    width, height = struct.unpack(">II", chunks[b"IHDR"][:8])
+    raw = np.frombuffer(zlib.decompress(chunks[b"IDAT"]), dtype=np.uint8).reshape(height, 1 + width * 3)
+    return width, height, raw[:, 1:].reshape(height, width, 3)
+
+
+def test_roc_png_is_a_valid_image_with_the_curve_drawn() -> None:
+    width, height, rgb = read_png(roc_png([(0.0, 0.0), (0.1, 0.8), (1.0, 1.0)], operating_point=(0.1, 0.8)))
+    assert (width, height) == (400, 400)
+    assert ((rgb == (31, 119, 180)).all(axis=-1)).sum() > 300  # the curve
+    assert ((rgb == (214, 39, 40)).all(axis=-1)).sum() > 20  # the operating point
+
+
+# --- a real model over real (simulated) DICOM -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("validate") / "data"
+    run_smoke(out)
+    return out
+
+
+def test_validate_reports_figures_subgroups_and_plot(smoke: Path, tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    report = validate(MODEL, smoke, smoke / "labels.csv", out, bootstrap=100)
+    rows = smoke_rows(smoke)
+    assert report.model == "cxr-demo" and report.images == len(rows) and not report.failures
+    assert report.overall.positives == sum(r["label"] == "1" for r in rows)
+    assert report.threshold == load_card(MODEL).thresholds["nodule"]
+    for est in (report.overall.sensitivity, report.overall.specificity, report.overall.auc):
+        assert est.value is not None and 0.0 <= est.value <= 1.0
+    columns = {g.column for g in report.subgroups}
+    assert {"size_bin", "location", "anatomy_source", "Manufacturer", "ViewPosition"} <= columns
+    # Identifiers and raw measurements are not subgroups by default.
+    assert not columns & {"file", "label", "patient_id", "size_mm", "row", "col"}
+    manufacturers = {g.value: g.n for g in report.subgroups if g.column == "Manufacturer"}
+    assert sum(manufacturers.values()) == len(rows)
+    data = json.loads((out / "report.json").read_text())
+    assert data["overall"]["n"] == len(rows) and data["threshold"] == report.threshold
+    assert "ROC AUC" in (out / "report.md").read_text()
+    assert read_png((out / "roc.png").read_bytes())[:2] == (400, 400)
+    # No patient identifiers from the files or the CSV end up in the reports.
+    for name in ("report.json", "report.md"):
+        assert "SIM-PHANTOM" not in (out / name).read_text()
+
+
+def test_scores_are_the_daemons_scores_for_each_file(smoke: Path, tmp_path: Path) -> None:
+    report = validate(MODEL, smoke, smoke / "labels.csv", tmp_path, bootstrap=20)
+    card = load_card(MODEL)
+    engine = create_engine(card, ModelDeployment(max_batch=1))
+    engine.load()
+    try:
+        for name, _, score in report.cases:
+            (tensor,) = load_instance(smoke / name, card)
+            alone = float(engine.infer(tensor[None]).scores[0, 0])
+            assert score == pytest.approx(alone, abs=1e-5)  # batching does not change a score
+    finally:
+        engine.close()
+
+
+def test_explicit_subgroups_and_patient_attributes_refused(smoke: Path, tmp_path: Path) -> None:
+    report = validate(MODEL, smoke, smoke / "labels.csv", tmp_path, bootstrap=20, subgroups=["split", "Modality"])
+    assert [g.column for g in report.subgroups] == ["split"] * 3 + ["Modality"] * len(
+        {g.value for g in report.subgroups if g.column == "Modality"}
+    )
+    with pytest.raises(ValidationInputError, match="PatientID"):
+        validate(MODEL, smoke, smoke / "labels.csv", tmp_path, bootstrap=20, subgroups=["PatientID"])
+
+
+def write_csv(path: Path, rows: list[dict[str, str]]) -> Path:
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def smoke_rows(smoke: Path) -> list[dict[str, str]]:
+    with (smoke / "labels.csv").open(newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def test_undecodable_files_are_listed_not_fatal(smoke: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(smoke, data)
+    (data / "images" / "broken.dcm").write_bytes(b"not a DICOM file at all")
+    rows = smoke_rows(smoke)
+    labels = write_csv(tmp_path / "labels.csv", [*rows, {**rows[0], "file": "images/broken.dcm"}])
+    report = validate(MODEL, data, labels, tmp_path / "out", bootstrap=20)
+    assert report.images == len(rows)
+    assert [f for f, _ in report.failures] == ["images/broken.dcm"]
+    assert "broken.dcm" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_nothing_decodable_is_an_error(smoke: Path, tmp_path: Path) -> None:
+    (tmp_path / "bad.dcm").write_bytes(b"junk")
+    labels = write_csv(tmp_path / "labels.csv", [{"file": "bad.dcm", "label": "1"}])
+    with pytest.raises(ValidationInputError, match="none of the 1 files"):
+        validate(MODEL, tmp_path, labels, tmp_path / "out", bootstrap=20)
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ([{"file": "images/00000.dcm"}], "missing column"),
+        ([{"file": "images/00000.dcm", "label": "yes"}], "label must be 0 or 1"),
+        ([{"file": "../outside.dcm", "label": "1"}], "outside the data folder"),
+        ([{"file": "/etc/passwd", "label": "1"}], "outside the data folder"),
+    ],
+)
+def test_bad_labels_csv_is_refused_with_the_reason(
+    smoke: Path, tmp_path: Path, rows: list[dict[str, str]], message: str
+) -> None:
+    labels = write_csv(tmp_path / "labels.csv", rows)
+    with pytest.raises(ValidationInputError, match=message):
+        validate(MODEL, smoke, labels, tmp_path / "out", bootstrap=20)
+
+
+def test_missing_labels_csv_and_empty_csv(smoke: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValidationInputError, match="cannot read"):
+        validate(MODEL, smoke, tmp_path / "nope.csv", tmp_path / "out")
+    (tmp_path / "empty.csv").write_text("file,label\n")
+    with pytest.raises(ValidationInputError, match="no rows"):
+        validate(MODEL, smoke, tmp_path / "empty.csv", tmp_path / "out")
+
+
+def test_a_model_that_does_not_match_its_card_is_refused(smoke: Path, tmp_path: Path) -> None:
+    model = tmp_path / "cxr-demo"
+    shutil.copytree(MODEL, model)
+    with (model / "model.onnx").open("ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ModelError, match="sha256 mismatch"):
+        validate(model, smoke, smoke / "labels.csv", tmp_path / "out")
+
+
+def test_validate_command_line(smoke: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cli-report"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edge_agent",
+            "validate",
+            "cxr-demo",
+            str(smoke),
+            "--out",
+            str(out),
+            "--bootstrap",
+            "50",
+            "--subgroup",
+            "size_bin",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "ROC AUC" in result.stdout and (out / "report.json").is_file() and (out / "roc.png").is_file()
+    bad = subprocess.run(
+        [sys.executable, "-m", "edge_agent", "validate", "cxr-demo", str(smoke), "--labels", str(tmp_path / "no.csv")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert bad.returncode == 1 and "cannot read" in bad.stderr
