@@ -294,7 +294,7 @@ def render(
         nodule = rotate_lesion(lesion, angle, a.hu.shape, a.spacing_mm)
         add_lesion(slabs, nodule, source.edges, a.spacing_mm)
     lookalikes: list[str] = []
-    for kind, p in (("vessel_end_on", 0.4), ("calcified_granuloma", 0.25)):
+    for kind, p in (("vessel_end_on", 0.2), ("calcified_granuloma", 0.1)):
         if rng.random() < p:
             for _ in range(int(rng.integers(1, 3))):
                 found = insert_lookalike(a, kind, source.candidates, rng)
