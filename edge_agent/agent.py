@@ -32,6 +32,7 @@ from edge_agent.workers import WorkerPool
 logger = logging.getLogger(__name__)
 
 TICK_SECONDS = 1.0
+HEATMAP_SWEEP_SECONDS = 600.0
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -66,6 +67,7 @@ class Agent:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._last_tick = time.monotonic()
         self._spool_writable = False
+        self._next_heatmap_sweep = 0.0
         self._ready = False
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -151,7 +153,10 @@ class Agent:
                 await asyncio.wait_for(self.should_exit.wait(), timeout=interval)
             self._last_tick = time.monotonic()
             try:
-                self._tick()
+                # Disk and database work (releases, the spool probe, counts) runs in a thread: a slow disk
+                # must not hold up the loop, which hands instances over and answers /healthz.
+                await asyncio.to_thread(self._housekeeping)
+                self.readiness()
             except EdgeAgentError as exc:
                 logger.error("housekeeping failed: %s", exc)
             healthy, _ = self.health()
@@ -342,30 +347,31 @@ class Agent:
         if row is not None:
             self.metrics.stage_seconds.labels(stage="end_to_end").observe(max(0.0, time.time() - row.last_received))
         if self.config.spool.retention == Retention.DELETE and self.config.spool.retain_seconds == 0:
-            self._release(series_id)
+            await asyncio.to_thread(self._release_due)
 
-    def _release(self, series_id: int) -> None:
+    def _release_due(self) -> None:
+        """Delete the spool files of series whose finding was acknowledged longer ago than the retention."""
         assert self.journal is not None and self.spool is not None
-        for sid, names in self.journal.releasable(time.time()):
-            if sid != series_id:
-                continue
+        if self.config.spool.retention != Retention.DELETE:
+            return
+        for sid, names in self.journal.releasable(time.time() - self.config.spool.retain_seconds):
             for name in names:
                 self.spool.remove(name)
             self.journal.mark_released(sid)
 
-    def _tick(self) -> None:
-        assert self.journal is not None and self.spool is not None
-        if self.config.spool.retention == Retention.DELETE:
-            for sid, names in self.journal.releasable(time.time() - self.config.spool.retain_seconds):
-                for name in names:
-                    self.spool.remove(name)
-                self.journal.mark_released(sid)
+    def _housekeeping(self) -> None:
+        assert self.spool is not None
+        self._release_due()
         self._remove_old_heatmaps()
         self._spool_writable = self.spool.writable()
         self._update_gauges()
-        self.readiness()
 
     def _remove_old_heatmaps(self) -> None:
+        # Heat maps are kept for days: listing the folder every tick would be wasted work.
+        now = time.monotonic()
+        if now < self._next_heatmap_sweep:
+            return
+        self._next_heatmap_sweep = now + HEATMAP_SWEEP_SECONDS
         folder = self.config.state_dir / "heatmaps"
         if not folder.is_dir():
             return

@@ -13,7 +13,6 @@ may lose the last transactions on power loss (not on a process crash).
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import threading
 import time
@@ -135,7 +134,7 @@ class Recorded:
     new_series: bool
     replaced_spool_name: str | None  # a re-sent instance replaces its earlier file; delete this one
     reopened: bool  # the series had been closed and is open again under a new revision
-    spool_name: str = ""
+    spool_name: str
 
 
 @dataclass(frozen=True)
@@ -511,11 +510,3 @@ class Journal:
 
     def referenced_spool_names(self) -> set[str]:
         return {str(r[0]) for r in self._read("SELECT spool_name FROM instances WHERE released=0")}
-
-    def note(self, series_id: int, text: str) -> None:
-        with self._tx() as db:
-            db.execute("UPDATE series SET note=? WHERE id=?", (text[:500], series_id))
-
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"))

@@ -61,8 +61,6 @@ class _SeriesWork:
     urgent: bool
     instances: dict[int, _InstanceWork] = field(default_factory=dict)
     seen: set[int] = field(default_factory=set)  # instance ids stored in this revision, inferred or not
-    first_received: float = 0.0
-    last_received: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -107,9 +105,6 @@ class Pipeline:
             if work is not None:
                 self._cancel(work)
             work = self._new_work(recorded.series_id, recorded.revision, SeriesFacts.from_meta(meta))
-        now = time.time()
-        work.first_received = work.first_received or now
-        work.last_received = now
         row = InstanceRow(
             id=recorded.instance_id,
             series_id=recorded.series_id,
@@ -119,9 +114,9 @@ class Pipeline:
             instance_number=meta.instance_number,
             spool_name=recorded.spool_name,
             size_bytes=0,
-            received_at=now,
+            received_at=time.time(),
         )
-        self._start_instance(work, row, recorded.spool_name or None)
+        self._start_instance(work, row)
         self._assembler.touch(recorded.series_id, work.quiet_seconds, len(work.seen), meta.expected_count)
 
     def _new_work(self, series_id: int, revision: int, facts: SeriesFacts) -> _SeriesWork:
@@ -141,24 +136,22 @@ class Pipeline:
         self._metrics.open_series.set(len(self._work))
         return work
 
-    def _start_instance(self, work: _SeriesWork, row: InstanceRow, spool_name: str | None) -> None:
+    def _start_instance(self, work: _SeriesWork, row: InstanceRow) -> None:
         work.seen.add(row.id)
         old = work.instances.pop(row.id, None)
         if old is not None:
             old.task.cancel()  # a re-sent instance replaces the earlier one
         if work.model is None:
             return
-        task = asyncio.get_running_loop().create_task(self._infer_instance(work, row.id, spool_name))
+        task = asyncio.get_running_loop().create_task(self._infer_instance(work, row.spool_name))
         # The completion step gathers these results; a task dropped before that (a re-sent instance, a
         # re-opened series) must not leave an unretrieved exception behind.
         task.add_done_callback(_retrieve)
         work.instances[row.id] = _InstanceWork(row, task)
 
-    async def _infer_instance(self, work: _SeriesWork, instance_id: int, spool_name: str | None) -> list[SliceResult]:
+    async def _infer_instance(self, work: _SeriesWork, spool_name: str) -> list[SliceResult]:
         assert work.model is not None
         loaded = self._models[work.model]
-        if spool_name is None:
-            spool_name = self._spool_name(work.series_id, instance_id)
         path = self._spool_path(spool_name)
         started = time.perf_counter()
         waiting = self._metrics.queue_depth.labels(queue="preprocess")
@@ -178,12 +171,6 @@ class Pipeline:
         self._metrics.instances.labels(outcome="inferred").inc()
         return list(results)
 
-    def _spool_name(self, series_id: int, instance_id: int) -> str:
-        for inst in self._journal.instances(series_id):
-            if inst.id == instance_id:
-                return inst.spool_name
-        raise EdgeAgentError(f"instance {instance_id} is no longer in the journal")
-
     # -- resuming after a restart ------------------------------------------------------------------
 
     def resume(self) -> tuple[int, int]:
@@ -192,8 +179,7 @@ class Pipeline:
         for s in open_rows:
             work = self._new_work(s.id, s.revision, SeriesFacts.from_row(s))
             for inst in self._journal.instances(s.id):
-                self._start_instance(work, inst, inst.spool_name)
-            work.first_received, work.last_received = s.first_received, s.last_received
+                self._start_instance(work, inst)
             self._assembler.touch(
                 s.id, work.quiet_seconds, len(work.seen), s.expected_count, last_received=s.last_received
             )
@@ -203,8 +189,7 @@ class Pipeline:
             if s.model is not None and s.model in self._models:
                 work.model = s.model
             for inst in self._journal.instances(s.id):
-                self._start_instance(work, inst, inst.spool_name)
-            work.first_received, work.last_received = s.first_received, s.last_received
+                self._start_instance(work, inst)
             self._spawn_complete(s.id)
         return len(open_rows), len(complete_rows)
 
@@ -269,7 +254,7 @@ class Pipeline:
             work.urgent = route.priority == "urgent"
         for inst in instances:
             if inst.id not in work.instances:
-                self._start_instance(work, inst, inst.spool_name)
+                self._start_instance(work, inst)
         job = self._journal.start_job(work.series_id, work.revision, route.model)
         loaded = self._models[route.model]
         ordered = [work.instances[i.id] for i in instances if i.id in work.instances]
@@ -291,7 +276,8 @@ class Pipeline:
         result = aggregate(loaded.card, slices)
         self._metrics.triage.labels(model=route.model, priority=result.priority).inc()
         msg_id = findings.message_id(row.series_uid, route.model, loaded.card.version, work.revision)
-        image = await self._store_heatmap(result, loaded.card, msg_id)
+        shown = _shown_label(result)
+        image = await self._store_heatmap(shown, loaded.card, msg_id)
         payload = findings.build_finding(
             self._finding_input(
                 row,
@@ -301,6 +287,7 @@ class Pipeline:
                 slice_refs,
                 [i.sop_instance_uid for i in instances],
                 inferred_at,
+                shown,
                 image,
             )
         )
@@ -325,6 +312,7 @@ class Pipeline:
         slice_refs: list[tuple[str, int]],
         sop_instance_uids: list[str],
         inferred_at: float,
+        shown: LabelResult | None,
         image: str | None,
     ) -> findings.FindingInput:
         labels = []
@@ -336,7 +324,6 @@ class Pipeline:
                 )
             )
         heatmap = None
-        shown = _shown_label(result)
         if shown is not None and shown.box is not None:
             uid, frame = slice_refs[shown.index]
             x0, y0, x1, y1 = shown.box.fraction
@@ -378,9 +365,8 @@ class Pipeline:
             agent_host=self._host,
         )
 
-    async def _store_heatmap(self, result: SeriesResult, card: ModelCard, msg_id: str) -> str | None:
+    async def _store_heatmap(self, shown: LabelResult | None, card: ModelCard, msg_id: str) -> str | None:
         """Write the shown label's heat map as a PNG for viewers; its name is the finding id, never a UID."""
-        shown = _shown_label(result)
         if not self._config.heatmaps.enabled or shown is None or shown.heatmap is None:
             return None
         name = f"heatmaps/{msg_id}.png"

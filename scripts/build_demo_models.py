@@ -41,6 +41,18 @@ class DemoSpec:
     preprocessing: dict[str, Any]
 
 
+def _preprocessing(keep_aspect: bool) -> dict[str, Any]:
+    """The window/resize/normalise every demo card uses; only letterboxing differs."""
+    return {
+        "window": "auto",
+        "invert_monochrome1": True,
+        "rescale": True,
+        "resize": [INPUT_SIZE, INPUT_SIZE],
+        "keep_aspect": keep_aspect,
+        "normalise": {"mean": 0.5, "std": 0.25},
+    }
+
+
 DEMOS = (
     DemoSpec(
         name="cxr-demo",
@@ -53,14 +65,7 @@ DEMOS = (
             "NOT clinically meaningful. It exists to exercise the pipeline until a trained model lands."
         ),
         intended_use="Pipeline testing and demonstration only. Not for clinical use.",
-        preprocessing={
-            "window": "auto",
-            "invert_monochrome1": True,
-            "rescale": True,
-            "resize": [INPUT_SIZE, INPUT_SIZE],
-            "keep_aspect": True,
-            "normalise": {"mean": 0.5, "std": 0.25},
-        },
+        preprocessing=_preprocessing(keep_aspect=True),
     ),
     DemoSpec(
         name="ct-demo",
@@ -73,14 +78,7 @@ DEMOS = (
             "meaningful. It exists to exercise the pipeline until a trained model lands."
         ),
         intended_use="Pipeline testing and demonstration only. Not for clinical use.",
-        preprocessing={
-            "window": "auto",
-            "invert_monochrome1": True,
-            "rescale": True,
-            "resize": [INPUT_SIZE, INPUT_SIZE],
-            "keep_aspect": False,
-            "normalise": {"mean": 0.5, "std": 0.25},
-        },
+        preprocessing=_preprocessing(keep_aspect=False),
     ),
 )
 
