@@ -115,11 +115,23 @@ class ValidationReport:
     bootstrap: int
     seconds: float
     files: dict[str, str] = field(default_factory=dict)
+    statement: str | None = None
+    # The card's own figures next to these (metric, card, measured, same to 3 decimals); empty if it has none.
+    against_card: list[tuple[str, float | None, float | None, bool]] = field(default_factory=list)
+
+    @property
+    def reproduces_card(self) -> bool | None:
+        """True when every figure the card states was measured again here, to 3 decimals; None without any."""
+        return all(same for *_, same in self.against_card) if self.against_card else None
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["failures"] = [{"file": f, "reason": r} for f, r in self.failures]
         out["cases"] = [{"file": f, "label": y, "score": s} for f, y, s in self.cases]
+        out["against_card"] = [
+            {"metric": m, "card": c, "measured": v, "same": same} for m, c, v, same in self.against_card
+        ]
+        out["reproduces_card"] = self.reproduces_card
         return out
 
 
@@ -449,6 +461,7 @@ def validate(
         for value in sorted(set(values.tolist())):
             mask = values == value
             groups.append(group_report(column, value, s[mask], y[mask], threshold, bootstrap, seed))
+    against_card = _against_card(card, overall)
     sens, spec = overall.sensitivity.value, overall.specificity.value
     operating = (1.0 - spec, sens) if sens is not None and spec is not None else None
     curve = roc_curve(s, y)
@@ -465,6 +478,8 @@ def validate(
         [(rows[i]["file"], int(rows[i]["label"]), float(s[k])) for k, i in enumerate(kept)],
         bootstrap,
         round(time.monotonic() - started, 1),
+        statement=card.statement,
+        against_card=against_card,
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {"json": out_dir / "report.json", "markdown": out_dir / "report.md", "roc": out_dir / "roc.png"}
@@ -482,6 +497,27 @@ def validate(
         overall.specificity.text(),
     )
     return report
+
+
+def _against_card(card: ModelCard, overall: GroupReport) -> list[tuple[str, float | None, float | None, bool]]:
+    """The card's stated overall figures beside the measured ones (only when the image count matches)."""
+    stated = card.validation
+    if stated is None:
+        return []
+    out: list[tuple[str, float | None, float | None, bool]] = [
+        ("images", float(stated.images), float(overall.n), stated.images == overall.n),
+        ("positives", float(stated.positives), float(overall.positives), stated.positives == overall.positives),
+    ]
+    for name in ("auc", "sensitivity", "specificity"):
+        card_fig = getattr(stated, name)
+        measured: Estimate = getattr(overall, name)
+        same = (
+            card_fig.value is not None
+            and measured.value is not None
+            and round(card_fig.value, 3) == round(measured.value, 3)
+        )
+        out.append((name, card_fig.value, measured.value, same))
+    return out
 
 
 def markdown(report: ValidationReport) -> str:
@@ -502,6 +538,17 @@ def markdown(report: ValidationReport) -> str:
         "",
         "![ROC curve](roc.png)",
         "",
+    ]
+    if report.statement:
+        lines[3:3] = [f"**{report.statement}**", ""]
+    if report.against_card:
+        verdict = "reproduced" if report.reproduces_card else "NOT reproduced"
+        lines += [f"## Against the model card: {verdict}", "", "| figure | card | measured | same |"]
+        lines.append("|---|---|---|---|")
+        for metric, stated, measured, same in report.against_card:
+            lines.append(f"| {metric} | {_fmt(stated)} | {_fmt(measured)} | {'yes' if same else 'NO'} |")
+        lines.append("")
+    lines += [
         "## Subgroups",
         "",
         "| subgroup | n | positive | negative | sensitivity | specificity | AUC |",
@@ -516,3 +563,9 @@ def markdown(report: ValidationReport) -> str:
         lines += ["", f"## Files that could not be decoded ({len(report.failures)})", ""]
         lines += [f"- `{name}`: {reason}" for name, reason in report.failures]
     return "\n".join(lines) + "\n"
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.0f}" if float(value).is_integer() and value > 1 else f"{value:.3f}"

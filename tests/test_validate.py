@@ -277,3 +277,70 @@ def test_validate_command_line(smoke: Path, tmp_path: Path) -> None:
         cwd=REPO,
     )
     assert bad.returncode == 1 and "cannot read" in bad.stderr
+
+
+def card_with_figures(tmp_path: Path, figures: dict[str, object]) -> Path:
+    """A copy of cxr-demo whose card states validation figures (as a trained model's card does)."""
+    import yaml
+
+    model = tmp_path / "cxr-demo"
+    shutil.copytree(MODEL, model)
+    card = yaml.safe_load((model / "model.yaml").read_text())
+    card["statement"] = "Simulated-lesion detectability, not clinical performance; not for diagnosis."
+    card["training_data"] = "none (untrained)"
+    card["validation"] = figures
+    (model / "model.yaml").write_text(yaml.safe_dump(card, sort_keys=False))
+    return model
+
+
+def test_the_cards_own_figures_are_checked_against_the_measured_ones(smoke: Path, tmp_path: Path) -> None:
+    measured = validate(MODEL, smoke, smoke / "labels.csv", tmp_path / "first", bootstrap=50)
+    assert measured.against_card == [] and measured.reproduces_card is None  # cxr-demo states no figures
+    o = measured.overall
+
+    def fig(e: object) -> dict[str, object]:
+        return {"value": e.value, "low": e.low, "high": e.high}  # type: ignore[attr-defined]
+
+    figures = {
+        "data": "smoke split",
+        "command": "edge-agent validate cxr-demo DATA",
+        "operating_point": "fixed 0.5",
+        "images": o.n,
+        "positives": o.positives,
+        "auc": fig(o.auc),
+        "sensitivity": fig(o.sensitivity),
+        "specificity": fig(o.specificity),
+        "sensitivity_by": {"size_bin=4-6": fig(o.sensitivity)},
+        "controls": {"null_insertion": {"value": 0.5, "low": 0.45, "high": 0.55}},
+        "smallest_reliable": None,
+    }
+    again = validate(card_with_figures(tmp_path / "a", figures), smoke, smoke / "labels.csv", tmp_path / "a-out")
+    assert again.reproduces_card is True
+    assert {m for m, *_ in again.against_card} == {"images", "positives", "auc", "sensitivity", "specificity"}
+    text = (tmp_path / "a-out" / "report.md").read_text()
+    assert "Against the model card: reproduced" in text and "not for diagnosis" in text
+    assert json.loads((tmp_path / "a-out" / "report.json").read_text())["reproduces_card"] is True
+
+    assert o.auc.value is not None
+    wrong = {**figures, "auc": {"value": round(1.0 - o.auc.value, 3) if o.auc.value != 0.5 else 0.9}}
+    off = validate(card_with_figures(tmp_path / "b", wrong), smoke, smoke / "labels.csv", tmp_path / "b-out")
+    assert off.reproduces_card is False
+    assert [same for m, _, _, same in off.against_card if m == "auc"] == [False]
+    assert "NOT reproduced" in (tmp_path / "b-out" / "report.md").read_text()
+
+
+def test_card_validation_figures_are_checked_strictly(tmp_path: Path) -> None:
+    figures = {
+        "data": "x",
+        "command": "y",
+        "operating_point": "z",
+        "images": 10,
+        "positives": 5,
+        "auc": {"value": 1.7},
+        "sensitivity": {"value": 0.5},
+        "specificity": {"value": 0.5},
+    }
+    with pytest.raises(ModelError, match=r"validation\.auc\.value"):
+        load_card(card_with_figures(tmp_path / "a", figures))
+    with pytest.raises(ModelError, match=r"validation\.speed"):
+        load_card(card_with_figures(tmp_path / "b", {**figures, "auc": {"value": 0.7}, "speed": 3}))

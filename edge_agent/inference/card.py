@@ -110,6 +110,36 @@ class BatchSpec(_Card):
         return self
 
 
+class Figure(_Card):
+    """A measured proportion or AUC with its bootstrap 95% confidence interval."""
+
+    value: Annotated[float, Field(ge=0.0, le=1.0)] | None
+    low: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    high: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+
+    @field_validator("value", "low", "high", mode="before")
+    @classmethod
+    def _number(cls, v: Any) -> Any:
+        return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+
+class Validation(_Card):
+    """How well the model did, where, and how to reproduce the figures (``edge-agent validate``)."""
+
+    data: str  # what the figures were measured on
+    command: str  # the command that reproduces them
+    operating_point: str  # how the card's threshold was chosen
+    images: Annotated[int, Field(ge=1)]
+    positives: Annotated[int, Field(ge=0)]
+    auc: Figure
+    sensitivity: Figure
+    specificity: Figure
+    # Sensitivity at the card's threshold per subgroup ("size_bin=20-30": ...), and control AUCs.
+    sensitivity_by: dict[str, Figure] = Field(default_factory=dict)
+    controls: dict[str, Figure] = Field(default_factory=dict)
+    smallest_reliable: str | None = None
+
+
 class ModelCard(_Card):
     """What a model is, what it expects, and how its outputs become findings."""
 
@@ -128,6 +158,10 @@ class ModelCard(_Card):
     aggregation: Literal["max"] = "max"
     batch: BatchSpec = Field(default_factory=BatchSpec)
     preprocessing: Preprocessing
+    # Provenance and performance (required of trained models by convention, shown by validate).
+    statement: str | None = None  # the plain-words limit of use, e.g. "not for diagnosis"
+    training_data: str | None = None
+    validation: Validation | None = None
 
     _directory: Path = PrivateAttr(default=Path("."))
 

@@ -217,7 +217,10 @@ def process(log_signal: F32, proc: Processing, pitch_mm: float, rng: np.random.G
     """Vendor-style processing -> unsigned integers of ``proc.bits`` bits (MONOCHROME1 inverted)."""
     x = log_signal.astype(np.float32)
     # Histogram analysis on the body only: direct exposure (air) would otherwise squeeze the lungs' range.
-    body = x > float(np.percentile(x, 5)) + 0.3
+    # The log signal is anchored (0 = unattenuated beam), so the body is wherever more than ~2 cm of water
+    # equivalent was crossed: every chest path, lungs included, is thicker than that, whether or not the
+    # image has any direct exposure at all.
+    body = x > 0.4
     if body.sum() < 0.1 * x.size:
         body = np.ones_like(x, dtype=bool)
     if proc.equalise > 0:
@@ -226,15 +229,15 @@ def process(log_signal: F32, proc: Processing, pitch_mm: float, rng: np.random.G
         x = x - proc.equalise * (background - float(background[body].mean()))
     if proc.unsharp_gain > 0:
         x = x + proc.unsharp_gain * (x - gaussian_blur(x, proc.unsharp_sigma_mm / pitch_mm))
-    # A chest tone scale: the range is set on the lung end of the histogram, so the lungs fill most of the
-    # grey scale and the dense mediastinum and abdomen go to the shoulder of the curve (as vendor presets do).
-    # The upper end sits near the lung / soft-tissue boundary of the histogram (lungs are roughly the least
-    # attenuating 40-60% of the body), as chest presets do: with the 85-95th percentile the abdomen took half
-    # the grey scale and a 20 mm solid nodule was ~0.06 of it, near invisible among the ribs.
-    lo, hi = np.percentile(x[body], [0.5 + rng.uniform(0, 2), rng.uniform(60.0, 75.0)])
+    # A chest tone scale: the window spans the body from the darkest lung to the dense mediastinum and
+    # abdomen, with a little head room at both ends, so no anatomy is clipped (lungs crushed to black hid
+    # most nodules); the LUT's shape then decides how much of the grey scale the lungs get.
+    lo, hi = np.percentile(x[body], [rng.uniform(0.2, 1.0), rng.uniform(97.0, 99.5)])
+    span = max(float(hi - lo), 1e-6)
+    lo, hi = lo - rng.uniform(0.0, 0.05) * span, hi + rng.uniform(0.0, 0.05) * span
     t = np.clip((x - lo) / max(float(hi - lo), 1e-6), -0.05, 1.05)
     if proc.lut == "sigmoid":
-        k = rng.uniform(4.0, 7.0)
+        k = rng.uniform(3.0, 5.0)
         t = 1.0 / (1.0 + np.exp(-k * (t - 0.5)))
         t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
     elif proc.lut == "gamma":

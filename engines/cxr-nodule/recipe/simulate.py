@@ -1,13 +1,13 @@
 """Simulated CR/DX chest radiographs with pulmonary nodules inserted in 3-D, written as DICOM + labels CSV.
 
-    python simulate.py --out DIR [--seed 0] [--smoke] [--null] [--workers 2]
+    python simulate.py --out DIR [--seed 0] [--smoke | --demo] [--null] [--workers 2]
 
 Order of operations per image (insertion leaves no fingerprint: everything after it is shared):
 anatomy (real CT or phantom) -> pose (rotation bank) -> nodule / look-alikes added as HU differences
 in 3-D -> slab line integrals -> cone/parallel projection, tilt -> label-constrained warp -> skin
 objects -> Beer-Lambert, scatter, Poisson quanta, detector blur -> vendor processing -> DICOM.
 
-Deterministic from --seed. Needs numpy and pydicom only; --smoke uses the phantom family alone and
+Deterministic from --seed. Needs numpy and pydicom only; --smoke and --demo use the phantom family alone and
 downloads nothing.
 """
 
@@ -49,6 +49,7 @@ from imaging import (
 )
 from lesions import (
     Lesion,
+    NoduleSpec,
     candidate_voxels,
     draw_nodule,
     external_objects,
@@ -118,6 +119,7 @@ class Settings:
     phantom_spacing_mm: tuple[float, float, float]
     slabs: int
     detector_scale: float  # 1 = the vendor's matrix; smoke uses tiny images
+    demo: bool = False  # large solid nodules in the open lung only (for trying the model on the daemon)
 
 
 @dataclass
@@ -275,7 +277,9 @@ def render(
     if label:
         for _ in range(10):
             spec = draw_nodule(rng, 0.0 if settings.null else 1.0)
-            placed = insert_nodule(a, spec, source.candidates, rng)
+            if settings.demo:
+                spec = NoduleSpec(float(rng.uniform(20.0, 30.0)), "solid", spec.shape, 1.0)
+            placed = insert_nodule(a, spec, source.candidates, rng, "lung" if settings.demo else None)
             if placed is not None:
                 break
         if placed is None:
@@ -301,7 +305,7 @@ def render(
                 if found is not None:
                     add_lesion(slabs, rotate_lesion(found, angle, a.hu.shape, a.spacing_mm), source.edges, a.spacing_mm)
             lookalikes.append(kind)
-    slabs += np.float32(rng.uniform(0.2, 0.8)) * s_bone  # kVp: how much brighter bone is than soft tissue
+    slabs += np.float32(rng.uniform(0.0, 0.5)) * s_bone  # kVp: how much brighter bone is than soft tissue
     nz, ny, nx = a.hu.shape
     depth_total = ny * a.spacing_mm[1]
     rows = max(16, round(vendor.rows * settings.detector_scale))
@@ -343,7 +347,7 @@ def render(
         r, c = warped_position(r, c, d_r, d_c)
         row.update(row=f"{r:.1f}", col=f"{c:.1f}")
     exposure = Exposure(
-        float(np.exp(rng.uniform(np.log(1500), np.log(20000)))),
+        float(np.exp(rng.uniform(np.log(4000), np.log(30000)))),
         rng.uniform(0.1, 0.6),
         rng.uniform(0.4, 1.4),
         rng.uniform(1.0, 4.0),
@@ -456,14 +460,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true", help="a handful of tiny phantom images, in seconds")
     parser.add_argument("--null", action="store_true", help="null control: nodules inserted with zero contrast")
-    parser.add_argument("--ct-patients", type=int, default=32)
-    parser.add_argument("--phantom-patients", type=int, default=48)
-    parser.add_argument("--images-per-patient", type=int, default=24)
+    parser.add_argument(
+        "--demo",
+        action="store_true",
+        help="a few full-size phantom radiographs, half with a 20-30 mm solid nodule in the open lung (seconds)",
+    )
+    parser.add_argument("--ct-patients", type=int, default=40)
+    parser.add_argument("--phantom-patients", type=int, default=56)
+    parser.add_argument("--images-per-patient", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "edge-agent-cxr-nodule")
     args = parser.parse_args(argv)
     if args.smoke:
         settings = Settings(True, args.null, 0, 3, 4, (8.0, 5.0, 5.0), 4, 0.25)
+    elif args.demo:
+        settings = Settings(False, False, 0, 2, 4, (2.5, 1.4, 1.4), 8, 1.0, demo=True)
     else:
         settings = Settings(
             False, args.null, args.ct_patients, args.phantom_patients, args.images_per_patient, (2.5, 1.4, 1.4), 8, 1.0
