@@ -96,6 +96,9 @@ class GroupReport:
     sensitivity: Estimate
     specificity: Estimate
     auc: Estimate
+    # A subgroup that only positives have (nodule size, type, location) is scored against every
+    # negative image: its AUC then says how well those lesions stand out from normal images.
+    against_all_negatives: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,6 +257,24 @@ def group_report(
     sens, spec, auc = bootstrap_estimates(scores, labels, threshold, resamples, seed)
     n_pos = int(labels.sum())
     return GroupReport(column, value, int(labels.size), n_pos, int(labels.size) - n_pos, sens, spec, auc)
+
+
+def positive_group_report(
+    column: str,
+    value: str,
+    scores: FloatArray,
+    labels: npt.NDArray[np.bool_],
+    mask: npt.NDArray[np.bool_],
+    threshold: float,
+    resamples: int,
+    seed: int,
+) -> GroupReport:
+    """A subgroup of positives only, scored against all negatives (specificity is then the overall one)."""
+    keep = mask | ~labels
+    g = group_report(column, value, scores[keep], labels[keep], threshold, resamples, seed)
+    return GroupReport(
+        g.column, g.value, int(mask.sum()), g.positives, g.negatives, g.sensitivity, g.specificity, g.auc, True
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -460,7 +481,10 @@ def validate(
         values = np.array([rows[i][column] if column in csv_cols else attrs[k][column] for k, i in enumerate(kept)])
         for value in sorted(set(values.tolist())):
             mask = values == value
-            groups.append(group_report(column, value, s[mask], y[mask], threshold, bootstrap, seed))
+            if y[mask].all() and (~y).any():
+                groups.append(positive_group_report(column, value, s, y, mask, threshold, bootstrap, seed))
+            else:
+                groups.append(group_report(column, value, s[mask], y[mask], threshold, bootstrap, seed))
     against_card = _against_card(card, overall)
     sens, spec = overall.sensitivity.value, overall.specificity.value
     operating = (1.0 - spec, sens) if sens is not None and spec is not None else None
@@ -540,7 +564,7 @@ def markdown(report: ValidationReport) -> str:
         "",
     ]
     if report.statement:
-        lines[3:3] = [f"**{report.statement}**", ""]
+        lines[2:2] = [f"**{report.statement}**", ""]
     if report.against_card:
         verdict = "reproduced" if report.reproduces_card else "NOT reproduced"
         lines += [f"## Against the model card: {verdict}", "", "| figure | card | measured | same |"]
@@ -555,10 +579,17 @@ def markdown(report: ValidationReport) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for g in report.subgroups:
+        mark = "*" if g.against_all_negatives else ""
         lines.append(
-            f"| {g.column} = {g.value} | {g.n} | {g.positives} | {g.negatives} | {g.sensitivity.text()} "
+            f"| {g.column} = {g.value} | {g.n} | {g.positives} | {g.negatives}{mark} | {g.sensitivity.text()} "
             f"| {g.specificity.text()} | {g.auc.text()} |"
         )
+    if any(g.against_all_negatives for g in report.subgroups):
+        lines += [
+            "",
+            "\\* a subgroup only positive images have (e.g. nodule size): its positives against every negative image, "
+            "so its specificity is the overall one and its AUC says how well those lesions stand out.",
+        ]
     if report.failures:
         lines += ["", f"## Files that could not be decoded ({len(report.failures)})", ""]
         lines += [f"- `{name}`: {reason}" for name, reason in report.failures]

@@ -26,7 +26,7 @@ def test_default_config_is_valid_and_names_the_bundled_models() -> None:
     assert config.site == "local"
     assert config.state_dir.is_absolute()
     assert config.model_repository == (REPO / "engines").resolve()
-    assert config.model_names() == ["cxr-demo", "ct-demo"]
+    assert config.model_names() == ["cxr-nodule", "ct-demo"]
 
 
 def test_unknown_key_names_its_path_and_suggests_the_right_one() -> None:
@@ -106,7 +106,7 @@ def test_bad_config_exits_3_naming_the_field(tmp_path: Path, command: str) -> No
     raw = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
     raw["state_dir"] = str(tmp_path / "state")
     raw["model_repository"] = str(REPO / "engines")
-    raw["routes"][0]["model"] = "cxr-dem"
+    raw["routes"][0]["model"] = "cxr-nodle"
     raw["dicom"]["max_associations"] = 0
     cfg = tmp_path / "agent.yaml"
     cfg.write_text(yaml.safe_dump(raw))
@@ -120,4 +120,4 @@ def test_bad_config_exits_3_naming_the_field(tmp_path: Path, command: str) -> No
         cfg.write_text(yaml.safe_dump(raw))
         result = _run_cli("check-config", str(cfg))
         assert result.returncode == 3
-        assert "routes[0].model: no model 'cxr-dem'; did you mean 'cxr-demo'?" in result.stderr
+        assert "routes[0].model: no model 'cxr-nodle'; did you mean 'cxr-nodule'?" in result.stderr

@@ -107,7 +107,7 @@ def test_cr_chest_via_dcmtk_gives_one_finding_and_metrics(daemon: Any, nats_serv
     jsonschema.validate(finding, SCHEMA)
     assert finding["series_instance_uid"] == ds.SeriesInstanceUID
     assert finding["study_instance_uid"] == ds.StudyInstanceUID
-    assert finding["model"]["name"] == "cxr-demo"
+    assert finding["model"]["name"] == "cxr-nodule"
     assert finding["modality"] == "CR"
     assert finding["route"] == "chest-radiograph"
     assert finding["priority"] in ("urgent", "routine")
@@ -117,7 +117,7 @@ def test_cr_chest_via_dcmtk_gives_one_finding_and_metrics(daemon: Any, nats_serv
     png = image.read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and struct.unpack(">II", png[16:24]) == (256, 256)
 
-    d.wait_metric("edge_agent_findings_total", 1, model="cxr-demo", outcome="published")
+    d.wait_metric("edge_agent_findings_total", 1, model="cxr-nodule", outcome="published")
     assert d.metric("edge_agent_instances_total", outcome="stored") == 1
     assert d.metric("edge_agent_associations_total", outcome="accepted") >= 1
     assert d.metric("edge_agent_ready") == 1
@@ -165,7 +165,7 @@ def test_compressed_and_cross_sectional_via_pynetdicom(daemon: Any, nats_server:
     assert len(found) == 4
     assert by_series[ct_uid]["model"]["name"] == "ct-demo"
     assert by_series[ct_uid]["instance_count"] == 5
-    assert by_series[datasets[0].SeriesInstanceUID]["model"]["name"] == "cxr-demo"
+    assert by_series[datasets[0].SeriesInstanceUID]["model"]["name"] == "cxr-nodule"
     for f in found:
         jsonschema.validate(f, SCHEMA)
 
@@ -246,13 +246,13 @@ def test_kill9_after_success_before_publish_gives_the_finding_exactly_once(
     d = daemon().start()
     f = fresh_copy(CR_CHEST, tmp_path / "in")
     assert storescu(d.dicom_port, f).returncode == 0
-    d.wait_metric("edge_agent_findings_total", 1, model="cxr-demo", outcome="queued")
+    d.wait_metric("edge_agent_findings_total", 1, model="cxr-nodule", outcome="queued")
     d.kill9()
     nats_server.start()
     d.start()
     [finding] = read_findings(nats_server.url, 1)
     assert finding["series_instance_uid"] == pydicom.dcmread(f, stop_before_pixels=True).SeriesInstanceUID
-    d.wait_metric("edge_agent_findings_total", 1, model="cxr-demo", outcome="published")
+    d.wait_metric("edge_agent_findings_total", 1, model="cxr-nodule", outcome="published")
     assert d.terminate() == 0
     assert stream_count(nats_server.url) == 1
 
@@ -276,7 +276,7 @@ def test_broker_down_while_studies_arrive(daemon: Any, nats_server: Any, tmp_pat
     sent = [fresh_copy(CR_CHEST, tmp_path / "in") for _ in range(3)]
     for f in sent:
         assert storescu(d.dicom_port, f).returncode == 0
-    d.wait_metric("edge_agent_findings_total", 3, model="cxr-demo", outcome="queued")
+    d.wait_metric("edge_agent_findings_total", 3, model="cxr-nodule", outcome="queued")
     assert d.metric("edge_agent_broker_connected") == 0
     assert d.http("/readyz")[0] == 200  # receiving does not depend on the broker
     nats_server.start()
@@ -303,7 +303,7 @@ def test_sigterm_drains_and_says_what_it_did_and_a_second_forces(daemon: Any, na
     d.close()
     d2 = Daemon(d.config_path, tmp_path).start()
     assert storescu(d2.dicom_port, fresh_copy(CR_CHEST, tmp_path / "in")).returncode == 0
-    d2.wait_metric("edge_agent_findings_total", 1, model="cxr-demo", outcome="queued")
+    d2.wait_metric("edge_agent_findings_total", 1, model="cxr-nodule", outcome="queued")
     assert d2.proc is not None
     d2.proc.send_signal(15)
     d2.wait_note("STOPPING=1")

@@ -147,6 +147,13 @@ def test_validate_reports_figures_subgroups_and_plot(smoke: Path, tmp_path: Path
     assert not columns & {"file", "label", "patient_id", "size_mm", "row", "col"}
     manufacturers = {g.value: g.n for g in report.subgroups if g.column == "Manufacturer"}
     assert sum(manufacturers.values()) == len(rows)
+    # Nodule sizes exist only on positives: each size bin is scored against every negative image.
+    sizes = [g for g in report.subgroups if g.column == "size_bin" and g.value != "none"]
+    assert sizes and all(g.against_all_negatives and g.negatives == report.overall.negatives for g in sizes)
+    assert sum(g.positives for g in sizes) == report.overall.positives
+    assert all(g.auc.value is not None for g in sizes)
+    [none] = [g for g in report.subgroups if g.column == "size_bin" and g.value == "none"]
+    assert not none.against_all_negatives and none.positives == 0
     data = json.loads((out / "report.json").read_text())
     assert data["overall"]["n"] == len(rows) and data["threshold"] == report.threshold
     assert "ROC AUC" in (out / "report.md").read_text()

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduce engines/cxr-nodule end to end: data -> training -> ONNX export -> validation -> controls -> card.
+# Reproduce engines/cxr-nodule end to end: data -> training -> ONNX export -> validation -> controls -> card -> check.
 #
 #   engines/cxr-nodule/recipe/run.sh                 # every stage
 #   engines/cxr-nodule/recipe/run.sh train export    # some stages, in the order given
@@ -15,21 +15,30 @@ ENGINE="$REPO/engines/cxr-nodule"
 BUILD="${BUILD:-$REPO/build/cxr-nodule}"
 PY_TRAIN="${PY_TRAIN:-$REPO/.venv-train/bin/python}"
 PY_MAIN="${PY_MAIN:-$REPO/.venv/bin/python}"
-EPOCHS="${EPOCHS:-4}"
-CONTROL_EPOCHS="${CONTROL_EPOCHS:-2}"
+EPOCHS="${EPOCHS:-10}"
+CONTROL_EPOCHS="${CONTROL_EPOCHS:-4}"
 SEED="${SEED:-0}"
+WORKERS="${WORKERS:-2}"          # simulation and DICOM decoding processes
+THREADS="${THREADS:-2}"          # torch threads
+DEVICE="${DEVICE:-cpu}"          # torch device for training: cpu (the reference) or cuda
+EXTRA_TRAIN="${EXTRA_TRAIN:-0}"  # extra training-only virtual patients (validation and test unchanged)
+BATCH="${BATCH:-16}"             # patches per step
+LR="${LR:-5e-4}"                 # peak of the one-cycle learning rate
+TRAIN_SEED="${TRAIN_SEED:-$SEED}"
 NICE="nice -n 10"
 
 stage_data() {
-    $NICE "$PY_TRAIN" "$RECIPE/simulate.py" --out "$BUILD/data" --seed "$SEED" --workers 2
+    $NICE "$PY_TRAIN" "$RECIPE/simulate.py" --out "$BUILD/data" --seed "$SEED" --workers "$WORKERS" \
+        --extra-train-patients "$EXTRA_TRAIN"
     # The null control: the same pipeline with zero-contrast nodules, other virtual patients.
     $NICE "$PY_TRAIN" "$RECIPE/simulate.py" --out "$BUILD/null" --seed "$((SEED + 1))" --null \
-        --ct-patients 12 --phantom-patients 18 --workers 2
+        --ct-patients 12 --phantom-patients 18 --workers "$WORKERS"
 }
 
 stage_train() {
     $NICE "$PY_TRAIN" "$RECIPE/train.py" --data "$BUILD/data" --out "$BUILD/runs/main" --epochs "$EPOCHS" \
-        --seed "$SEED" --eval-split test
+        --batch "$BATCH" --lr "$LR" --seed "$TRAIN_SEED" --eval-split test --workers "$WORKERS" --threads "$THREADS" \
+        --device "$DEVICE"
 }
 
 stage_export() {
@@ -38,30 +47,44 @@ stage_export() {
 }
 
 stage_validate() {
-    # The card's figures: the daemon's own path (ONNX Runtime, load_instance) on the TEST split only.
-    $NICE "$PY_MAIN" -c 'import sys; from pathlib import Path; from edge_agent.validate import validate
-r = validate(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[2]) / "labels_test.csv", Path(sys.argv[3]))
-print(r.overall)' "$ENGINE" "$BUILD/data" "$ENGINE/report/test"
+    # The card's figures: the daemon's own path (edge-agent validate: load_instance, ONNX Runtime) on the
+    # TEST split only, with the command the card states (default bootstrap: 1,000 resamples, seed 0).
+    $NICE "$PY_MAIN" -m edge_agent validate "$ENGINE" "$BUILD/data" --labels "$BUILD/data/labels_test.csv" \
+        --out "$ENGINE/report/test" > "$BUILD/validate.md"
+    head -20 "$BUILD/validate.md"
 }
 
 stage_controls() {
+    # The landed model itself on images whose "nodules" have zero contrast: it must not tell them apart.
+    $NICE "$PY_MAIN" -m edge_agent validate "$ENGINE" "$BUILD/null" --labels "$BUILD/null/labels_test.csv" \
+        --out "$BUILD/runs/main_on_null" --subgroup anatomy_source > /dev/null
     $NICE "$PY_TRAIN" "$RECIPE/train.py" --data "$BUILD/null" --out "$BUILD/runs/null" \
-        --epochs "$CONTROL_EPOCHS" --seed "$SEED" --eval-split test
+        --epochs "$CONTROL_EPOCHS" --seed "$SEED" --eval-split test --workers "$WORKERS" --threads "$THREADS" \
+        --device "$DEVICE"
     $NICE "$PY_TRAIN" "$RECIPE/train.py" --data "$BUILD/data" --out "$BUILD/runs/phantom_to_ct" \
         --epochs "$CONTROL_EPOCHS" --seed "$SEED" --train-where anatomy_source=phantom \
-        --eval-split test --eval-where anatomy_source=ct
+        --eval-split test --eval-where anatomy_source=ct --threads "$THREADS" --device "$DEVICE"
     $NICE "$PY_TRAIN" "$RECIPE/train.py" --data "$BUILD/data" --out "$BUILD/runs/ct_to_phantom" \
         --epochs "$CONTROL_EPOCHS" --seed "$SEED" --train-where anatomy_source=ct \
-        --eval-split test --eval-where anatomy_source=phantom
+        --eval-split test --eval-where anatomy_source=phantom --threads "$THREADS" --device "$DEVICE"
 }
 
 stage_card() {
-    "$PY_TRAIN" "$RECIPE/make_card.py" --engine-dir "$ENGINE" --runs "$BUILD/runs"
+    "$PY_TRAIN" "$RECIPE/make_card.py" --engine-dir "$ENGINE" --runs "$BUILD/runs" --data "$BUILD/data" --seed "$SEED" \
+        --extra-train-patients "$EXTRA_TRAIN"
+}
+
+stage_check() {
+    # The card's figures, measured again from scratch by the command the card states.
+    (cd "$REPO" && $NICE "$PY_MAIN" -m edge_agent validate cxr-nodule "$BUILD/data" \
+        --labels "$BUILD/data/labels_test.csv" --out "$BUILD/check" > "$BUILD/check.md")
+    grep -q "Against the model card: reproduced" "$BUILD/check.md" || { echo "card figures NOT reproduced"; exit 1; }
+    echo "card figures reproduced"
 }
 
 stages=("$@")
 if [ ${#stages[@]} -eq 0 ]; then
-    stages=(data train export validate controls card)
+    stages=(data train export validate controls card check)
 fi
 for stage in "${stages[@]}"; do
     echo "== $stage ($(date -u +%H:%M:%S))"

@@ -120,6 +120,7 @@ class Settings:
     slabs: int
     detector_scale: float  # 1 = the vendor's matrix; smoke uses tiny images
     demo: bool = False  # large solid nodules in the open lung only (for trying the model on the daemon)
+    extra_train_patients: int = 0  # more training data (2 CT : 3 phantom), leaving the base splits as they are
 
 
 @dataclass
@@ -443,6 +444,25 @@ def plan(settings: Settings, seed: int) -> list[Patient]:
                 )
             )
             index += settings.images_per_patient
+    # Extra training-only patients come after (their own random stream), so the base set, its
+    # validation and test splits included, is the same with or without them.
+    extra = np.random.default_rng([seed, 3])
+    for k in range(settings.extra_train_patients):
+        source = "ct" if k % 5 < 2 else "phantom"
+        patients.append(
+            Patient(
+                patient_id=f"SIM-X{source[0].upper()}-{k:03d}",
+                source=source,
+                split="train",
+                seed=int(extra.integers(2**31)),
+                first_index=index,
+                heart_scale=extra.uniform(0.88, 1.18) if source == "ct" else extra.uniform(0.97, 1.03),
+                width_scale=extra.uniform(0.92, 1.08),
+                height_scale=extra.uniform(0.92, 1.08),
+                warp_amplitude_px=extra.uniform(2.0, 8.0) if source == "ct" else extra.uniform(0.0, 3.0),
+            )
+        )
+        index += settings.images_per_patient
     return patients
 
 
@@ -469,6 +489,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--phantom-patients", type=int, default=56)
     parser.add_argument("--images-per-patient", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--extra-train-patients",
+        type=int,
+        default=0,
+        help="more virtual patients for the train split only; validation and test stay as without them",
+    )
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "edge-agent-cxr-nodule")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -477,7 +503,15 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings(False, False, 0, 2, 4, (2.5, 1.4, 1.4), 8, 1.0, demo=True)
     else:
         settings = Settings(
-            False, args.null, args.ct_patients, args.phantom_patients, args.images_per_patient, (2.5, 1.4, 1.4), 8, 1.0
+            False,
+            args.null,
+            args.ct_patients,
+            args.phantom_patients,
+            args.images_per_patient,
+            (2.5, 1.4, 1.4),
+            8,
+            1.0,
+            extra_train_patients=args.extra_train_patients,
         )
     started = time.monotonic()
     (args.out / "images").mkdir(parents=True, exist_ok=True)

@@ -7,9 +7,15 @@ Input tensors come from edge_agent's own preprocessing (load_instance with the c
 so training sees exactly the pixels the daemon will feed the model. The classifier is applied as a
 1x1 convolution to the last feature map (a class activation map, CAM, one logit per 32x32-pixel
 cell); the image score is the sigmoid of the hottest cell, so map and score are one computation and
-both are exported inside the graph. The simulator knows where every nodule is, so the CAM is trained
-with the location too (each cell against a Gaussian around the nodule centre; all cells 0 on images
-without one), which teaches far faster than the image label alone.
+both are exported inside the graph.
+
+Training is on patches of those same inputs, not whole images: whole-image training (image label on the
+hottest cell, with or without a per-cell location loss) stayed at chance, while the same network told
+96-pixel patches with and without a nodule apart within one epoch. The simulator knows where every
+nodule is, so each epoch takes a patch around every nodule (jittered), patches from random lung
+positions, and hard negatives: the hottest cell of each nodule-free training image under the previous
+epoch's model. Being fully convolutional, the patch classifier is the whole-image CAM. Model selection
+and the threshold use whole validation images scored exactly as the exported graph scores them.
 
 The threshold is chosen on the validation split for the stated operating point (90% sensitivity).
 With --eval-split, the trained model is also scored (in torch) on that split, for the controls.
@@ -50,8 +56,8 @@ PREPROCESSING: dict[str, Any] = {
 # Stem and the first three MBConv blocks (stride 2-4 features: edges, blobs) stay at their ImageNet
 # values: that halves the CPU cost of a step, and these filters are generic.
 FROZEN_BLOCKS = 3
-# Weight of the per-cell (location) loss next to the image loss.
-LOCATION_WEIGHT = 1.0
+# Patch side in model-input pixels (3x3 CAM cells): a 30 mm nodule (~20 px) with its surroundings.
+PATCH = 96
 
 
 def preprocessing_card() -> ModelCard:
@@ -131,23 +137,6 @@ def prepare_batchnorm(model: CamNet) -> None:
         bn.momentum = 0.1
 
 
-def recalibrate_batchnorm(model: CamNet, x: np.ndarray[Any, Any], images: int = 256, batch: int = 32) -> None:
-    """Recompute the trainable BatchNorm running statistics on training images (cumulative average)."""
-    layers = trainable_batchnorm(model)
-    for bn in layers:
-        bn.reset_running_stats()
-        bn.momentum = None
-    model.eval()
-    for bn in layers:
-        bn.train()
-    with torch.no_grad():
-        for i in range(0, min(images, len(x)), batch):
-            model.cam(torch.from_numpy(np.ascontiguousarray(x[i : i + batch])))
-    for bn in layers:
-        bn.momentum = 0.1
-    model.eval()
-
-
 def frozen_modules(model: CamNet) -> list[nn.Module]:
     b = model.backbone
     return [b._conv_stem, b._bn0, *list(b._blocks)[:FROZEN_BLOCKS]]
@@ -158,18 +147,34 @@ def read_rows(labels_csv: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def load_tensors(data: Path, rows: list[dict[str, str]]) -> np.ndarray[Any, Any]:
+def _load_chunk(job: tuple[Path, list[str], Path, int]) -> None:
+    data, files, cache, start = job
+    card = preprocessing_card()
+    out = np.load(cache, mmap_mode="r+")
+    for k, name in enumerate(files):
+        out[start + k] = load_instance(data / name, card)[0]
+    out.flush()
+
+
+def load_tensors(data: Path, rows: list[dict[str, str]], workers: int = 1) -> np.ndarray[Any, Any]:
     """Model inputs for every row, through the daemon's preprocessing; cached beside the data."""
     cache = data / f"tensors_{INPUT_SIZE}.npy"
     names = data / f"tensors_{INPUT_SIZE}.files.json"
     files = [r["file"] for r in rows]
     if cache.exists() and names.exists() and json.loads(names.read_text()) == files:
         return np.load(cache, mmap_mode="r")
-    card = preprocessing_card()
     out = np.lib.format.open_memmap(cache, mode="w+", dtype=np.float32, shape=(len(rows), 1, INPUT_SIZE, INPUT_SIZE))
-    for i, name in enumerate(files):
-        out[i] = load_instance(data / name, card)[0]
-    out.flush()
+    del out
+    step = max(1, math.ceil(len(files) / max(1, workers)))
+    jobs = [(data, files[i : i + step], cache, i) for i in range(0, len(files), step)]
+    if workers > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            pool.map(_load_chunk, jobs)
+    else:
+        for job in jobs:
+            _load_chunk(job)
     names.write_text(json.dumps(files))
     return np.load(cache, mmap_mode="r")
 
@@ -197,23 +202,12 @@ def nodule_positions(data: Path, rows: list[dict[str, str]]) -> np.ndarray[Any, 
     return out
 
 
-def cell_targets(positions: np.ndarray[Any, Any], cells: int) -> torch.Tensor:
-    """[N, 1, cells, cells] soft targets: a Gaussian (sigma >= half a cell) around each nodule centre."""
-    size = INPUT_SIZE / cells
-    centres = (np.arange(cells) + 0.5) * size - 0.5
-    out = np.zeros((len(positions), 1, cells, cells), dtype=np.float32)
-    for i, (r, c, radius) in enumerate(positions):
-        if np.isnan(r):
-            continue
-        sigma = max(size / 2, float(radius))
-        d2 = (centres[:, None] - r) ** 2 + (centres[None, :] - c) ** 2
-        out[i, 0] = np.exp(-d2 / (2 * sigma**2))
-        out[i, 0] /= out[i, 0].max()
-    return torch.from_numpy(out)
-
-
 def matches(row: dict[str, str], where: list[str]) -> bool:
     return all(row.get(k) == v for k, v in (w.split("=", 1) for w in where))
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def predict(model: CamNet, x: np.ndarray[Any, Any], batch: int = 32) -> np.ndarray[Any, Any]:
@@ -221,28 +215,80 @@ def predict(model: CamNet, x: np.ndarray[Any, Any], batch: int = 32) -> np.ndarr
     out = []
     with torch.no_grad():
         for i in range(0, len(x), batch):
-            scores, _ = model(torch.from_numpy(np.ascontiguousarray(x[i : i + batch])))
-            out.append(scores[:, 0].numpy())
+            scores, _ = model(torch.from_numpy(np.ascontiguousarray(x[i : i + batch])).to(_device(model)))
+            out.append(scores[:, 0].cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0)
 
 
-def augment(
-    x: torch.Tensor, positions: np.ndarray[Any, Any], rng: np.random.Generator
-) -> tuple[torch.Tensor, np.ndarray[Any, Any]]:
-    """Small shifts and contrast changes (the simulator already varies pose, dose and processing)."""
-    n = x.shape[0]
-    shift = 12
-    padded = F.pad(x, (shift, shift, shift, shift), value=float(x.min()))
-    out = torch.empty_like(x)
-    moved = positions.copy()
-    for i in range(n):
-        dr, dc = (int(v) for v in rng.integers(0, 2 * shift + 1, 2))
-        out[i] = padded[i, :, dr : dr + INPUT_SIZE, dc : dc + INPUT_SIZE]
-        moved[i, 0] += shift - dr
-        moved[i, 1] += shift - dc
-    gain = torch.from_numpy(rng.uniform(0.9, 1.1, (n, 1, 1, 1)).astype(np.float32))
-    bias = torch.from_numpy(rng.uniform(-0.1, 0.1, (n, 1, 1, 1)).astype(np.float32))
-    return out * gain + bias, moved
+def crop(image: np.ndarray[Any, Any], row: float, col: float) -> np.ndarray[Any, Any]:
+    """A PATCH x PATCH crop of a [H, W] input centred at (row, col), edge-padded at the borders."""
+    h, w = image.shape
+    half = PATCH // 2
+    r0 = int(np.clip(round(row), 0, h - 1)) - half
+    c0 = int(np.clip(round(col), 0, w - 1)) - half
+    if r0 >= 0 and c0 >= 0 and r0 + PATCH <= h and c0 + PATCH <= w:
+        return image[r0 : r0 + PATCH, c0 : c0 + PATCH]
+    rows = np.clip(np.arange(r0, r0 + PATCH), 0, h - 1)
+    cols = np.clip(np.arange(c0, c0 + PATCH), 0, w - 1)
+    return image[np.ix_(rows, cols)]
+
+
+def hardest_cells(model: CamNet, x: np.ndarray[Any, Any], batch: int = 32) -> np.ndarray[Any, Any]:
+    """[N, 2] centre (row, col), in input pixels, of each image's hottest CAM cell under ``model``."""
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            cam = model.cam(torch.from_numpy(np.ascontiguousarray(x[i : i + batch])).to(_device(model)))[:, 0]
+            cells_r, cells_c = cam.shape[1:]
+            flat = cam.flatten(1).argmax(dim=1).cpu().numpy()
+            rows, cols = np.divmod(flat, cells_c)
+            out.append(np.stack([(rows + 0.5) * INPUT_SIZE / cells_r, (cols + 0.5) * INPUT_SIZE / cells_c], axis=1))
+    return np.concatenate(out) if out else np.zeros((0, 2))
+
+
+def make_patches(
+    x: np.ndarray[Any, Any],
+    y: np.ndarray[Any, Any],
+    positions: np.ndarray[Any, Any],
+    hard: np.ndarray[Any, Any] | None,
+    rng: np.random.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One epoch's patches: every nodule (jittered), random lung positions, and hard negatives.
+
+    Random negatives are drawn around the training nodules' positions (so they are in the lungs, as
+    the positives are), never overlapping the image's own nodule. ``hard`` gives, per image, the centre
+    of its hottest cell under the previous model (used for nodule-free images only).
+    """
+    spots = positions[~np.isnan(positions[:, 0]), :2]
+    jitter = PATCH // 6
+    patches, labels = [], []
+    for k in range(len(y)):
+        image = x[k, 0]
+        if y[k]:
+            dr, dc = rng.integers(-jitter, jitter + 1, 2)
+            patches.append(crop(image, positions[k, 0] + dr, positions[k, 1] + dc))
+            labels.append(1.0)
+        for _ in range(10):
+            r, c = spots[rng.integers(len(spots))] + rng.normal(0.0, 16.0, 2)
+            if not y[k] or np.hypot(r - positions[k, 0], c - positions[k, 1]) > positions[k, 2] + PATCH / 2:
+                break
+        patches.append(crop(image, r, c))
+        labels.append(0.0)
+        if not y[k]:
+            if hard is not None:
+                r, c = hard[k] + rng.integers(-jitter, jitter + 1, 2)
+            else:
+                r, c = rng.uniform(PATCH / 2, INPUT_SIZE - PATCH / 2, 2)
+            patches.append(crop(image, r, c))
+            labels.append(0.0)
+    xs = torch.from_numpy(np.stack(patches)[:, None].astype(np.float32))
+    # Mirror half of them: a nodule is a nodule on either side.
+    flip = torch.from_numpy(rng.random(len(xs)) < 0.5)
+    xs[flip] = xs[flip].flip(-1)
+    gain = torch.from_numpy(rng.uniform(0.9, 1.1, (len(xs), 1, 1, 1)).astype(np.float32))
+    bias = torch.from_numpy(rng.uniform(-0.1, 0.1, (len(xs), 1, 1, 1)).astype(np.float32))
+    return xs * gain + bias, torch.tensor(labels, dtype=torch.float32)
 
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
@@ -251,7 +297,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     rng = np.random.default_rng(args.seed)
     rows = read_rows(args.data / "labels.csv")
     started = time.monotonic()
-    x_all = load_tensors(args.data, rows)
+    x_all = load_tensors(args.data, rows, args.workers)
     load_seconds = time.monotonic() - started
     y_all = np.array([int(r["label"]) for r in rows], dtype=np.float32)
     positions_all = nodule_positions(args.data, rows)
@@ -270,44 +316,51 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         flush=True,
     )
 
-    model = build_model()
+    device = torch.device(args.device)
+    model = build_model().to(device)
     for module in frozen_modules(model):
         for p in module.parameters():
             p.requires_grad_(False)
     prepare_batchnorm(model)
+    args.out.mkdir(parents=True, exist_ok=True)
     params = [p for p in model.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
-    steps_per_epoch = math.ceil(len(y_train) / args.batch)
+    patches_per_epoch = int(y_train.sum()) + len(y_train) + int((1 - y_train).sum())
+    steps_per_epoch = math.ceil(patches_per_epoch / args.batch)
     total_steps = steps_per_epoch * args.epochs
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=args.lr, total_steps=total_steps, pct_start=0.15)
     best: dict[str, Any] = {"auc": -1.0}
     history = []
+    hard: np.ndarray[Any, Any] | None = None
     train_started = time.monotonic()
     for epoch in range(args.epochs):
+        xp, yp = make_patches(x_train, y_train, p_train, hard, rng)
         model.train()
         for module in frozen_modules(model):
             module.eval()  # frozen BatchNorm keeps its ImageNet statistics
-        order = rng.permutation(len(y_train))
+        order = torch.from_numpy(rng.permutation(len(yp)))
         losses = []
         for step in range(steps_per_epoch):
             idx = order[step * args.batch : (step + 1) * args.batch]
-            xb, moved = augment(torch.from_numpy(x_train[idx]), p_train[idx], rng)
-            yb = torch.from_numpy(y_train[idx])[:, None]
-            cam = model.cam(xb)
-            loss = F.binary_cross_entropy_with_logits(cam.amax(dim=(2, 3)), yb) + LOCATION_WEIGHT * (
-                F.binary_cross_entropy_with_logits(cam, cell_targets(moved, cam.shape[-1]))
-            )
+            if len(idx) == 0:
+                break
+            logit = model.cam(xp[idx].to(device)).amax(dim=(2, 3))[:, 0]
+            loss = F.binary_cross_entropy_with_logits(logit, yp[idx].to(device))
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
-            schedule.step()
+            if schedule.last_epoch + 1 < total_steps:
+                schedule.step()
             losses.append(loss.item())
-        recalibrate_batchnorm(model, x_train[rng.permutation(len(y_train))[:256]])
         val_scores = predict(model, x_val)
         auc = roc_auc(val_scores, y_val.astype(int))
+        hard = np.full((len(y_train), 2), np.nan)
+        nodule_free = np.nonzero(y_train == 0)[0]
+        hard[nodule_free] = hardest_cells(model, x_train[nodule_free])
         history.append(
             {
                 "epoch": epoch + 1,
+                "patches": len(yp),
                 "loss": float(np.mean(losses)),
                 "validation_auc": auc,
                 "seconds": time.monotonic() - train_started,
@@ -315,12 +368,12 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         )
         print(json.dumps(history[-1]), flush=True)
         if auc is not None and auc > best["auc"]:
-            best = {"auc": auc, "epoch": epoch + 1, "state": copy.deepcopy(model.state_dict()), "scores": val_scores}
+            state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            best = {"auc": auc, "epoch": epoch + 1, "state": state, "scores": val_scores}
+            torch.save(state, args.out / "checkpoint.pt")  # a run cut short still leaves its best epoch
     train_seconds = time.monotonic() - train_started
     model.load_state_dict(best["state"])
     threshold = threshold_for_sensitivity(best["scores"], y_val.astype(int), TARGET_SENSITIVITY)
-    args.out.mkdir(parents=True, exist_ok=True)
-    torch.save(best["state"], args.out / "checkpoint.pt")
     val_metrics = bootstrap_metrics(best["scores"], y_val.astype(int), threshold, args.bootstrap, args.seed)
     report: dict[str, Any] = {
         "train_where": args.train_where,
@@ -328,11 +381,13 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "validation_images": len(y_val),
         "epochs": args.epochs,
         "lr": args.lr,
-        "location_weight": LOCATION_WEIGHT,
+        "batch": args.batch,
+        "patch": PATCH,
         "best_epoch": best["epoch"],
         "frozen_blocks": FROZEN_BLOCKS,
         "input_size": INPUT_SIZE,
         "threads": args.threads,
+        "device": args.device,
         "tensor_load_seconds": round(load_seconds, 1),
         "train_seconds": round(train_seconds, 1),
         "history": history,
@@ -362,6 +417,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=1, help="processes for decoding the DICOM into tensors")
+    parser.add_argument("--device", default="cpu", help="torch device: cpu (the reference) or cuda")
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--train-where", action="append", default=[], help="column=value filter for training rows")
     parser.add_argument("--eval-split", default=None)
