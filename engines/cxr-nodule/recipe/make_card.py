@@ -203,7 +203,7 @@ def summarise(engine_dir: Path, runs: Path, data: Path, seed: int, extra_train_p
     sensitivity_by = {
         f"{g['column']}={g['value']}": g["sensitivity"]
         for g in validation["subgroups"]
-        if g["column"] in ("size_bin", "type", "location", "anatomy_source") and g["positives"] > 0
+        if g["column"] in ("size_bin", "contrast_bin", "type", "location", "anatomy_source") and g["positives"] > 0
     }
     summary = {
         "statement": STATEMENT,
