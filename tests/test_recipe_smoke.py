@@ -120,6 +120,21 @@ def test_same_seed_same_data_other_seed_other_data(smoke: tuple[Path, list[dict[
     assert [r["size_mm"] for r in other] != [r["size_mm"] for r in rows]
 
 
+def test_extra_training_patients_leave_the_base_set_unchanged(
+    smoke: tuple[Path, list[dict[str, str]]], tmp_path: Path
+) -> None:
+    out, rows = smoke
+    more = run_smoke(tmp_path / "more", "--extra-train-patients", "2")
+    base, extra = more[: len(rows)], more[len(rows) :]
+    assert base == rows  # same files, labels and splits: validation and test are exactly as without them
+    for r in rows:
+        assert (tmp_path / "more" / r["file"]).read_bytes() == (out / r["file"]).read_bytes()
+    assert len(extra) == 2 * len(rows) // 3  # two more patients of the smoke set's size
+    assert {r["split"] for r in extra} == {"train"}
+    assert not {r["patient_id"] for r in extra} & {r["patient_id"] for r in rows}
+    assert {r["label"] for r in extra} == {"0", "1"}
+
+
 def test_null_control_inserts_zero_contrast(tmp_path: Path) -> None:
     rows = run_smoke(tmp_path / "null", "--null")
     positives = [r for r in rows if r["label"] == "1"]

@@ -448,7 +448,7 @@ def plan(settings: Settings, seed: int) -> list[Patient]:
     # validation and test splits included, is the same with or without them.
     extra = np.random.default_rng([seed, 3])
     for k in range(settings.extra_train_patients):
-        source = "ct" if k % 5 < 2 else "phantom"
+        source = "ct" if settings.ct_patients and k % 5 < 2 else "phantom"
         patients.append(
             Patient(
                 patient_id=f"SIM-X{source[0].upper()}-{k:03d}",
@@ -498,7 +498,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "edge-agent-cxr-nodule")
     args = parser.parse_args(argv)
     if args.smoke:
-        settings = Settings(True, args.null, 0, 3, 4, (8.0, 5.0, 5.0), 4, 0.25)
+        settings = Settings(
+            True, args.null, 0, 3, 4, (8.0, 5.0, 5.0), 4, 0.25, extra_train_patients=args.extra_train_patients
+        )
     elif args.demo:
         settings = Settings(False, False, 0, 2, 4, (2.5, 1.4, 1.4), 8, 1.0, demo=True)
     else:
