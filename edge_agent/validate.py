@@ -19,7 +19,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -272,9 +272,7 @@ def positive_group_report(
     """A subgroup of positives only, scored against all negatives (specificity is then the overall one)."""
     keep = mask | ~labels
     g = group_report(column, value, scores[keep], labels[keep], threshold, resamples, seed)
-    return GroupReport(
-        g.column, g.value, int(mask.sum()), g.positives, g.negatives, g.sensitivity, g.specificity, g.auc, True
-    )
+    return replace(g, n=int(mask.sum()), against_all_negatives=True)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -8,10 +8,6 @@ real nats-server. Nothing here was used to train the model or to choose its thre
 
 from __future__ import annotations
 
-import csv
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,30 +17,16 @@ import pytest
 
 from tests.daemon import Daemon, read_findings, storescu, write_config
 from tests.test_e2e import SCHEMA
+from tests.test_recipe_smoke import run_simulate
 
 pytestmark = pytest.mark.e2e
 
-REPO = Path(__file__).resolve().parent.parent
-SIMULATE = REPO / "engines" / "cxr-nodule" / "recipe" / "simulate.py"
 # How far outside the hottest region's box the nodule centre may lie: one CAM cell (the map is 8x8 cells).
 CELL = 1 / 8
 
 
-def demo_cases(out: Path) -> list[dict[str, str]]:
-    env = {**os.environ, "HOME": str(out.parent / "home"), "PIP_NO_INDEX": "1"}  # nothing may be fetched
-    subprocess.run(
-        [sys.executable, str(SIMULATE), "--demo", "--out", str(out), "--seed", "0", "--workers", "1"],
-        check=True,
-        capture_output=True,
-        timeout=120,
-        env=env,
-    )
-    with (out / "labels.csv").open(newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
-
-
 def test_default_daemon_flags_simulated_nodules_and_points_at_them(nats_server: Any, tmp_path: Path) -> None:
-    rows = demo_cases(tmp_path / "demo")
+    rows = run_simulate(tmp_path / "demo", "--demo", timeout=120)
     positives = [r for r in rows if r["label"] == "1"]
     negatives = [r for r in rows if r["label"] == "0"]
     assert len(positives) == len(negatives) == 4

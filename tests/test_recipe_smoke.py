@@ -29,12 +29,17 @@ SOP_CLASSES = {"1.2.840.10008.5.1.4.1.1.1": "CR", "1.2.840.10008.5.1.4.1.1.1.1":
 
 def run_smoke(out: Path, *extra: str, seed: int = 0) -> list[dict[str, str]]:
     """simulate.py --smoke into ``out``; returns the labels CSV rows."""
+    return run_simulate(out, "--smoke", *extra, seed=seed)
+
+
+def run_simulate(out: Path, *args: str, seed: int = 0, timeout: float = 60) -> list[dict[str, str]]:
+    """simulate.py with ``args`` into ``out``, downloading nothing; returns the labels CSV rows."""
     env = {**os.environ, "HOME": str(out.parent / "home"), "PIP_NO_INDEX": "1"}  # nothing may be fetched
     subprocess.run(
-        [sys.executable, str(SIMULATE), "--smoke", "--out", str(out), "--seed", str(seed), "--workers", "1", *extra],
+        [sys.executable, str(SIMULATE), *args, "--out", str(out), "--seed", str(seed), "--workers", "1"],
         check=True,
         capture_output=True,
-        timeout=60,
+        timeout=timeout,
         env=env,
     )
     with (out / "labels.csv").open(newline="", encoding="utf-8") as f:

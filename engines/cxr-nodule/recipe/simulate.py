@@ -417,6 +417,24 @@ def simulate_patient(job: tuple[Patient, Settings, Path, int]) -> list[dict[str,
     return rows
 
 
+def _draw_patient(
+    rng: np.random.Generator, patient_id: str, source: str, split: str, first_index: int
+) -> Patient:
+    """One virtual patient's seed and label-constrained warp (the CT's patients differ more than phantoms')."""
+    ct = source == "ct"
+    return Patient(
+        patient_id=patient_id,
+        source=source,
+        split=split,
+        seed=int(rng.integers(2**31)),
+        first_index=first_index,
+        heart_scale=rng.uniform(0.88, 1.18) if ct else rng.uniform(0.97, 1.03),
+        width_scale=rng.uniform(0.92, 1.08),
+        height_scale=rng.uniform(0.92, 1.08),
+        warp_amplitude_px=rng.uniform(2.0, 8.0) if ct else rng.uniform(0.0, 3.0),
+    )
+
+
 def plan(settings: Settings, seed: int) -> list[Patient]:
     """Virtual patients, each assigned to one split (per anatomy source, so every split has both)."""
     rng = np.random.default_rng([seed, 0])
@@ -430,38 +448,14 @@ def plan(settings: Settings, seed: int) -> list[Patient]:
             split = SPLITS[min(position, len(SPLITS) - 1)][0]
             if settings.smoke:
                 split = SPLITS[k % len(SPLITS)][0]
-            patients.append(
-                Patient(
-                    patient_id=f"SIM-{source.upper()}-{k:03d}",
-                    source=source,
-                    split=split,
-                    seed=int(rng.integers(2**31)),
-                    first_index=index,
-                    heart_scale=rng.uniform(0.88, 1.18) if source == "ct" else rng.uniform(0.97, 1.03),
-                    width_scale=rng.uniform(0.92, 1.08),
-                    height_scale=rng.uniform(0.92, 1.08),
-                    warp_amplitude_px=rng.uniform(2.0, 8.0) if source == "ct" else rng.uniform(0.0, 3.0),
-                )
-            )
+            patients.append(_draw_patient(rng, f"SIM-{source.upper()}-{k:03d}", source, split, index))
             index += settings.images_per_patient
     # Extra training-only patients come after (their own random stream), so the base set, its
     # validation and test splits included, is the same with or without them.
     extra = np.random.default_rng([seed, 3])
     for k in range(settings.extra_train_patients):
         source = "ct" if settings.ct_patients and k % 5 < 2 else "phantom"
-        patients.append(
-            Patient(
-                patient_id=f"SIM-X{source[0].upper()}-{k:03d}",
-                source=source,
-                split="train",
-                seed=int(extra.integers(2**31)),
-                first_index=index,
-                heart_scale=extra.uniform(0.88, 1.18) if source == "ct" else extra.uniform(0.97, 1.03),
-                width_scale=extra.uniform(0.92, 1.08),
-                height_scale=extra.uniform(0.92, 1.08),
-                warp_amplitude_px=extra.uniform(2.0, 8.0) if source == "ct" else extra.uniform(0.0, 3.0),
-            )
-        )
+        patients.append(_draw_patient(extra, f"SIM-X{source[0].upper()}-{k:03d}", source, "train", index))
         index += settings.images_per_patient
     return patients
 

@@ -42,17 +42,12 @@ from edge_agent.dicom.pixels import load_instance
 from edge_agent.inference.card import ModelCard, parse_card
 from edge_agent.validate import bootstrap_metrics, roc_auc, threshold_for_sensitivity
 
-INPUT_SIZE = 256
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from make_card import INPUT_SIZE, PREPROCESSING  # the card's preprocessing is the one training sees
+
 HEATMAP_SIZE = 32
 TARGET_SENSITIVITY = 0.90
-PREPROCESSING: dict[str, Any] = {
-    "window": "auto",
-    "invert_monochrome1": True,
-    "rescale": True,
-    "resize": [INPUT_SIZE, INPUT_SIZE],
-    "keep_aspect": True,
-    "normalise": {"mean": 0.5, "std": 0.25},
-}
 # Stem and the first three MBConv blocks (stride 2-4 features: edges, blobs) stay at their ImageNet
 # values: that halves the CPU cost of a step, and these filters are generic.
 FROZEN_BLOCKS = 3
@@ -325,7 +320,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     args.out.mkdir(parents=True, exist_ok=True)
     params = [p for p in model.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
-    patches_per_epoch = int(y_train.sum()) + len(y_train) + int((1 - y_train).sum())
+    patches_per_epoch = 2 * len(y_train)  # every image: a random lung patch, plus its nodule or a hard negative
     steps_per_epoch = math.ceil(patches_per_epoch / args.batch)
     total_steps = steps_per_epoch * args.epochs
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=args.lr, total_steps=total_steps, pct_start=0.15)
@@ -342,15 +337,12 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         losses = []
         for step in range(steps_per_epoch):
             idx = order[step * args.batch : (step + 1) * args.batch]
-            if len(idx) == 0:
-                break
             logit = model.cam(xp[idx].to(device)).amax(dim=(2, 3))[:, 0]
             loss = F.binary_cross_entropy_with_logits(logit, yp[idx].to(device))
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
-            if schedule.last_epoch + 1 < total_steps:
-                schedule.step()
+            schedule.step()
             losses.append(loss.item())
         val_scores = predict(model, x_val)
         auc = roc_auc(val_scores, y_val.astype(int))
