@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
+import os
 import signal
 import tempfile
 import time
+from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 from edge_agent.bus.publisher import Publisher
 from edge_agent.config import AgentConfig, ModelDeployment, PoolKind, Retention
 from edge_agent.dicom.receiver import Receiver
 from edge_agent.dicom.spool import Spool
-from edge_agent.errors import EdgeAgentError, EngineError
+from edge_agent.errors import EdgeAgentError, EngineError, StateDirLockedError
 from edge_agent.gpu_metrics import GpuMetrics
+from edge_agent.housekeeping import Housekeeping
 from edge_agent.http import HttpServer
 from edge_agent.inference.batcher import Batcher
 from edge_agent.inference.card import ModelCard, load_card
@@ -32,8 +37,33 @@ from edge_agent.workers import WorkerPool
 logger = logging.getLogger(__name__)
 
 TICK_SECONDS = 1.0
-HEATMAP_SWEEP_SECONDS = 600.0
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+LOCK_FILE = "edge-agent.lock"
+
+T = TypeVar("T")
+
+
+def lock_state_dir(state_dir: Path) -> int:
+    """Take the state directory for this process: an exclusive flock held until the returned fd is closed.
+
+    Two daemons on one state_dir would each sweep the other's in-flight spool files as orphans and write
+    one journal. The kernel drops the lock when the process dies, however it dies: no stale lock to clean.
+    Raises StateDirLockedError, having changed nothing, when another process holds it.
+    """
+    fd = os.open(state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+        os.close(fd)
+        raise StateDirLockedError(f"state_dir {state_dir} is in use by another edge-agent (pid {holder})") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    # The pid is for the message above only: the lock, not the file's content, says who holds the directory.
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 class Agent:
@@ -51,6 +81,8 @@ class Agent:
         self.publisher: Publisher | None = None
         self.pipeline: Pipeline | None = None
         self.http: HttpServer | None = None
+        self.housekeeping: Housekeeping | None = None
+        self._state_dir_lock: int | None = None
         self.models: dict[str, LoadedModel] = {}
         self._engines: list[Engine] = []
         # Models whose engine could not be made ready here (no plan for this GPU, verify failed, ...): the reason.
@@ -67,7 +99,6 @@ class Agent:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._last_tick = time.monotonic()
         self._spool_writable = False
-        self._next_heatmap_sweep = 0.0
         self._ready = False
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -87,9 +118,21 @@ class Agent:
         cfg = self.config
         self.notifier.status("starting")
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        # Before anything in state_dir is opened: a second daemon must leave the running one's files alone.
+        self._state_dir_lock = lock_state_dir(cfg.state_dir)
         self.journal = Journal(cfg.state_dir / "journal.sqlite3")
+        if not await asyncio.to_thread(self.journal.begin_run):
+            # An unclean stop (SIGKILL, power cut): the broker may have acknowledged findings it had not yet
+            # written to disk. Publish those again; the stream's duplicate window drops what it kept.
+            again = await asyncio.to_thread(self.journal.outbox.republish_recent, cfg.bus.republish_window_seconds)
+            self.metrics.republished.inc(again)
+            if again:
+                logger.warning("the last run did not stop cleanly: publishing %d recently acknowledged finding(s) "
+                               "again (a PubAck is not an fsync)", again)
         self.spool = Spool(cfg.state_dir / "spool", cfg.spool.min_free_bytes)
-        self._remove_orphans()
+        self.housekeeping = Housekeeping(cfg, self.journal, self.spool, self.metrics)
+        # Before the receiver starts, so that an instance being received cannot look like an orphan.
+        self.housekeeping.remove_orphans_at_start()
         await self._load_models()
         if self.engine_problems:
             # Without every engine, series routed to the missing one could not be finished: stay up, say why on
@@ -103,7 +146,7 @@ class Agent:
         self.pipeline = Pipeline(
             cfg, self.journal, spool.path, self.metrics, self.models, self._pixel_pool, self.publisher.wake
         )
-        resumed_open, resumed_complete = self.pipeline.resume()
+        resumed_open, resumed_complete = await self.pipeline.resume()
         if resumed_open or resumed_complete:
             logger.info("resumed %d open and %d complete series from the journal", resumed_open, resumed_complete)
         self.http = HttpServer(cfg.http.host, cfg.http.port, self.metrics.registry, self.health, self.readiness)
@@ -115,7 +158,7 @@ class Agent:
         self.receiver = Receiver(cfg.dicom, spool, self.journal, self.metrics, self._stored_from_thread)
         self.receiver.start()
         self._spool_writable = spool.writable()
-        self._update_gauges()
+        self.housekeeping.update_gauges()
         ready, reasons = self.readiness()
         logger.info(
             "edge-agent ready=%s: DICOM %s:%d AE %s, HTTP %s:%d, models %s",
@@ -136,7 +179,8 @@ class Agent:
         self.http = HttpServer(cfg.http.host, cfg.http.port, self.metrics.registry, self.health, self.readiness)
         await self.http.start()
         self._spool_writable = self.spool is not None and self.spool.writable()
-        self._update_gauges()
+        if self.housekeeping is not None:
+            self.housekeeping.update_gauges()
         ready, reasons = self.readiness()
         for problem in self.engine_problems.values():
             logger.error("%s", problem)
@@ -152,13 +196,14 @@ class Agent:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.should_exit.wait(), timeout=interval)
             self._last_tick = time.monotonic()
+            # Disk and database work (releases, sweeps, the spool probe, counts) runs in a thread: a slow disk
+            # must not hold up the loop, which hands instances over and answers /healthz. Housekeeping counts
+            # and logs its own errors; none of them ends the daemon.
+            await self._until_forced(asyncio.to_thread(self._housekeeping), None, "housekeeping")
             try:
-                # Disk and database work (releases, the spool probe, counts) runs in a thread: a slow disk
-                # must not hold up the loop, which hands instances over and answers /healthz.
-                await asyncio.to_thread(self._housekeeping)
                 self.readiness()
-            except EdgeAgentError as exc:
-                logger.error("housekeeping failed: %s", exc)
+            except (EdgeAgentError, OSError) as exc:
+                logger.error("readiness check failed: %s", exc)
             healthy, _ = self.health()
             if healthy:
                 # WATCHDOG=1 comes from the loop's own tick (STYLE.md 6): if the loop wedges, systemd sees it.
@@ -181,11 +226,13 @@ class Agent:
             await asyncio.to_thread(self.receiver.stop, min(cfg.pipeline.drain_timeout_seconds, 10.0))
         unfinished = 0
         if self.pipeline is not None:
-            unfinished = await self._until_forced(self.pipeline.drain(cfg.pipeline.drain_timeout_seconds), 0)
+            unfinished = await self._until_forced(
+                self.pipeline.drain(cfg.pipeline.drain_timeout_seconds), 0, "the pipeline's drain"
+            )
         pending = 0
         if self.publisher is not None:
-            flush = 0.0 if self.force_exit.is_set() else cfg.pipeline.drain_timeout_seconds
-            pending = await self.publisher.stop(flush)
+            # A second signal cuts the flush and the connection's drain short: what is left stays in the outbox.
+            pending = await self.publisher.stop(cfg.pipeline.drain_timeout_seconds, force=self.force_exit)
         if self.pipeline is not None:
             await self.pipeline.close()
         for loaded in self.models.values():
@@ -215,18 +262,27 @@ class Agent:
                 counts.spool_files,
                 pending,
             )
+            try:
+                self.journal.end_run()
+            except EdgeAgentError as exc:
+                logger.error("cannot mark the stop clean (the next start re-publishes recent findings): %s", exc)
             self.journal.close()
+        if self._state_dir_lock is not None:
+            os.close(self._state_dir_lock)  # releases the flock
+            self._state_dir_lock = None
 
-    async def _until_forced(self, aw: Any, default: int) -> int:
-        task: asyncio.Task[int] = asyncio.ensure_future(aw)
+    async def _until_forced(self, aw: Awaitable[T], default: T, what: str) -> T:
+        """Await ``aw`` unless a second signal comes first; then cancel it and return ``default``."""
+        task: asyncio.Future[T] = asyncio.ensure_future(aw)
         forced = asyncio.ensure_future(self.force_exit.wait())
-        done, _ = await asyncio.wait({task, forced}, return_when=asyncio.FIRST_COMPLETED)
+        waiting: set[asyncio.Future[Any]] = {task, forced}
+        done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         forced.cancel()
         if task in done:
             return task.result()
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-        logger.warning("second signal: forced exit, skipping the drain")
+        logger.warning("second signal: forced exit, not waiting for %s", what)
         return default
 
     # -- signals ----------------------------------------------------------------------------------
@@ -346,53 +402,13 @@ class Agent:
         row = self.journal.series(series_id) if self.journal is not None else None
         if row is not None:
             self.metrics.stage_seconds.labels(stage="end_to_end").observe(max(0.0, time.time() - row.last_received))
-        if self.config.spool.retention == Retention.DELETE and self.config.spool.retain_seconds == 0:
-            await asyncio.to_thread(self._release_due)
-
-    def _release_due(self) -> None:
-        """Delete the spool files of series whose finding was acknowledged longer ago than the retention."""
-        assert self.journal is not None and self.spool is not None
-        if self.config.spool.retention != Retention.DELETE:
-            return
-        for sid, names in self.journal.releasable(time.time() - self.config.spool.retain_seconds):
-            for name in names:
-                self.spool.remove(name)
-            self.journal.mark_released(sid)
+        cfg = self.config.spool
+        if self.housekeeping is not None and cfg.retention == Retention.DELETE and cfg.retain_seconds == 0:
+            await asyncio.to_thread(self.housekeeping.release_due)
 
     def _housekeeping(self) -> None:
-        assert self.spool is not None
-        self._release_due()
-        self._remove_old_heatmaps()
-        self._spool_writable = self.spool.writable()
-        self._update_gauges()
-
-    def _remove_old_heatmaps(self) -> None:
-        # Heat maps are kept for days: listing the folder every tick would be wasted work.
-        now = time.monotonic()
-        if now < self._next_heatmap_sweep:
-            return
-        self._next_heatmap_sweep = now + HEATMAP_SWEEP_SECONDS
-        folder = self.config.state_dir / "heatmaps"
-        if not folder.is_dir():
-            return
-        cutoff = time.time() - self.config.heatmaps.retain_days * 86400
-        for png in folder.glob("*.png"):
-            with contextlib.suppress(FileNotFoundError):
-                if png.stat().st_mtime < cutoff:
-                    png.unlink()
-
-    def _update_gauges(self) -> None:
-        assert self.journal is not None and self.spool is not None
-        counts = self.journal.counts()
-        self.metrics.outbox_pending.set(counts.outbox_pending)
-        self.metrics.spool_bytes.set(counts.spool_bytes)
-        self.metrics.spool_free_bytes.set(self.spool.free_bytes())
-
-    def _remove_orphans(self) -> None:
-        """Files renamed into the spool whose journal row never committed were never acknowledged."""
-        assert self.journal is not None and self.spool is not None
-        orphans = self.spool.orphans(self.journal.referenced_spool_names())
-        for name in orphans:
-            self.spool.remove(name)
-        if orphans:
-            logger.info("removed %d spool files that were never acknowledged to a sender", len(orphans))
+        """One tick's disk and database work (in a thread); never raises."""
+        if self.housekeeping is not None:
+            self.housekeeping.tick()
+        if self.spool is not None:
+            self._spool_writable = self.spool.writable()

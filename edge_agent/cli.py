@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from edge_agent import __version__
 from edge_agent.config import DEFAULT_CONFIG_PATH, AgentConfig, ModelDeployment, check_models, load_config
-from edge_agent.errors import ConfigError, EdgeAgentError, ModelError
+from edge_agent.errors import ConfigError, EdgeAgentError, ModelError, StateDirLockedError
 
 if TYPE_CHECKING:
     from edge_agent.inference.card import ModelCard
@@ -27,6 +27,8 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_CONFIG = 3
+# Another edge-agent runs on the same state_dir: this one exited without touching it.
+EXIT_STATE_DIR_LOCKED = 4
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -151,6 +153,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         asyncio.run(Agent(config).run())
+    except StateDirLockedError as exc:
+        logger.error("edge-agent not started: %s", exc)
+        return EXIT_STATE_DIR_LOCKED
     except EdgeAgentError as exc:
         logger.error("edge-agent stopped: %s", exc)
         return EXIT_FAILURE

@@ -30,6 +30,8 @@ SECRET_ENV = {
     "EDGE_AGENT_BUS_CREDENTIALS": ("bus", "credentials_file"),
 }
 
+DEFAULT_INFER_TIMEOUT_SECONDS = 30.0
+
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 6.2: 16 chars, no backslash, no control chars
 _SUBJECT_TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
 
@@ -114,10 +116,23 @@ class BusConfig(_Strict):
     # JetStream's de-duplication window: a retried publish with the same Nats-Msg-Id inside it is dropped.
     duplicate_window_seconds: Annotated[float, Field(gt=0)] = 600.0
     max_age_days: Annotated[float, Field(gt=0)] = 14.0
+    # A PubAck is not an fsync (JetStream syncs every 2 min by default): after an unclean stop, findings
+    # acknowledged this recently are published again. Longer than the broker's sync interval, and inside the
+    # duplicate window so that the stream drops the copies it kept.
+    republish_window_seconds: Annotated[float, Field(ge=0)] = 180.0
     token: str | None = None
     user: str | None = None
     password: str | None = None
     credentials_file: str | None = None
+
+    @model_validator(mode="after")
+    def _republish_inside_duplicate_window(self) -> BusConfig:
+        if self.republish_window_seconds > self.duplicate_window_seconds:
+            raise ValueError(
+                "republish_window_seconds must not exceed duplicate_window_seconds: the stream would keep "
+                "both copies of a finding re-published after an unclean stop"
+            )
+        return self
 
     @field_validator("url")
     @classmethod
@@ -178,6 +193,10 @@ class ModelDeployment(_Strict):
 
     max_batch: Annotated[int, Field(ge=1, le=1024)] = 8
     max_queue_delay_ms: Annotated[float, Field(ge=0, le=60_000)] = 5.0
+    # An engine call that has not returned after this long fails its batch with EngineTimeoutError (transient)
+    # and the model is reported as having a problem until the call returns. The call's thread cannot be
+    # stopped, so while it is out later batches fail at once instead of queueing behind it.
+    infer_timeout_seconds: Annotated[float, Field(gt=0)] = DEFAULT_INFER_TIMEOUT_SECONDS
     # tensorrt | onnxruntime | auto (TensorRT when it and a GPU are there, else ONNX Runtime; logged).
     backend: str = "onnxruntime"
     intra_op_threads: Annotated[int, Field(ge=0, le=256)] = 0
@@ -283,6 +302,12 @@ class HeatmapConfig(_Strict):
     retain_days: Annotated[float, Field(gt=0)] = 30.0
 
 
+class JournalConfig(_Strict):
+    # Housekeeping deletes the rows of released instances and series, and acknowledged findings' payloads,
+    # once they are this old: the journal is an index of work in flight, not an archive.
+    prune_after_days: Annotated[float, Field(gt=0)] = 7.0
+
+
 class LoggingConfig(_Strict):
     level: str = "INFO"
 
@@ -306,6 +331,7 @@ class AgentConfig(_Strict):
     models: dict[str, ModelDeployment] = Field(default_factory=dict)
     routes: list[Route] = Field(default_factory=list)
     heatmaps: HeatmapConfig = Field(default_factory=HeatmapConfig)
+    journal: JournalConfig = Field(default_factory=JournalConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     @field_validator("site")

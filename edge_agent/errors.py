@@ -31,6 +31,14 @@ class EngineError(EdgeAgentError, RuntimeError):
     """An inference engine failed to load or to run."""
 
 
+class EngineTimeoutError(EngineError, TimeoutError):
+    """An engine call did not return within its model's ``infer_timeout_seconds``.
+
+    Transient: a stalled driver or an unusually slow call can come back, so the work is worth trying again
+    later; the batcher reports the model as having a problem while the call is still out.
+    """
+
+
 class DecodeError(EdgeAgentError, ValueError):
     """A DICOM instance could not be decoded into pixels the model can use."""
 
@@ -41,3 +49,7 @@ class JournalError(EdgeAgentError, RuntimeError):
 
 class BusError(EdgeAgentError, ConnectionError):
     """The message bus could not be reached or did not acknowledge."""
+
+
+class StateDirLockedError(EdgeAgentError):
+    """Another edge-agent holds the state directory's lock (two daemons would sweep each other's spool)."""

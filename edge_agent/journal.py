@@ -1,14 +1,15 @@
-"""The daemon's durable state: one SQLite database in WAL mode.
+"""The daemon's durable state: one SQLite database in WAL mode, the store behind ``series.py``.
 
 Tables: ``series`` (one row per Series Instance UID), ``instances`` (one row per stored SOP
-instance, naming its spool file), ``jobs`` (one row per model run over a series revision) and
-``outbox`` (findings waiting for a JetStream PubAck). Every state change is one transaction, so
-that a SIGKILL at any point leaves a state the next start resumes from.
+instance, naming its spool file and its content hash), ``jobs`` (one row per finished model run
+over a series revision) and ``outbox`` (findings waiting for, or holding, a JetStream PubAck; see
+``outbox.py``). Every state change is one transaction that applies the pure rules of ``series.py``
+to the state it reads, so that a SIGKILL at any point leaves a state the next start resumes from.
 
 The journal is used from pynetdicom's association threads (a Success is answered only after the
-instance's row is committed) and from the event loop; one lock serialises the connection.
-``synchronous=FULL`` because a commit here stands behind a DICOM Success: with NORMAL, WAL mode
-may lose the last transactions on power loss (not on a process crash).
+instance's row is committed) and, through ``asyncio.to_thread``, from the event loop; one lock
+serialises the connection. ``synchronous=FULL`` because a commit here stands behind a DICOM Success:
+with NORMAL, WAL mode may lose the last transactions on power loss (not on a process crash).
 """
 
 from __future__ import annotations
@@ -16,27 +17,26 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from edge_agent.errors import JournalError
+from edge_agent.series import (
+    RELEASABLE_STATES,
+    Arrival,
+    Event,
+    SeriesState,
+    allowed_from,
+    on_arrival,
+    transition,
+)
 
-SCHEMA_VERSION = 1
+__all__ = ["Closing", "Counts", "InstanceMeta", "InstanceRow", "Journal", "Recorded", "SeriesRow", "SeriesState"]
 
-
-class SeriesState(StrEnum):
-    OPEN = "open"  # instances are still arriving
-    COMPLETE = "complete"  # the assembler closed it and a route picked a model; the finding is being made
-    QUEUED = "queued"  # the finding is in the outbox
-    PUBLISHED = "published"  # JetStream acknowledged the finding; the spool files may be kept a while
-    RELEASED = "released"  # the spool files are gone; the row remains as history
-    UNROUTED = "unrouted"  # no route matched; recorded, then released
-    FAILED = "failed"  # could not be processed; files kept for an operator
-
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -61,9 +61,10 @@ CREATE TABLE IF NOT EXISTS series(
     route TEXT,
     model TEXT,
     note TEXT,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    retry_at REAL
 );
-CREATE INDEX IF NOT EXISTS series_state ON series(state);
 CREATE TABLE IF NOT EXISTS instances(
     id INTEGER PRIMARY KEY,
     series_id INTEGER NOT NULL REFERENCES series(id),
@@ -75,6 +76,10 @@ CREATE TABLE IF NOT EXISTS instances(
     size_bytes INTEGER NOT NULL,
     received_at REAL NOT NULL,
     released INTEGER NOT NULL DEFAULT 0,
+    content_sha256 TEXT NOT NULL DEFAULT '',
+    expected_count INTEGER,
+    acquisition_number INTEGER,
+    released_at REAL,
     UNIQUE(series_id, sop_instance_uid)
 );
 CREATE TABLE IF NOT EXISTS jobs(
@@ -99,10 +104,36 @@ CREATE TABLE IF NOT EXISTS outbox(
     last_error TEXT,
     created_at REAL NOT NULL,
     acked_at REAL,
-    stream_seq INTEGER
+    stream_seq INTEGER,
+    revision INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL DEFAULT 0
 );
-CREATE INDEX IF NOT EXISTS outbox_state ON outbox(state);
 """
+
+# An index for every per-tick query (issue 8, defect 10): the gauges, the release and pruning
+# steps, the outbox drain and the orphan sweep must not scan tables that grow with every study.
+_INDEXES = """
+CREATE INDEX IF NOT EXISTS series_state ON series(state, updated_at);
+CREATE INDEX IF NOT EXISTS instances_held ON instances(series_id, spool_name, size_bytes) WHERE released=0;
+CREATE INDEX IF NOT EXISTS instances_released ON instances(released_at) WHERE released=1;
+CREATE INDEX IF NOT EXISTS instances_series ON instances(series_id);
+CREATE INDEX IF NOT EXISTS jobs_series ON jobs(series_id);
+CREATE INDEX IF NOT EXISTS outbox_state ON outbox(state, next_attempt_at);
+CREATE INDEX IF NOT EXISTS outbox_acked ON outbox(acked_at) WHERE state='acked';
+CREATE INDEX IF NOT EXISTS outbox_series ON outbox(series_id);
+"""
+
+# Columns that schema 2 added to schema 1's tables: (table, column, declaration).
+_V2_COLUMNS = (
+    ("series", "attempts", "INTEGER NOT NULL DEFAULT 0"),
+    ("series", "retry_at", "REAL"),
+    ("instances", "content_sha256", "TEXT NOT NULL DEFAULT ''"),
+    ("instances", "expected_count", "INTEGER"),
+    ("instances", "acquisition_number", "INTEGER"),
+    ("instances", "released_at", "REAL"),
+    ("outbox", "revision", "INTEGER NOT NULL DEFAULT 0"),
+    ("outbox", "next_attempt_at", "REAL NOT NULL DEFAULT 0"),
+)
 
 
 @dataclass(frozen=True)
@@ -124,6 +155,8 @@ class InstanceMeta:
     expected_count: int | None = None  # Images in Acquisition, when the modality says
     calling_aet: str = ""
     called_aet: str = ""
+    acquisition_number: int | None = None
+    content_sha256: str = ""  # of the dataset as encoded (File Meta excluded): what a re-send is compared by
 
 
 @dataclass(frozen=True)
@@ -132,9 +165,15 @@ class Recorded:
     instance_id: int
     revision: int
     new_series: bool
-    replaced_spool_name: str | None  # a re-sent instance replaces its earlier file; delete this one
+    replaced_spool_name: str | None  # a re-sent instance with new content replaces its earlier file: delete it
     reopened: bool  # the series had been closed and is open again under a new revision
     spool_name: str
+    arrival: Arrival = Arrival.NEW
+
+    @property
+    def identical(self) -> bool:
+        """A re-send of the content already held: nothing changed, and ``spool_name`` is not referenced."""
+        return self.arrival is Arrival.IDENTICAL
 
 
 @dataclass(frozen=True)
@@ -159,7 +198,10 @@ class SeriesRow:
     route: str | None
     model: str | None
     note: str | None
-    instance_count: int = 0
+    attempts: int = 0
+    retry_at: float | None = None
+    instance_count: int = 0  # instances held (not released)
+    received_count: int = 0  # every instance the series has had, released or held
 
 
 @dataclass(frozen=True)
@@ -173,26 +215,30 @@ class InstanceRow:
     spool_name: str
     size_bytes: int
     received_at: float
+    expected_count: int | None = None
+    acquisition_number: int | None = None
 
 
 @dataclass(frozen=True)
-class OutboxRow:
-    id: int
-    msg_id: str
-    subject: str
-    payload: bytes
-    series_id: int
-    model: str
-    attempts: int
-    created_at: float
+class Closing:
+    """A series closed in one transaction: its row after the change and the instances it holds."""
+
+    series: SeriesRow
+    instances: list[InstanceRow]
+    routed: bool
 
 
 @dataclass
 class Counts:
     by_series_state: dict[str, int] = field(default_factory=dict)
     outbox_pending: int = 0
+    outbox_rejected: int = 0
     spool_bytes: int = 0
     spool_files: int = 0
+
+
+# decide(series, instances) -> (route name, model name), or None when no route matches.
+Decide = Callable[[SeriesRow, list[InstanceRow]], tuple[str, str] | None]
 
 
 class Journal:
@@ -212,10 +258,26 @@ class Journal:
                 row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
                 if row is None:
                     db.execute("INSERT INTO meta(key, value) VALUES('schema_version', ?)", (str(SCHEMA_VERSION),))
+                elif int(row[0]) == 1:
+                    self._migrate_from_1(db)
                 elif int(row[0]) != SCHEMA_VERSION:
                     raise JournalError(f"journal {path} has schema {row[0]}, this build knows {SCHEMA_VERSION}")
+            self._db.executescript(_INDEXES)
         except sqlite3.Error as exc:
             raise JournalError(f"cannot open journal {path}: {exc}") from exc
+        from edge_agent.outbox import Outbox  # the outbox shares this connection and its lock
+
+        self.outbox = Outbox(self)
+
+    @staticmethod
+    def _migrate_from_1(db: sqlite3.Connection) -> None:
+        """Schema 1 -> 2, in place, in the opening transaction: a box upgraded mid-study keeps its work."""
+        for table, column, decl in _V2_COLUMNS:
+            have = {str(r[1]) for r in db.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+        db.execute("DROP INDEX IF EXISTS outbox_state")  # re-made on (state, next_attempt_at)
+        db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
 
     def close(self) -> None:
         with self._lock:
@@ -233,7 +295,16 @@ class Journal:
                     self._db.execute("ROLLBACK")
                 raise
 
-    def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    @contextmanager
+    def transaction(self, what: str) -> Iterator[sqlite3.Connection]:
+        """One write transaction; a SQLite failure becomes a JournalError naming ``what``."""
+        try:
+            with self._tx() as db:
+                yield db
+        except sqlite3.Error as exc:
+            raise JournalError(f"journal: cannot {what}: {exc}") from exc
+
+    def read(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
             try:
                 return self._db.execute(sql, args).fetchall()
@@ -245,99 +316,105 @@ class Journal:
     def record_instance(
         self, meta: InstanceMeta, spool_name: str, size_bytes: int, now: float | None = None
     ) -> Recorded:
-        """Record a stored instance. Creates its series, or re-opens a closed one under a new revision."""
-        now = time.time() if now is None else now
-        try:
-            with self._tx() as db:
-                row = db.execute(
-                    "SELECT id, state, revision FROM series WHERE series_uid=?", (meta.series_uid,)
-                ).fetchone()
-                new_series = row is None
-                reopened = False
-                if row is None:
-                    cur = db.execute(
-                        "INSERT INTO series(series_uid, study_uid, accession, modality, body_part, sop_class_uid,"
-                        " image_type, series_description, manufacturer, calling_aet, called_aet, expected_count,"
-                        " revision, first_received, last_received, state, updated_at)"
-                        " VALUES(?,?,?,?,?,?,?,?,?,?,?,?,0,?,?,?,?)",
-                        (
-                            meta.series_uid,
-                            meta.study_uid,
-                            meta.accession,
-                            meta.modality,
-                            meta.body_part,
-                            meta.sop_class_uid,
-                            meta.image_type,
-                            meta.series_description,
-                            meta.manufacturer,
-                            meta.calling_aet,
-                            meta.called_aet,
-                            meta.expected_count,
-                            now,
-                            now,
-                            SeriesState.OPEN,
-                            now,
-                        ),
-                    )
-                    series_id = int(cur.lastrowid or 0)
-                    revision = 0
-                else:
-                    series_id, state, revision = int(row[0]), str(row[1]), int(row[2])
-                    if state != SeriesState.OPEN:
-                        # New instances after a series was closed: the finding must be made again over
-                        # the whole series, under a new revision (and so a new message id).
-                        revision += 1
-                        reopened = True
-                        db.execute(
-                            "UPDATE series SET state=?, revision=?, route=NULL, model=NULL, note=NULL,"
-                            " first_received=?, last_received=?, updated_at=? WHERE id=?",
-                            (SeriesState.OPEN, revision, now, now, now, series_id),
-                        )
-                    else:
-                        db.execute(
-                            "UPDATE series SET last_received=?, updated_at=?,"
-                            " expected_count=COALESCE(?, expected_count) WHERE id=?",
-                            (now, now, meta.expected_count, series_id),
-                        )
-                old = db.execute(
-                    "SELECT id, spool_name, released FROM instances WHERE series_id=? AND sop_instance_uid=?",
-                    (series_id, meta.sop_instance_uid),
-                ).fetchone()
-                replaced = None
-                fields = (
-                    meta.sop_class_uid,
-                    meta.transfer_syntax_uid,
-                    meta.instance_number,
-                    spool_name,
-                    size_bytes,
-                    now,
-                )
-                if old is not None:
-                    replaced = None if int(old[2]) else str(old[1])
-                    db.execute(
-                        "UPDATE instances SET sop_class_uid=?, transfer_syntax_uid=?, instance_number=?,"
-                        " spool_name=?, size_bytes=?, received_at=?, released=0 WHERE id=?",
-                        (*fields, int(old[0])),
-                    )
-                    instance_id = int(old[0])
-                else:
-                    cur = db.execute(
-                        "INSERT INTO instances(sop_class_uid, transfer_syntax_uid, instance_number, spool_name,"
-                        " size_bytes, received_at, series_id, sop_instance_uid) VALUES(?,?,?,?,?,?,?,?)",
-                        (*fields, series_id, meta.sop_instance_uid),
-                    )
-                    instance_id = int(cur.lastrowid or 0)
-        except sqlite3.Error as exc:
-            raise JournalError(f"cannot record instance: {exc}") from exc
-        return Recorded(series_id, instance_id, revision, new_series, replaced, reopened, spool_name)
+        """Record a stored instance, applying the revision rule (``series.on_arrival``).
 
-    # -- series -----------------------------------------------------------------------------------
+        An identical re-send changes nothing: the caller removes its new file (``Recorded.identical``).
+        """
+        now = time.time() if now is None else now
+        with self.transaction("record an instance") as db:
+            row = db.execute("SELECT id, state, revision FROM series WHERE series_uid=?", (meta.series_uid,)).fetchone()
+            old = None
+            if row is not None:
+                old = db.execute(
+                    "SELECT id, spool_name, released, content_sha256 FROM instances"
+                    " WHERE series_id=? AND sop_instance_uid=?",
+                    (int(row[0]), meta.sop_instance_uid),
+                ).fetchone()
+            state = None if row is None else SeriesState(row[1])
+            decision = on_arrival(
+                state, 0 if row is None else int(row[2]), None if old is None else str(old[3]), meta.content_sha256
+            )
+            if row is not None and old is not None and not decision.changes_series:
+                return Recorded(int(row[0]), int(old[0]), decision.revision, False, None, False, spool_name,
+                                decision.arrival)
+            if row is None:
+                series_id = self._insert_series(db, meta, now)
+            else:
+                series_id = int(row[0])
+                if decision.reopens:
+                    db.execute(
+                        "UPDATE series SET state=?, revision=?, route=NULL, model=NULL, note=NULL, attempts=0,"
+                        " retry_at=NULL, first_received=?, last_received=?, updated_at=?,"
+                        " expected_count=? WHERE id=?",
+                        (SeriesState.OPEN, decision.revision, now, now, now, meta.expected_count, series_id),
+                    )
+                else:
+                    db.execute(
+                        "UPDATE series SET last_received=?, updated_at=?,"
+                        " expected_count=COALESCE(?, expected_count) WHERE id=?",
+                        (now, now, meta.expected_count, series_id),
+                    )
+            fields = (
+                meta.sop_class_uid,
+                meta.transfer_syntax_uid,
+                meta.instance_number,
+                spool_name,
+                size_bytes,
+                now,
+                meta.content_sha256,
+                meta.expected_count,
+                meta.acquisition_number,
+            )
+            replaced = None
+            if old is not None:
+                replaced = None if int(old[2]) else str(old[1])
+                db.execute(
+                    "UPDATE instances SET sop_class_uid=?, transfer_syntax_uid=?, instance_number=?, spool_name=?,"
+                    " size_bytes=?, received_at=?, content_sha256=?, expected_count=?, acquisition_number=?,"
+                    " released=0, released_at=NULL WHERE id=?",
+                    (*fields, int(old[0])),
+                )
+                instance_id = int(old[0])
+            else:
+                cur = db.execute(
+                    "INSERT INTO instances(sop_class_uid, transfer_syntax_uid, instance_number, spool_name,"
+                    " size_bytes, received_at, content_sha256, expected_count, acquisition_number, series_id,"
+                    " sop_instance_uid) VALUES(?,?,?,?,?,?,?,?,?,?,?)",
+                    (*fields, series_id, meta.sop_instance_uid),
+                )
+                instance_id = int(cur.lastrowid or 0)
+        return Recorded(
+            series_id, instance_id, decision.revision, row is None, replaced, decision.reopens, spool_name,
+            decision.arrival,
+        )
+
+    @staticmethod
+    def _insert_series(db: sqlite3.Connection, meta: InstanceMeta, now: float) -> int:
+        cur = db.execute(
+            "INSERT INTO series(series_uid, study_uid, accession, modality, body_part, sop_class_uid,"
+            " image_type, series_description, manufacturer, calling_aet, called_aet, expected_count,"
+            " revision, first_received, last_received, state, updated_at)"
+            " VALUES(?,?,?,?,?,?,?,?,?,?,?,?,0,?,?,?,?)",
+            (
+                meta.series_uid, meta.study_uid, meta.accession, meta.modality, meta.body_part,
+                meta.sop_class_uid, meta.image_type, meta.series_description, meta.manufacturer,
+                meta.calling_aet, meta.called_aet, meta.expected_count, now, now, SeriesState.OPEN, now,
+            ),
+        )
+        return int(cur.lastrowid or 0)
+
+    # -- reading series ---------------------------------------------------------------------------
 
     _SERIES_COLS = (
         "s.id, s.series_uid, s.study_uid, s.accession, s.modality, s.body_part, s.sop_class_uid, s.image_type,"
         " s.series_description, s.manufacturer, s.calling_aet, s.called_aet, s.expected_count, s.revision,"
-        " s.first_received, s.last_received, s.state, s.route, s.model, s.note,"
+        " s.first_received, s.last_received, s.state, s.route, s.model, s.note, s.attempts, s.retry_at,"
+        " (SELECT COUNT(*) FROM instances i WHERE i.series_id=s.id AND i.released=0),"
         " (SELECT COUNT(*) FROM instances i WHERE i.series_id=s.id)"
+    )
+    _INSTANCE_COLS = (
+        "id, series_id, sop_instance_uid, sop_class_uid, transfer_syntax_uid, instance_number, spool_name,"
+        " size_bytes, received_at, expected_count, acquisition_number"
     )
 
     @staticmethod
@@ -347,166 +424,200 @@ class Journal:
         return SeriesRow(*vals)
 
     def series(self, series_id: int) -> SeriesRow:
-        rows = self._read(f"SELECT {self._SERIES_COLS} FROM series s WHERE s.id=?", (series_id,))
+        rows = self.read(f"SELECT {self._SERIES_COLS} FROM series s WHERE s.id=?", (series_id,))
         if not rows:
             raise JournalError(f"no series with id {series_id}")
         return self._series(rows[0])
 
     def series_in(self, *states: SeriesState) -> list[SeriesRow]:
         marks = ",".join("?" * len(states))
-        rows = self._read(
+        rows = self.read(
             f"SELECT {self._SERIES_COLS} FROM series s WHERE s.state IN ({marks}) ORDER BY s.id", tuple(states)
         )
         return [self._series(r) for r in rows]
 
     def instances(self, series_id: int) -> list[InstanceRow]:
-        rows = self._read(
-            "SELECT id, series_id, sop_instance_uid, sop_class_uid, transfer_syntax_uid, instance_number,"
-            " spool_name, size_bytes, received_at FROM instances WHERE series_id=? AND released=0"
+        """The instances a series holds (not released), in instance-number order."""
+        rows = self.read(
+            f"SELECT {self._INSTANCE_COLS} FROM instances WHERE series_id=? AND released=0"
             " ORDER BY COALESCE(instance_number, 0), id",
             (series_id,),
         )
         return [InstanceRow(*r) for r in rows]
 
-    def set_series_state(
-        self,
-        series_id: int,
-        state: SeriesState,
-        *,
-        revision: int | None = None,
-        route: str | None = None,
-        model: str | None = None,
-        note: str | None = None,
-    ) -> bool:
-        """Move a series to ``state``. With ``revision``, only if the series is still at that revision.
+    def snapshot(self, series_id: int) -> tuple[SeriesRow, list[InstanceRow]]:
+        """A series and the instances it holds, read together (one read transaction)."""
+        with self._lock:
+            try:
+                self._db.execute("BEGIN")
+                try:
+                    srow = self._db.execute(f"SELECT {self._SERIES_COLS} FROM series s WHERE s.id=?",
+                                            (series_id,)).fetchone()
+                    irows = self._db.execute(
+                        f"SELECT {self._INSTANCE_COLS} FROM instances WHERE series_id=? AND released=0"
+                        " ORDER BY COALESCE(instance_number, 0), id",
+                        (series_id,),
+                    ).fetchall()
+                finally:
+                    self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise JournalError(f"journal read failed: {exc}") from exc
+        if srow is None:
+            raise JournalError(f"no series with id {series_id}")
+        return self._series(srow), [InstanceRow(*r) for r in irows]
 
-        Returns False (and changes nothing) when the series was re-opened meanwhile.
+    # -- the series' life -------------------------------------------------------------------------
+
+    def close_series(self, series_id: int, revision: int, decide: Decide) -> Closing | None:
+        """End an open series in one transaction: route it (``decide``) and take the instances it holds.
+
+        An instance committed before this transaction is in the list; one committed after it finds the
+        series closed and opens the next revision. None when the series is no longer open at ``revision``.
         """
         now = time.time()
-        with self._tx() as db:
-            sql = (
-                "UPDATE series SET state=?, route=COALESCE(?, route), model=COALESCE(?, model),"
-                " note=COALESCE(?, note), updated_at=? WHERE id=?"
-            )
-            args: tuple[Any, ...] = (state, route, model, note, now, series_id)
-            if revision is not None:
-                sql += " AND revision=?"
-                args += (revision,)
-            cur = db.execute(sql, args)
-            return cur.rowcount == 1
-
-    def start_job(self, series_id: int, revision: int, model: str) -> int:
-        with self._tx() as db:
-            cur = db.execute(
-                "INSERT INTO jobs(series_id, revision, model, state, created_at) VALUES(?,?,?,?,?)",
-                (series_id, revision, model, "running", time.time()),
-            )
-            return int(cur.lastrowid or 0)
-
-    def finish_job(self, job_id: int, error: str | None = None) -> None:
-        with self._tx() as db:
+        with self.transaction("close a series") as db:
+            srow = db.execute(f"SELECT {self._SERIES_COLS} FROM series s WHERE s.id=?", (series_id,)).fetchone()
+            if srow is None:
+                return None
+            series = self._series(srow)
+            if series.state is not SeriesState.OPEN or series.revision != revision:
+                return None
+            instances = [
+                InstanceRow(*r)
+                for r in db.execute(
+                    f"SELECT {self._INSTANCE_COLS} FROM instances WHERE series_id=? AND released=0"
+                    " ORDER BY COALESCE(instance_number, 0), id",
+                    (series_id,),
+                )
+            ]
+            decided = decide(series, instances)
+            if decided is None:
+                state = transition(series.state, Event.CLOSED_UNROUTED)
+                route, model, note = None, None, "no route matched"
+            else:
+                state, (route, model), note = transition(series.state, Event.CLOSED_ROUTED), decided, None
             db.execute(
-                "UPDATE jobs SET state=?, error=?, finished_at=? WHERE id=?",
-                ("failed" if error else "done", error, time.time(), job_id),
+                "UPDATE series SET state=?, route=?, model=?, note=?, updated_at=? WHERE id=?",
+                (state, route, model, note, now, series_id),
             )
+        closed = SeriesRow(**{**series.__dict__, "state": state, "route": route, "model": model, "note": note})
+        return Closing(closed, instances, decided is not None)
 
-    # -- the outbox -------------------------------------------------------------------------------
+    def apply_event(self, db: sqlite3.Connection, series_id: int, revision: int | None, event: Event,
+              sets: str = "", args: tuple[Any, ...] = ()) -> bool:
+        """Apply ``event`` to a series inside ``db``'s transaction, if its state (and revision) allow it."""
+        sources = allowed_from(event)
+        row = db.execute("SELECT state, revision FROM series WHERE id=?", (series_id,)).fetchone()
+        if row is None or SeriesState(row[0]) not in sources or (revision is not None and int(row[1]) != revision):
+            return False
+        new_state = transition(SeriesState(row[0]), event)
+        db.execute(f"UPDATE series SET state=?, updated_at=?{sets} WHERE id=?",
+                   (new_state, time.time(), *args, series_id))
+        return True
 
-    def enqueue_finding(
-        self, series_id: int, revision: int, model: str, msg_id: str, subject: str, payload: bytes
-    ) -> bool:
-        """Put a finding in the outbox and mark its series QUEUED, in one transaction.
+    def record_job(self, db: sqlite3.Connection, series_id: int, revision: int, model: str, state: str,
+             error: str | None, started: float) -> None:
+        db.execute(
+            "INSERT INTO jobs(series_id, revision, model, state, error, created_at, finished_at) VALUES(?,?,?,?,?,?,?)",
+            (series_id, revision, model, state, error, started, time.time()),
+        )
 
-        Returns False if the series moved on to another revision meanwhile (the finding is stale).
-        A finding with a message id already in the outbox is not added twice.
-        """
-        now = time.time()
-        with self._tx() as db:
-            cur = db.execute(
-                "UPDATE series SET state=?, updated_at=? WHERE id=? AND revision=?",
-                (SeriesState.QUEUED, now, series_id, revision),
-            )
-            if cur.rowcount != 1:
+    def defer_series(self, series_id: int, revision: int, model: str, note: str, retry_at: float,
+                     started: float) -> bool:
+        """A transient failure: the series stays complete and is tried again at ``retry_at``."""
+        with self.transaction("defer a series") as db:
+            sets = ", note=?, attempts=attempts+1, retry_at=?"
+            if not self.apply_event(db, series_id, revision, Event.DEFERRED, sets, (note[:500], retry_at)):
                 return False
-            db.execute(
-                "INSERT OR IGNORE INTO outbox(msg_id, subject, payload, series_id, model, state, created_at)"
-                " VALUES(?,?,?,?,?,?,?)",
-                (msg_id, subject, payload, series_id, model, "pending", now),
-            )
+            self.record_job(db, series_id, revision, model, "deferred", note[:500], started)
             return True
 
-    def pending_outbox(self, limit: int = 100) -> list[OutboxRow]:
-        rows = self._read(
-            "SELECT id, msg_id, subject, payload, series_id, model, attempts, created_at FROM outbox"
-            " WHERE state='pending' ORDER BY id LIMIT ?",
-            (limit,),
-        )
-        return [OutboxRow(r[0], r[1], r[2], bytes(r[3]), r[4], r[5], r[6], r[7]) for r in rows]
-
-    def outbox_attempt_failed(self, outbox_id: int, error: str) -> None:
-        with self._tx() as db:
-            db.execute("UPDATE outbox SET attempts=attempts+1, last_error=? WHERE id=?", (error[:500], outbox_id))
-
-    def ack_finding(self, outbox_id: int, stream_seq: int) -> int:
-        """Mark a finding acknowledged; its series becomes PUBLISHED when no other finding waits for it.
-
-        Returns the series id.
-        """
-        now = time.time()
-        with self._tx() as db:
-            row = db.execute("SELECT series_id FROM outbox WHERE id=?", (outbox_id,)).fetchone()
-            if row is None:
-                raise JournalError(f"no outbox row {outbox_id}")
-            series_id = int(row[0])
-            db.execute(
-                "UPDATE outbox SET state='acked', acked_at=?, stream_seq=?, attempts=attempts+1 WHERE id=?",
-                (now, stream_seq, outbox_id),
-            )
-            waiting = db.execute(
-                "SELECT COUNT(*) FROM outbox WHERE series_id=? AND state='pending'", (series_id,)
-            ).fetchone()[0]
-            if not waiting:
-                db.execute(
-                    "UPDATE series SET state=?, updated_at=? WHERE id=? AND state=?",
-                    (SeriesState.PUBLISHED, now, series_id, SeriesState.QUEUED),
-                )
-            return series_id
+    def fail_series(self, series_id: int, revision: int, model: str | None, note: str, started: float) -> bool:
+        """A permanent failure: the series' files are kept for an operator."""
+        with self.transaction("fail a series") as db:
+            if not self.apply_event(db, series_id, revision, Event.FAILED, ", note=?", (note[:500],)):
+                return False
+            self.record_job(db, series_id, revision, model or "-", "failed", note[:500], started)
+            return True
 
     # -- releasing spool files --------------------------------------------------------------------
 
-    def releasable(self, older_than: float) -> list[tuple[int, list[str]]]:
-        """Series that may give up their spool files: published (or unrouted) before ``older_than``."""
-        rows = self._read(
-            "SELECT id FROM series WHERE state IN (?, ?) AND updated_at <= ? ORDER BY id",
-            (SeriesState.PUBLISHED, SeriesState.UNROUTED, older_than),
+    def claim_releasable(self, older_than: float) -> list[tuple[int, list[str]]]:
+        """Claim the release of every published (or unrouted) series last changed before ``older_than``.
+
+        Each claim is one transaction that moves the series to RELEASED and marks its instances released
+        before any file is deleted (issue 8, defect 4): an instance arriving after the claim opens the next
+        revision without the claimed files; one arriving before it re-opened the series, which is then not
+        claimed. The caller deletes the returned files; a crash in between leaves orphans for the sweep.
+        """
+        states = tuple(RELEASABLE_STATES)
+        marks = ",".join("?" * len(states))
+        candidates = self.read(
+            f"SELECT id, revision FROM series WHERE state IN ({marks}) AND updated_at <= ? ORDER BY id",
+            (*states, older_than),
         )
-        out = []
-        for (sid,) in rows:
-            names = [
-                str(r[0])
-                for r in self._read("SELECT spool_name FROM instances WHERE series_id=? AND released=0", (sid,))
-            ]
+        out: list[tuple[int, list[str]]] = []
+        for sid, revision in candidates:
+            now = time.time()
+            with self.transaction("claim a release") as db:
+                if not self.apply_event(db, int(sid), int(revision), Event.RELEASE_CLAIMED):
+                    continue
+                names = [str(r[0]) for r in db.execute(
+                    "SELECT spool_name FROM instances WHERE series_id=? AND released=0", (sid,))]
+                db.execute("UPDATE instances SET released=1, released_at=? WHERE series_id=? AND released=0",
+                           (now, sid))
             out.append((int(sid), names))
         return out
 
-    def mark_released(self, series_id: int, final_state: SeriesState = SeriesState.RELEASED) -> None:
-        """Record that a series' files were removed. Only from PUBLISHED/UNROUTED (a re-opened series is left)."""
-        with self._tx() as db:
-            cur = db.execute(
-                "UPDATE series SET state=?, updated_at=? WHERE id=? AND state IN (?, ?)",
-                (final_state, time.time(), series_id, SeriesState.PUBLISHED, SeriesState.UNROUTED),
-            )
-            if cur.rowcount:
-                db.execute("UPDATE instances SET released=1 WHERE series_id=?", (series_id,))
+    def prune(self, older_than: float) -> dict[str, int]:
+        """Delete history older than ``older_than``: released instances and series, acknowledged findings.
+
+        Acknowledged outbox payloads carry patient identifiers: they are kept only as long as a re-publish
+        after an unclean stop may need them (``outbox.py``), then pruned. Rejected findings are kept.
+        """
+        with self.transaction("prune") as db:
+            outbox = db.execute("DELETE FROM outbox WHERE state='acked' AND acked_at < ?", (older_than,)).rowcount
+            instances = db.execute(
+                "DELETE FROM instances WHERE released=1 AND released_at < ?", (older_than,)
+            ).rowcount
+            gone = "(SELECT id FROM series WHERE state=? AND updated_at < ? AND NOT EXISTS" \
+                   " (SELECT 1 FROM instances i WHERE i.series_id=series.id)" \
+                   " AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.series_id=series.id))"
+            args = (SeriesState.RELEASED, older_than)
+            db.execute(f"DELETE FROM jobs WHERE series_id IN {gone}", args)
+            series = db.execute(f"DELETE FROM series WHERE id IN {gone}", args).rowcount
+        return {"outbox": outbox, "instances": instances, "series": series}
+
+    # -- gauges and sweeps ------------------------------------------------------------------------
 
     def counts(self) -> Counts:
         c = Counts()
-        for state, n in self._read("SELECT state, COUNT(*) FROM series GROUP BY state"):
+        for state, n in self.read("SELECT state, COUNT(*) FROM series GROUP BY state"):
             c.by_series_state[str(state)] = int(n)
-        c.outbox_pending = int(self._read("SELECT COUNT(*) FROM outbox WHERE state='pending'")[0][0])
-        row = self._read("SELECT COUNT(*), COALESCE(SUM(size_bytes), 0) FROM instances WHERE released=0")[0]
+        for state, n in self.read(
+            "SELECT state, COUNT(*) FROM outbox WHERE state IN ('pending', 'rejected') GROUP BY state"
+        ):
+            if state == "pending":
+                c.outbox_pending = int(n)
+            else:
+                c.outbox_rejected = int(n)
+        row = self.read("SELECT COUNT(*), COALESCE(SUM(size_bytes), 0) FROM instances WHERE released=0")[0]
         c.spool_files, c.spool_bytes = int(row[0]), int(row[1])
         return c
 
     def referenced_spool_names(self) -> set[str]:
-        return {str(r[0]) for r in self._read("SELECT spool_name FROM instances WHERE released=0")}
+        return {str(r[0]) for r in self.read("SELECT spool_name FROM instances WHERE released=0")}
+
+    # -- clean and unclean stops ------------------------------------------------------------------
+
+    def begin_run(self) -> bool:
+        """Mark the daemon running; returns whether the previous run ended cleanly (True on a new journal)."""
+        with self.transaction("mark the start") as db:
+            row = db.execute("SELECT value FROM meta WHERE key='clean_stop'").fetchone()
+            db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES('clean_stop', '0')")
+        return row is None or row[0] == "1"
+
+    def end_run(self) -> None:
+        """Mark a clean stop: everything in flight is journalled and the broker connection was drained."""
+        with self.transaction("mark a clean stop") as db:
+            db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES('clean_stop', '1')")

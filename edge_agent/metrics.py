@@ -19,14 +19,19 @@ ASSOCIATION_OUTCOMES = ("accepted", "rejected_calling_aet", "rejected_host", "re
 INSTANCE_OUTCOMES = (
     "stored",
     "duplicate",
+    "replaced",
     "out_of_resources",
     "cannot_understand",
     "processing_failure",
     "decode_failed",
     "inferred",
 )
-SERIES_OUTCOMES = ("routed", "unrouted", "failed")
+SERIES_OUTCOMES = ("routed", "unrouted", "failed", "partly_failed", "deferred")
 PUBLISH_ERROR_REASONS = ("timeout", "no_responders", "error")
+OUTBOX_REJECT_REASONS = ("too_large", "permission")
+HOUSEKEEPING_STEPS = ("release", "heatmaps", "orphans", "prune", "gauges")
+# The findings stream's settings that edge-agent compares with its own (and never changes).
+STREAM_SETTINGS = ("subjects", "duplicate_window", "max_age", "storage")
 
 # Latency buckets from 1 ms to 5 min: a CR is tens of ms per stage, a 500-slice CT minutes end to end.
 LATENCY_BUCKETS_SECONDS = (
@@ -154,6 +159,51 @@ class Metrics:
         )
         for reason in PUBLISH_ERROR_REASONS:
             self.publish_errors.labels(reason=reason)
+        self.engine_timeouts = Counter(
+            "edge_agent_engine_timeouts_total",
+            "Engine calls that did not return within the model's infer_timeout_seconds (their batch failed)",
+            ["model"],
+            registry=r,
+        )
+        self.housekeeping_errors = Counter(
+            "edge_agent_housekeeping_errors_total",
+            "Errors in housekeeping by step (release, heatmaps, orphans, prune, gauges); the daemon goes on",
+            ["step"],
+            registry=r,
+        )
+        for step in HOUSEKEEPING_STEPS:
+            self.housekeeping_errors.labels(step=step)
+        self.stream_config_mismatch = Gauge(
+            "edge_agent_stream_config_mismatch",
+            "1 when the existing findings stream's setting differs from this agent's config (never changed by it)",
+            ["setting"],
+            registry=r,
+        )
+        for setting in STREAM_SETTINGS:
+            self.stream_config_mismatch.labels(setting=setting)
+
+        self.outbox_rejected = Counter(
+            "edge_agent_outbox_rejected_total",
+            "Findings the broker refused for good (too_large, permission), parked as rejected; later ones flow",
+            ["reason"],
+            registry=r,
+        )
+        for reason in OUTBOX_REJECT_REASONS:
+            self.outbox_rejected.labels(reason=reason)
+        self.outbox_rejected_rows = Gauge(
+            "edge_agent_outbox_rejected_rows", "Findings parked as rejected in the outbox, waiting for an operator",
+            registry=r,
+        )
+        self.heatmap_write_errors = Counter(
+            "edge_agent_heatmap_write_errors_total",
+            "Heat-map PNGs that could not be written (the finding went out without its image)",
+            registry=r,
+        )
+        self.republished = Counter(
+            "edge_agent_findings_republished_total",
+            "Findings published again after an unclean stop (acknowledged within bus.republish_window_seconds)",
+            registry=r,
+        )
 
     def model_loaded(self, model: str) -> None:
         """Create a model's labelled series at load, for the same reason as the outcomes above."""

@@ -4,6 +4,11 @@ Streaming (DESIGN.md): every instance is decoded and inferred as it lands, while
 series is still arriving. The assembler only decides when the series is complete; then the triage
 step aggregates results that are already there, so the delay after the last slice does not grow with
 the series' length.
+
+The pipeline is the one owner of a series' in-flight work (issue 8): it holds every instance task and
+every completion task, ``drain()`` awaits them all, and ``close()`` cancels what is left. A cancelled
+completion is not a failure: the series stays COMPLETE (or OPEN) in the journal and the next start
+finishes it. Journal calls run in threads, off the event loop.
 """
 
 from __future__ import annotations
@@ -15,15 +20,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from edge_agent.bus import finding as findings
 from edge_agent.config import AgentConfig, Route
 from edge_agent.dicom.assembler import Assembler
-from edge_agent.dicom.pixels import load_instance, resize
-from edge_agent.errors import DecodeError, EdgeAgentError
+from edge_agent.dicom.pixels import load_instance_shaped, resize
+from edge_agent.errors import DecodeError, EngineError
 from edge_agent.inference.batcher import Batcher
 from edge_agent.inference.card import ModelCard
 from edge_agent.inference.engine import SliceResult
@@ -31,10 +36,16 @@ from edge_agent.journal import InstanceMeta, InstanceRow, Journal, Recorded, Ser
 from edge_agent.metrics import Metrics
 from edge_agent.png import write_png
 from edge_agent.routing import SeriesFacts, candidate_routes, match_route
+from edge_agent.series import Coverage, count_says_complete, retry_delay_seconds
 from edge_agent.triage import LabelResult, SeriesResult, aggregate
 from edge_agent.workers import WorkerPool
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# One frame's result and its image's (rows, columns).
+Shaped = tuple[SliceResult, tuple[int, int]]
 
 
 @dataclass
@@ -49,7 +60,7 @@ class _InstanceWork:
     """The inference of one instance: a task that yields one result per frame."""
 
     row: InstanceRow
-    task: asyncio.Task[list[SliceResult]]
+    task: asyncio.Task[list[Shaped]]
 
 
 @dataclass
@@ -60,13 +71,18 @@ class _SeriesWork:
     quiet_seconds: float
     urgent: bool
     instances: dict[int, _InstanceWork] = field(default_factory=dict)
-    seen: set[int] = field(default_factory=set)  # instance ids stored in this revision, inferred or not
+    # instance id -> (Images in Acquisition, Acquisition Number), for the count rule
+    seen: dict[int, tuple[int | None, int | None]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
-class _SeriesOutcome:
+class _Outcome:
     state: SeriesState
     model: str | None = None
+
+
+class _Interrupted(Exception):
+    """Shutdown cancelled the instance work a completion waited for: leave the series for the next start."""
 
 
 class Pipeline:
@@ -90,21 +106,32 @@ class Pipeline:
         self._pool = pool
         self._wake_publisher = wake_publisher
         self._work: dict[int, _SeriesWork] = {}
-        self._completing: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._completing: set[int] = set()  # series with a completion task running
+        self._closing = False
         # Wall-clock time, so that a series resumed from the journal keeps the quiet time it already waited.
-        self._assembler = Assembler(self._complete, clock=time.time)
+        self._assembler = Assembler(self._due, clock=time.time)
         self._host = socket.gethostname()
         self.finished_series = 0
+        self.interrupted_series = 0
+
+    async def _db(self, fn: Callable[..., T], *args: Any) -> T:
+        """A journal call, in a thread: its fsyncs must not stall the loop (issue 8, defect 10)."""
+        return await asyncio.to_thread(fn, *args)
 
     # -- arrival ---------------------------------------------------------------------------------
 
     def on_stored(self, meta: InstanceMeta, recorded: Recorded) -> None:
         """Called on the loop for every instance the receiver stored and journalled."""
+        if recorded.identical or self._closing:
+            return  # nothing changed; or shutting down, and the journal has it for the next start
         work = self._work.get(recorded.series_id)
-        if work is None or work.revision != recorded.revision:
-            if work is not None:
-                self._cancel(work)
+        if work is None:
             work = self._new_work(recorded.series_id, recorded.revision, SeriesFacts.from_meta(meta))
+        elif work.revision != recorded.revision:
+            # New data after the series closed: the next revision covers the whole series. Results of the
+            # instances still held carry over (same files); the earlier completion finds its revision stale.
+            work.revision = recorded.revision
         row = InstanceRow(
             id=recorded.instance_id,
             series_id=recorded.series_id,
@@ -115,9 +142,17 @@ class Pipeline:
             spool_name=recorded.spool_name,
             size_bytes=0,
             received_at=time.time(),
+            expected_count=meta.expected_count,
+            acquisition_number=meta.acquisition_number,
         )
         self._start_instance(work, row)
-        self._assembler.touch(recorded.series_id, work.quiet_seconds, len(work.seen), meta.expected_count)
+        self._rearm(work)
+
+    def _rearm(self, work: _SeriesWork, last_received: float | None = None) -> None:
+        counts = [c for c, _ in work.seen.values()]
+        acquisitions = [a for _, a in work.seen.values()]
+        complete = count_says_complete(len(work.seen), counts, acquisitions)
+        self._assembler.touch(work.series_id, work.quiet_seconds, complete, last_received=last_received)
 
     def _new_work(self, series_id: int, revision: int, facts: SeriesFacts) -> _SeriesWork:
         routes = candidate_routes(self._config.routes, facts)
@@ -137,27 +172,26 @@ class Pipeline:
         return work
 
     def _start_instance(self, work: _SeriesWork, row: InstanceRow) -> None:
-        work.seen.add(row.id)
+        work.seen[row.id] = (row.expected_count, row.acquisition_number)
         old = work.instances.pop(row.id, None)
         if old is not None:
-            old.task.cancel()  # a re-sent instance replaces the earlier one
+            old.task.cancel()  # a re-sent instance with new content replaces the earlier one
         if work.model is None:
             return
-        task = asyncio.get_running_loop().create_task(self._infer_instance(work, row.spool_name))
-        # The completion step gathers these results; a task dropped before that (a re-sent instance, a
-        # re-opened series) must not leave an unretrieved exception behind.
+        task = asyncio.get_running_loop().create_task(self._infer_instance(work.model, work.urgent, row.spool_name))
+        # The completion step gathers these results; a task dropped before that (a replaced instance, a
+        # re-routed series) must not leave an unretrieved exception behind.
         task.add_done_callback(_retrieve)
         work.instances[row.id] = _InstanceWork(row, task)
 
-    async def _infer_instance(self, work: _SeriesWork, spool_name: str) -> list[SliceResult]:
-        assert work.model is not None
-        loaded = self._models[work.model]
+    async def _infer_instance(self, model: str, urgent: bool, spool_name: str) -> list[Shaped]:
+        loaded = self._models[model]
         path = self._spool_path(spool_name)
         started = time.perf_counter()
         waiting = self._metrics.queue_depth.labels(queue="preprocess")
         waiting.inc()
         try:
-            inputs: list[np.ndarray] = await self._pool.run(load_instance, path, loaded.card)
+            inputs = await self._pool.run(load_instance_shaped, path, loaded.card)
         except DecodeError:
             # A re-sent instance replaces (and deletes) the file an earlier task may still be reading: only a
             # file that is still there failed to decode.
@@ -167,141 +201,187 @@ class Pipeline:
         finally:
             waiting.dec()
         self._metrics.stage_seconds.labels(stage="preprocess").observe(time.perf_counter() - started)
-        results = await asyncio.gather(*(loaded.batcher.submit(x, urgent=work.urgent) for x in inputs))
+        results = await asyncio.gather(*(loaded.batcher.submit(x, urgent=urgent) for x, _ in inputs))
         self._metrics.instances.labels(outcome="inferred").inc()
-        return list(results)
+        return [(r, shape) for r, (_, shape) in zip(results, inputs, strict=True)]
 
     # -- resuming after a restart ------------------------------------------------------------------
 
-    def resume(self) -> tuple[int, int]:
+    async def resume(self) -> tuple[int, int]:
         """Pick up every series the journal holds as open or complete. Returns (open, complete)."""
-        open_rows = self._journal.series_in(SeriesState.OPEN)
+        open_rows = await self._db(self._journal.series_in, SeriesState.OPEN)
         for s in open_rows:
             work = self._new_work(s.id, s.revision, SeriesFacts.from_row(s))
-            for inst in self._journal.instances(s.id):
+            for inst in await self._db(self._journal.instances, s.id):
                 self._start_instance(work, inst)
-            self._assembler.touch(
-                s.id, work.quiet_seconds, len(work.seen), s.expected_count, last_received=s.last_received
-            )
-        complete_rows = self._journal.series_in(SeriesState.COMPLETE)
+            self._rearm(work, last_received=s.last_received)
+        complete_rows = await self._db(self._journal.series_in, SeriesState.COMPLETE)
         for s in complete_rows:
             work = self._new_work(s.id, s.revision, SeriesFacts.from_row(s))
             if s.model is not None and s.model in self._models:
                 work.model = s.model
-            for inst in self._journal.instances(s.id):
+            for inst in await self._db(self._journal.instances, s.id):
                 self._start_instance(work, inst)
-            self._spawn_complete(s.id)
+            # A series deferred after a transient failure keeps its back-off across the restart.
+            self._assembler.arm(s.id, 0.0 if s.retry_at is None else s.retry_at - time.time())
         return len(open_rows), len(complete_rows)
 
     # -- completion ---------------------------------------------------------------------------------
 
-    def _spawn_complete(self, series_id: int) -> None:
-        task = asyncio.get_running_loop().create_task(self._complete(series_id))
-        self._completing.add(task)
-        task.add_done_callback(self._completing.discard)
-
-    async def _complete(self, series_id: int) -> None:
+    def _due(self, series_id: int) -> None:
+        """The assembler's timer fired: complete the series in a task this pipeline owns."""
         work = self._work.get(series_id)
-        if work is None:
+        if work is None or self._closing:
             return
-        started = time.perf_counter()
-        try:
-            outcome = await self._finish(work)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # a series must end in a recorded state, whatever failed
-            logger.exception(
-                "series %d: processing failed (%s); instances kept in the spool", series_id, type(exc).__name__
-            )
-            self._journal.set_series_state(
-                series_id, SeriesState.FAILED, revision=work.revision, note=f"{type(exc).__name__}: {exc}"[:500]
-            )
-            self._metrics.series.labels(outcome="failed").inc()
-            outcome = _SeriesOutcome(SeriesState.FAILED)
-        finally:
-            if self._work.get(series_id) is work:
-                del self._work[series_id]
-                self._assembler.forget(series_id)
-            self._metrics.open_series.set(len(self._work))
-        self._metrics.stage_seconds.labels(stage="assemble").observe(time.perf_counter() - started)
-        self.finished_series += 1
-        logger.info(
-            "series %d revision %d: %s (model %s)", series_id, work.revision, outcome.state.value, outcome.model or "-"
+        if series_id in self._completing:
+            # A completion is still running (a retry timer raced it): look again shortly.
+            self._assembler.arm(series_id, 0.5)
+            return
+        self._completing.add(series_id)
+        task = asyncio.get_running_loop().create_task(
+            self._complete(work, work.revision), name=f"complete-series-{series_id}"
         )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda _: self._completing.discard(series_id))
 
-    async def _finish(self, work: _SeriesWork) -> _SeriesOutcome:
-        row = self._journal.series(work.series_id)
-        if row.revision != work.revision:
-            return _SeriesOutcome(row.state)  # re-opened meanwhile; the new revision has its own work
-        instances = self._journal.instances(work.series_id)
-        facts = SeriesFacts.from_row(row)
-        route = match_route(self._config.routes, facts, len(instances))
-        if route is None or route.model not in self._models:
-            self._journal.set_series_state(
-                work.series_id, SeriesState.UNROUTED, revision=work.revision, note="no route matched"
-            )
-            self._metrics.series.labels(outcome="unrouted").inc()
-            self._cancel(work)
-            return _SeriesOutcome(SeriesState.UNROUTED)
-        if not self._journal.set_series_state(
-            work.series_id, SeriesState.COMPLETE, revision=work.revision, route=route.name, model=route.model
-        ):
-            return _SeriesOutcome(SeriesState.OPEN)
-        if work.model != route.model:
+    async def _complete(self, work: _SeriesWork, revision: int) -> None:
+        started = time.time()
+        outcome: _Outcome | None = None
+        try:
+            outcome = await self._finish(work, revision, started)
+        except (asyncio.CancelledError, _Interrupted):
+            # Shutdown: not a failure. The journal holds the series as COMPLETE (or OPEN) at this revision,
+            # and the next start finishes it (issue 8, defect 1).
+            self.interrupted_series += 1
+            logger.info("series %d revision %d: interrupted by shutdown; resumed at the next start",
+                        work.series_id, revision)
+            return
+        except Exception as exc:  # a series must end in a recorded state, whatever failed
+            logger.exception("series %d: processing failed (%s); instances kept in the spool", work.series_id,
+                             type(exc).__name__)
+            note = f"{type(exc).__name__}: {exc}"[:500]
+            await self._db(self._journal.fail_series, work.series_id, revision, work.model, note, started)
+            self._metrics.series.labels(outcome="failed").inc()
+            outcome = _Outcome(SeriesState.FAILED)
+        finally:
+            if outcome is not None and outcome.state is not SeriesState.COMPLETE and self._work.get(
+                work.series_id
+            ) is work and work.revision == revision:
+                del self._work[work.series_id]
+                self._assembler.forget(work.series_id)
+                self._cancel(work)
+            self._metrics.open_series.set(len(self._work))
+        self._metrics.stage_seconds.labels(stage="assemble").observe(max(0.0, time.time() - started))
+        if outcome.state is not SeriesState.COMPLETE:
+            self.finished_series += 1
+        logger.info("series %d revision %d: %s (model %s)", work.series_id, revision, outcome.state.value,
+                    outcome.model or "-")
+
+    async def _finish(self, work: _SeriesWork, revision: int, started: float) -> _Outcome:
+        row, instances = await self._db(self._journal.snapshot, work.series_id)
+        if row.revision != revision:
+            return _Outcome(row.state)  # re-opened meanwhile; the next revision has its own completion
+        if row.state is SeriesState.OPEN:
+            closing = await self._db(self._journal.close_series, work.series_id, revision, self._decide)
+            if closing is None:
+                return _Outcome(SeriesState.OPEN)  # a new instance re-opened it in between
+            row, instances = closing.series, closing.instances
+            if not closing.routed:
+                self._metrics.series.labels(outcome="unrouted").inc()
+                return _Outcome(SeriesState.UNROUTED)
+        elif row.state is not SeriesState.COMPLETE:
+            return _Outcome(row.state)
+        assert row.route is not None and row.model is not None
+        route = next((r for r in self._config.routes if r.name == row.route), None)
+        if work.model != row.model:
             # Streaming ran a different candidate (the slice count ruled it out): run the right model now.
             self._cancel(work)
-            work.model = route.model
-            work.urgent = route.priority == "urgent"
+            work.model = row.model
+            work.urgent = route is not None and route.priority == "urgent"
         for inst in instances:
             if inst.id not in work.instances:
                 self._start_instance(work, inst)
-        job = self._journal.start_job(work.series_id, work.revision, route.model)
-        loaded = self._models[route.model]
+        loaded = self._models[row.model]
         ordered = [work.instances[i.id] for i in instances if i.id in work.instances]
         done = await asyncio.gather(*(w.task for w in ordered), return_exceptions=True)
+        if work.revision != revision:
+            return _Outcome(SeriesState.OPEN)  # new data arrived while inferring; the next revision covers it
+        if self._closing and any(isinstance(r, asyncio.CancelledError) for r in done):
+            raise _Interrupted
         inferred_at = time.time()
         slices: list[tuple[int, SliceResult]] = []
+        shapes: dict[int, tuple[int, int]] = {}
         slice_refs: list[tuple[str, int]] = []
-        failed = 0
+        covered: list[str] = []
+        failed: list[str] = []
+        transient: list[tuple[int, BaseException]] = []
         for w, res in zip(ordered, done, strict=True):
-            if isinstance(res, BaseException):
-                failed += 1
+            if isinstance(res, EngineError | TimeoutError | asyncio.CancelledError):
+                transient.append((w.row.id, res))
                 continue
-            for frame, r in enumerate(res):
+            if isinstance(res, BaseException):
+                failed.append(w.row.sop_instance_uid)
+                continue
+            covered.append(w.row.sop_instance_uid)
+            for frame, (r, shape) in enumerate(res):
+                shapes[len(slice_refs)] = shape
                 slices.append((len(slice_refs), r))
                 slice_refs.append((w.row.sop_instance_uid, frame))
+        if transient:
+            return await self._defer(work, row, transient, started)
         if not slices:
-            self._journal.finish_job(job, error=f"none of {len(ordered)} instances could be decoded")
-            raise EdgeAgentError(f"none of the {len(ordered)} instances could be decoded or inferred")
-        result = aggregate(loaded.card, slices)
-        self._metrics.triage.labels(model=route.model, priority=result.priority).inc()
-        msg_id = findings.message_id(row.series_uid, route.model, loaded.card.version, work.revision)
+            self._metrics.series.labels(outcome="failed").inc()
+            note = f"none of the {len(ordered)} instances could be decoded"
+            logger.error("series %d: %s; instances kept in the spool", work.series_id, note)
+            await self._db(self._journal.fail_series, work.series_id, revision, row.model, note, started)
+            return _Outcome(SeriesState.FAILED, row.model)
+        result = aggregate(loaded.card, slices, shapes)
+        self._metrics.triage.labels(model=row.model, priority=result.priority).inc()
+        msg_id = findings.message_id(row.series_uid, row.model, loaded.card.version, revision)
         shown = _shown_label(result)
         image = await self._store_heatmap(shown, loaded.card, msg_id)
         payload = findings.build_finding(
-            self._finding_input(
-                row,
-                route.name,
-                loaded,
-                result,
-                slice_refs,
-                [i.sop_instance_uid for i in instances],
-                inferred_at,
-                shown,
-                image,
-            )
+            self._finding_input(row, row.route, loaded, result, slice_refs, covered, failed, inferred_at, shown,
+                                image)
         )
-        subject = findings.subject(self._config.bus.subject_prefix, self._config.site, row.modality, route.model)
-        queued = self._journal.enqueue_finding(
-            work.series_id, work.revision, route.model, msg_id, subject, findings.encode(payload)
+        subject = findings.subject(self._config.bus.subject_prefix, self._config.site, row.modality, row.model)
+        queued = await self._db(
+            self._journal.outbox.enqueue, work.series_id, revision, row.model, msg_id, subject,
+            findings.encode(payload), started,
         )
-        self._journal.finish_job(job, error=None if queued else "series re-opened before the finding was queued")
-        if queued:
-            self._metrics.findings.labels(model=route.model, outcome="queued").inc()
-            self._metrics.series.labels(outcome="routed").inc()
-            self._wake_publisher()
-            return _SeriesOutcome(SeriesState.QUEUED, route.model)
-        return _SeriesOutcome(SeriesState.OPEN, route.model)
+        if not queued:
+            return _Outcome(SeriesState.OPEN, row.model)
+        self._metrics.findings.labels(model=row.model, outcome="queued").inc()
+        self._metrics.series.labels(outcome="routed").inc()
+        if failed:
+            self._metrics.series.labels(outcome="partly_failed").inc()
+        self._wake_publisher()
+        return _Outcome(SeriesState.QUEUED, row.model)
+
+    async def _defer(self, work: _SeriesWork, row: SeriesRow, transient: list[tuple[int, BaseException]],
+                     started: float) -> _Outcome:
+        """Some instances failed for a reason that may pass (the engine): try the series again later."""
+        delay = retry_delay_seconds(row.attempts + 1)
+        kinds = sorted({type(exc).__name__ for _, exc in transient})
+        note = (f"{len(transient)} instance(s) not inferred ({', '.join(kinds)}); "
+                f"try {row.attempts + 2} in {delay:.0f} s")
+        if not await self._db(self._journal.defer_series, work.series_id, work.revision, row.model or "-", note,
+                              time.time() + delay, started):
+            return _Outcome(SeriesState.OPEN)
+        for instance_id, _ in transient:
+            work.instances.pop(instance_id, None)  # only these run again; the others' results are kept
+        self._metrics.series.labels(outcome="deferred").inc()
+        logger.warning("series %d: %s", work.series_id, note)
+        self._assembler.arm(work.series_id, delay)
+        return _Outcome(SeriesState.COMPLETE, row.model)
+
+    def _decide(self, row: SeriesRow, instances: list[InstanceRow]) -> tuple[str, str] | None:
+        """Routing, run inside the journal's closing transaction (pure: config and the series' facts)."""
+        route = match_route(self._config.routes, SeriesFacts.from_row(row), len(instances))
+        if route is None or route.model not in self._models:
+            return None
+        return route.name, route.model
 
     def _finding_input(
         self,
@@ -310,7 +390,8 @@ class Pipeline:
         loaded: LoadedModel,
         result: SeriesResult,
         slice_refs: list[tuple[str, int]],
-        sop_instance_uids: list[str],
+        covered: list[str],
+        failed: list[str],
         inferred_at: float,
         shown: LabelResult | None,
         image: str | None,
@@ -320,7 +401,8 @@ class Pipeline:
             uid, frame = slice_refs[r.index]
             labels.append(
                 findings.LabelResult(
-                    label=r.label, score=r.score, threshold=r.threshold, driving_instance_uid=uid, driving_frame=frame
+                    label=r.label, score=r.score, threshold=r.threshold, positive=r.positive,
+                    driving_instance_uid=uid, driving_frame=frame,
                 )
             )
         heatmap = None
@@ -339,11 +421,14 @@ class Pipeline:
                 image=image,
             )
         card = loaded.card
+        coverage = Coverage(max(row.received_count, len(covered) + len(failed)), len(covered), len(failed))
         return findings.FindingInput(
             site=self._config.site,
             study_instance_uid=row.study_uid,
             series_instance_uid=row.series_uid,
-            sop_instance_uids=sop_instance_uids,
+            sop_instance_uids=covered,
+            failed_instance_uids=failed,
+            instances_received=coverage.received,
             accession_number=row.accession,
             calling_ae_title=row.calling_aet,
             called_ae_title=row.called_aet,
@@ -376,7 +461,9 @@ class Pipeline:
             await asyncio.to_thread(_write_heatmap, path, shown.heatmap, height, width)
         except OSError as exc:
             # The finding matters more than its picture: publish it without the image.
-            logger.warning("heat map not stored (%s); the finding goes out without it", exc.strerror or exc)
+            self._metrics.heatmap_write_errors.inc()
+            logger.warning("heat map not stored (%s); the finding goes out without it",
+                           exc.strerror or type(exc).__name__)
             return None
         return name
 
@@ -391,23 +478,27 @@ class Pipeline:
         return len(self._work)
 
     async def drain(self, timeout_seconds: float) -> int:
-        """Wait for series that are completing to reach the outbox. Returns how many did not."""
-        if self._completing:
-            _, pending = await asyncio.wait(set(self._completing), timeout=timeout_seconds)
-            return len(pending)
-        return 0
+        """Wait for every running completion (and any that starts meanwhile) to end. Returns how many did not."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_seconds
+        while self._tasks:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            await asyncio.wait(set(self._tasks), timeout=remaining)
+        return len(self._tasks)
 
     async def close(self) -> None:
         """Cancel what is in flight; the journal keeps it, and the next start resumes it."""
-        tasks: list[asyncio.Task[Any]] = []
+        self._closing = True
+        self._assembler.close()
+        tasks: list[asyncio.Task[Any]] = list(self._tasks)
         for work in list(self._work.values()):
             tasks.extend(w.task for w in work.instances.values())
             self._cancel(work)
-        for task in list(self._completing):
+        for task in tasks:
             task.cancel()
-            tasks.append(task)
         await asyncio.gather(*tasks, return_exceptions=True)
-        await self._assembler.close()
         self._work.clear()
 
 
@@ -423,6 +514,6 @@ def _write_heatmap(path: Path, heatmap: np.ndarray, height: int, width: int) -> 
     write_png(path, np.round(grey * 255).astype(np.uint8))
 
 
-def _retrieve(task: asyncio.Task[list[SliceResult]]) -> None:
+def _retrieve(task: asyncio.Task[Any]) -> None:
     if not task.cancelled():
         task.exception()

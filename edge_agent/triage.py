@@ -8,7 +8,7 @@ when its score reaches the card's threshold; any positive label makes the series
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,12 +120,12 @@ def bounding_box(
 def aggregate(
     card: ModelCard,
     slice_results: Sequence[tuple[int, SliceResult]],
-    source_shape: tuple[int, int] | None = None,
+    source_shapes: Mapping[int, tuple[int, int]] | None = None,
 ) -> SeriesResult:
     """Max-aggregate per-slice results into a series result (ties go to the lowest index).
 
-    ``source_shape`` (rows, columns) of the images lets box fractions refer to the original image
-    when the card letterboxes; without it they refer to the model input.
+    ``source_shapes`` maps a slice's index to its image's (rows, columns): it lets box fractions refer
+    to the original image when the card letterboxes; without it they refer to the model input.
     """
     if not slice_results:
         raise ValueError(f"{card.name}: no slice results to aggregate")
@@ -143,7 +143,8 @@ def aggregate(
         score = float(scores[best, j])
         threshold = float(card.thresholds[label])
         heat = None if driver.heatmap is None else np.asarray(driver.heatmap[j], dtype=np.float32)
-        box = None if heat is None else bounding_box(heat, card, source_shape)
+        shape = None if source_shapes is None else source_shapes.get(index)
+        box = None if heat is None else bounding_box(heat, card, shape)
         # Compare in float32, the precision the model computes in: a score of float32(0.7) reaches 0.7.
         positive = bool(scores[best, j] >= np.float32(threshold))
         results.append(LabelResult(label, score, threshold, positive, index, heat, box))

@@ -5,7 +5,8 @@ decoding of one study takes turns with the receiver's association threads. A pro
 failure modes that threads do not, and both are handled here:
 
 - a worker that crashes (a decoder fault on a hostile file) breaks the whole pool
-  (``BrokenProcessPool``): the pool is rebuilt and only that instance fails;
+  (``BrokenProcessPool``): the pool is rebuilt, the call that killed its worker is found and fails
+  alone, and the other calls that were in flight run again, all at once, on the new pool;
 - a daemon killed with SIGKILL cannot tell its workers to stop, and they would live on as orphans
   (multiprocessing workers hold both ends of their call queue, so they never see EOF): each worker
   asks the kernel for SIGKILL when its parent dies (``PR_SET_PDEATHSIG``).
@@ -14,15 +15,19 @@ failure modes that threads do not, and both are handled here:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
+import itertools
 import logging
 import multiprocessing
 import os
+import select
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from edge_agent.errors import DecodeError
@@ -33,6 +38,20 @@ T = TypeVar("T")
 
 _PR_SET_PDEATHSIG = 1
 
+# A call that was in flight when this many pools broke runs alone even if no worker was seen dying with it:
+# a crash outside the tracked part of a call (unpickling its arguments) leaves no trace in the call table,
+# and without this bound such a call would break pool after pool.
+MAX_POOL_BREAKS_PER_CALL = 2
+
+# How long to wait, after a pool broke, for the kernel to report its dead worker as ended (normally at once).
+VERDICT_WAIT_SECONDS = 2.0
+
+_IDLE = 0  # the call id in the row of a worker that is running nothing; real call ids start at 1
+
+# In a worker process: the pool's call table and this worker's row in it (see _CallTable).
+_worker_table: Any = None
+_worker_row = -1
+
 
 def _die_with_parent(parent_pid: int) -> None:
     """Worker initializer: be killed when the daemon dies, however it dies."""
@@ -42,14 +61,139 @@ def _die_with_parent(parent_pid: int) -> None:
     if os.getppid() != parent_pid:  # the parent died before the prctl took effect
         os._exit(1)
     # SIGTERM/SIGINT are the daemon's to handle; a worker finishes its item and is stopped by the pool.
+    # It also keeps a broken pool's other workers alive through the pool's SIGTERM (CPython 3.11), so that
+    # _CallTable.culprits can tell them from the one that died before it kills them.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _init_worker(parent_pid: int, table: Any, row: int | _RowTicket) -> None:
+    """Worker initializer: die with the daemon, and take this worker's row of the pool's call table."""
+    global _worker_table, _worker_row
+    _die_with_parent(parent_pid)
+    # The daemon passes a _RowTicket, which arrives here as an int. A pool starts no more workers than its
+    # size (no max_tasks_per_child), so rows do not run out; if they did, the worker would go untracked.
+    if isinstance(row, int) and 2 * row + 1 < len(table):
+        table[2 * row] = os.getpid()
+        _worker_table, _worker_row = table, row
+
+
+class _RowTicket:
+    """In a pool's initargs, unpickles as a new row number in each worker: 0, 1, 2, ...
+
+    The spawn context pickles a worker's arguments when it starts that worker, once per worker. A shared
+    counter would need a lock, and a multiprocessing lock is a named semaphore that is unlinked when the
+    daemon drops it, which a worker still starting up after ``shutdown(wait=False)`` then fails to open.
+    """
+
+    def __init__(self) -> None:
+        self._rows = itertools.count()
+
+    def __reduce__(self) -> tuple[type[int], tuple[int]]:
+        return int, (next(self._rows),)
+
+
+def _tracked(call_id: int, fn: Callable[..., T], *args: Any) -> T:
+    """Run ``fn(*args)`` in a worker with ``call_id`` in this worker's row for as long as it runs."""
+    table = _worker_table
+    if table is None:
+        return fn(*args)
+    table[2 * _worker_row + 1] = call_id
+    try:
+        return fn(*args)
+    finally:
+        table[2 * _worker_row + 1] = _IDLE
 
 
 def _warm() -> int:
     import edge_agent.dicom.pixels  # noqa: F401  (importing pydicom and numpy is the warm-up)
 
     return os.getpid()
+
+
+def _open_worker(pid: int) -> int | None:
+    """A pidfd for our worker ``pid``, or None if it has been reaped (the pid may since name another process)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return None
+    try:
+        os.waitid(os.P_PIDFD, fd, os.WEXITED | os.WNOHANG | os.WNOWAIT)  # WNOWAIT: the pool reaps its own
+    except ChildProcessError:  # not our child: our worker was reaped and its pid reused
+        os.close(fd)
+        return None
+    return fd
+
+
+def _has_ended(fd: int) -> bool:
+    try:
+        return os.waitid(os.P_PIDFD, fd, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:  # the pool has reaped it since the pidfd was opened
+        return True
+
+
+def _ended_rows(rows: Iterable[int], fds: dict[int, int]) -> set[int]:
+    """Those of ``rows`` whose worker has ended (no pidfd: it was reaped already)."""
+    return {row for row in rows if row not in fds or _has_ended(fds[row])}
+
+
+@dataclass(slots=True, eq=False)
+class _CallTable:
+    """Which call each worker of one process pool is running, in memory the workers share with the daemon.
+
+    Two int64 per worker: its pid, and the id of the call it is running (``_IDLE`` between calls). Each
+    worker writes only its own row (see _RowTicket) and the daemon only reads, so no lock guards the table.
+    """
+
+    rows: Any
+
+    def workers(self) -> list[tuple[int, int]]:
+        """(row, pid) of every worker started so far."""
+        return [(row, int(self.rows[2 * row])) for row in range(len(self.rows) // 2) if self.rows[2 * row]]
+
+    def running(self, row: int) -> int:
+        return int(self.rows[2 * row + 1])
+
+    def culprits(self) -> frozenset[int]:
+        """After the pool broke: the calls whose worker died while running them. Then stops the other workers.
+
+        Blocks (run it in a thread) until a busy worker has ended, at most VERDICT_WAIT_SECONDS: the pool
+        notices a death when the worker's pipes close, a moment before the kernel reports it as ended. A
+        worker that ended with its row still naming a call died inside that call; a worker still alive, or
+        whose row moved on, was running an innocent call (CPython 3.11 only sends it SIGTERM, which workers
+        ignore). A crash outside any call (while unpickling one) finds no culprit here, and
+        MAX_POOL_BREAKS_PER_CALL bounds what follows.
+
+        The survivors are then killed: their calls have already failed with the pool, and left alone they
+        would run calls still queued in the broken pool, then block forever handing back a result larger
+        than a pipe's buffer that nobody reads (with the pool's manager thread waiting on them).
+        """
+        if sys.platform != "linux":
+            return frozenset()  # no pidfds: no culprit is named, and MAX_POOL_BREAKS_PER_CALL isolates
+        busy = {row: call for row in range(len(self.rows) // 2) if (call := self.running(row)) != _IDLE}
+        fds = {row: fd for row, pid in self.workers() if (fd := _open_worker(pid)) is not None}
+        try:
+            if busy and not _ended_rows(busy, fds):
+                # A pidfd reads ready when its process has ended.
+                select.select([fds[row] for row in busy], [], [], VERDICT_WAIT_SECONDS)
+            dead = _ended_rows(busy, fds)
+            found = frozenset(call for row, call in busy.items() if row in dead and self.running(row) == call)
+            for fd in fds.values():
+                if not _has_ended(fd):
+                    with contextlib.suppress(ProcessLookupError):  # it ended since
+                        signal.pidfd_send_signal(fd, signal.SIGKILL)
+            return found
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+
+
+@dataclass(slots=True, eq=False)
+class _Pool:
+    executor: Executor
+    calls: _CallTable | None  # None for a thread pool, which cannot break
+    # Set when the pool broke: the calls whose worker died running them (one verdict, awaited by every call).
+    verdict: asyncio.Future[frozenset[int]] | None = None
 
 
 class WorkerPool:
@@ -59,60 +203,94 @@ class WorkerPool:
         self.workers = workers
         self.processes = processes
         self._on_crash = on_crash
-        self._executor = self._make()
+        self._pool = self._make(workers)
         self._quarantine = asyncio.Lock()
+        self._call_ids = itertools.count(_IDLE + 1)
+        # For logs and tests: calls run again on the shared pool after it broke under them, and calls run
+        # again alone because their worker died while running them (or their pools kept breaking).
+        self.retried_calls = 0
+        self.isolated_runs = 0
 
-    def _make(self) -> Executor:
+    def _make(self, workers: int) -> _Pool:
         if not self.processes:
-            return ThreadPoolExecutor(self.workers, thread_name_prefix="preprocess")
+            return _Pool(ThreadPoolExecutor(workers, thread_name_prefix="preprocess"), None)
         # spawn: forking this process (threads, sockets, an ONNX Runtime session) would copy state that is
         # not safe to copy; forkserver on CPython 3.11 leaves server and workers holding each other's pipes.
-        return ProcessPoolExecutor(
-            self.workers,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=_die_with_parent,
-            initargs=(os.getpid(),),
+        ctx = multiprocessing.get_context("spawn")
+        # Shared memory must reach a spawned worker at its start (initargs), not with each call.
+        calls = _CallTable(ctx.RawArray(ctypes.c_int64, 2 * workers))
+        executor = ProcessPoolExecutor(
+            workers, mp_context=ctx, initializer=_init_worker, initargs=(os.getpid(), calls.rows, _RowTicket())
         )
+        return _Pool(executor, calls)
 
     async def warm_up(self) -> None:
         """Start every worker now rather than on the first study."""
         loop = asyncio.get_running_loop()
-        await asyncio.gather(*(loop.run_in_executor(self._executor, _warm) for _ in range(self.workers)))
+        executor = self._pool.executor
+        await asyncio.gather(*(loop.run_in_executor(executor, _warm) for _ in range(self.workers)))
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` in a worker.
 
         When a worker dies, every call in flight on that pool fails with BrokenProcessPool. The pool is
-        rebuilt, and each of those calls is tried again alone, one at a time, in a single-worker pool of
-        its own: the instance that kills its worker there is the culprit and fails with DecodeError; the
-        others that only shared the pool with it succeed.
+        rebuilt, and the call table says which call each worker was running: the call whose worker died
+        under it runs again alone, in a single-worker pool of its own, where killing its worker again makes
+        it fail with DecodeError. Every other call (queued, or running in a worker that lived) runs again on
+        the rebuilt pool straight away, alongside the others.
         """
         loop = asyncio.get_running_loop()
-        executor = self._executor
-        try:
-            return await loop.run_in_executor(executor, fn, *args)
-        except BrokenProcessPool:
-            if self._executor is executor:
-                logger.error("a preprocessing worker died; starting a new pool of %d workers", self.workers)
-                executor.shutdown(wait=False, cancel_futures=True)
-                self._executor = self._make()
-                if self._on_crash is not None:
-                    self._on_crash()
-        async with self._quarantine:
-            alone = ProcessPoolExecutor(
-                1,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=_die_with_parent,
-                initargs=(os.getpid(),),
-            )
+        call_id = next(self._call_ids)
+        breaks = 0
+        while True:
+            pool = self._pool
             try:
-                return await loop.run_in_executor(alone, fn, *args)
+                if pool.calls is None:
+                    return await loop.run_in_executor(pool.executor, fn, *args)
+                return await loop.run_in_executor(pool.executor, _tracked, call_id, fn, *args)
+            except BrokenProcessPool:
+                breaks += 1
+                culprits = await self._after_break(pool)
+                if call_id in culprits:
+                    logger.warning("preprocessing call %d was running in the worker that died", call_id)
+                    return await self._run_alone(call_id, fn, *args)
+                if breaks >= MAX_POOL_BREAKS_PER_CALL:
+                    logger.warning("preprocessing call %d was in flight when %d pools broke", call_id, breaks)
+                    return await self._run_alone(call_id, fn, *args)
+                self.retried_calls += 1
+
+    async def _after_break(self, broken: _Pool) -> frozenset[int]:
+        """Replace the broken pool (once: the first of its failed calls to get here does it); its culprits."""
+        if broken.verdict is None:
+            logger.error("a preprocessing worker died; starting a new pool of %d workers", self.workers)
+            broken.executor.shutdown(wait=False, cancel_futures=True)
+            self._pool = self._make(self.workers)
+            if self._on_crash is not None:
+                self._on_crash()
+            assert broken.calls is not None  # only process pools break
+            # An executor future, not a task of this call: a cancelled caller must not take the verdict with it.
+            broken.verdict = asyncio.get_running_loop().run_in_executor(None, broken.calls.culprits)
+        return await asyncio.shield(broken.verdict)
+
+    async def _run_alone(self, call_id: int, fn: Callable[..., T], *args: Any) -> T:
+        """Run a suspected call alone: if its worker dies again it was the cause, and fails with DecodeError.
+
+        It runs again rather than failing at once because a worker can also die of something outside the
+        call (the kernel's OOM killer, an operator's kill); then the call succeeds here.
+        """
+        loop = asyncio.get_running_loop()
+        async with self._quarantine:
+            self.isolated_runs += 1
+            logger.info("running preprocessing call %d again, alone", call_id)
+            alone = self._make(1)
+            try:
+                return await loop.run_in_executor(alone.executor, fn, *args)
             except BrokenProcessPool:
                 if self._on_crash is not None:
-                    self._on_crash()
+                    self._on_crash()  # a second real crash, of the single worker
                 raise DecodeError("a preprocessing worker died while decoding this instance") from None
             finally:
-                alone.shutdown(wait=False, cancel_futures=True)
+                alone.executor.shutdown(wait=False, cancel_futures=True)
 
     def shutdown(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._pool.executor.shutdown(wait=False, cancel_futures=True)

@@ -165,6 +165,20 @@ class Daemon:
                 return float(value)
         return 0.0
 
+    def metric_total(self, name: str, **labels: str) -> float:
+        """The sum of every sample of ``name`` whose labels include ``labels`` (e.g. over all models)."""
+        _, text = self.http("/metrics")
+        want = {f'{k}="{v}"' for k, v in labels.items()}
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith("#"):
+                continue
+            key, _, value = line.rpartition(" ")
+            mname, _, rest = key.partition("{")
+            if mname == name and want <= set(rest.rstrip("}").split(",")):
+                total += float(value)
+        return total
+
     def wait_metric(
         self, name: str, at_least: float, timeout_seconds: float = 30.0, at_most: float | None = None, **labels: str
     ) -> float:

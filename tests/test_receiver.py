@@ -217,14 +217,29 @@ def test_echoscu(tmp_path: Path) -> None:
         assert h.spool_files() == []
 
 
-def test_resent_instance_replaces_its_spool_file(tmp_path: Path) -> None:
+def test_an_identical_resend_is_acknowledged_and_changes_nothing(tmp_path: Path) -> None:
+    """Defect 2: a re-send of the bytes held (a lost C-STORE-RSP) is Success, keeps the first file, hands nothing on."""
     with running_receiver(tmp_path) as h:
         assert storescu(h.port, [CT_SMALL], extra=("-R",)).returncode == 0
+        [(_, first)] = h.stored.wait_for(1)
         assert storescu(h.port, [CT_SMALL], extra=("-R",)).returncode == 0
-        _, (_, second) = h.stored.wait_for(2)
-        assert second.replaced_spool_name is not None
-        assert [p.name for p in h.spool_files()] == [_stored_path(h, second).name]
+        assert len(h.stored.calls) == 1
+        assert [p.name for p in h.spool_files()] == [_stored_path(h, first).name]
         assert h.instances("stored") == 1 and h.instances("duplicate") == 1
+
+
+def test_a_resend_with_new_content_replaces_its_spool_file(tmp_path: Path) -> None:
+    changed = tmp_path / "changed.dcm"
+    ds = pydicom.dcmread(CT_SMALL)
+    ds.ImageComments = "corrected"
+    ds.save_as(changed, enforce_file_format=True)
+    with running_receiver(tmp_path) as h:
+        assert storescu(h.port, [CT_SMALL], extra=("-R",)).returncode == 0
+        assert storescu(h.port, [changed], extra=("-R",)).returncode == 0
+        _, (_, second) = h.stored.wait_for(2)
+        assert second.replaced_spool_name is not None and not second.identical
+        assert [p.name for p in h.spool_files()] == [_stored_path(h, second).name]
+        assert h.instances("stored") == 1 and h.instances("replaced") == 1
 
 
 def test_wrong_calling_aet_is_rejected_and_counted(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

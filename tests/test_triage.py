@@ -116,6 +116,17 @@ def test_letterboxed_box_fractions_refer_to_the_original_image() -> None:
     assert bounding_box(h, card(keep_aspect=True)).fraction == (0.25, 0.0, 0.5, 1.0)
 
 
+def test_aggregate_gives_a_letterboxed_box_in_fractions_of_the_driving_image() -> None:
+    """Defect 12: the series' box refers to the image of the slice that drove it, not to the model input."""
+    h = heat([(r, c) for r in range(16) for c in (4, 5, 6, 7)])
+    slices = [(0, result(0.9, 0.1, (h, h))), (1, result(0.2, 0.1, (h, h)))]
+    shapes = {0: (1000, 500), 1: (500, 1000)}
+    bleed, _ = aggregate(card(keep_aspect=True), slices, shapes).labels
+    assert bleed.index == 0 and bleed.box is not None and bleed.box.fraction == (0.0, 0.0, 0.5, 1.0)
+    bleed, _ = aggregate(card(keep_aspect=True), slices).labels
+    assert bleed.box is not None and bleed.box.fraction == (0.25, 0.0, 0.5, 1.0)
+
+
 def test_no_heat_map_means_no_box() -> None:
     series = aggregate(card(), [(0, result(0.9, 0.9))])
     assert all(label.heatmap is None and label.box is None for label in series.labels)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import os
 import signal
 import subprocess
@@ -44,6 +45,68 @@ def test_a_worker_that_dies_fails_only_its_item_and_the_pool_recovers() -> None:
     assert results[:2] == [2, 4] and results[3:] == [6, 8, 10]
     assert isinstance(results[2], DecodeError)
     assert len(crashes) >= 1
+
+
+def segfault_on(value: int) -> int:
+    """A decoder that segfaults on one hostile file (a real SIGSEGV: it reads address 0) and decodes the rest."""
+    if value < 0:
+        ctypes.string_at(0)
+    time.sleep(0.01)
+    return value * 2
+
+
+def test_one_crash_among_many_calls_reruns_only_the_culprit_alone() -> None:
+    crashes: list[int] = []
+    values = [*range(30), -1, *range(30, 59)]
+
+    async def main() -> tuple[list[object], WorkerPool]:
+        pool = WorkerPool(2, processes=True, on_crash=lambda: crashes.append(1))
+        try:
+            await pool.warm_up()
+            results = await asyncio.gather(*(pool.run(segfault_on, v) for v in values), return_exceptions=True)
+            return results, pool
+        finally:
+            pool.shutdown()
+
+    results, pool = asyncio.run(main())
+    assert len(results) == 60
+    for value, result in zip(values, results, strict=True):
+        if value < 0:
+            assert isinstance(result, DecodeError)
+        else:
+            assert result == value * 2
+    # Only the call whose worker died runs again alone (the old pool ran every call in flight alone, in turn);
+    # the innocent calls in flight went back to the rebuilt pool together.
+    assert pool.isolated_runs == 1
+    assert pool.retried_calls >= 1
+    assert len(crashes) == 2  # the pool's worker, then the culprit's own worker when it ran alone
+
+
+def read_gate(path: str) -> str:
+    with open(path) as fifo:  # blocks in the worker until the test opens the FIFO for writing
+        return fifo.read()
+
+
+def test_a_call_waiting_for_a_worker_can_be_cancelled(tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)
+
+    async def main() -> None:
+        pool = WorkerPool(1, processes=True)
+        try:
+            held = asyncio.create_task(pool.run(read_gate, str(gate)))
+            waiting = asyncio.create_task(pool.run(crash_on, 3))
+            await asyncio.sleep(0)  # both tasks start and submit their calls; nothing is timed
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+            await asyncio.to_thread(gate.write_text, "open")
+            assert await held == "open"
+            assert await pool.run(crash_on, 4) == 8
+        finally:
+            pool.shutdown()
+
+    asyncio.run(main())
 
 
 def test_thread_pool_runs_the_same_calls() -> None:

@@ -18,7 +18,8 @@ from typing import Any
 
 from edge_agent import __version__
 
-SCHEMA_VERSION = "1.1"  # 1.1: heatmap.image (an additive change)
+# 1.1: heatmap.image; 1.2: instances_received/inferred/failed and failed_instance_uids (additive changes)
+SCHEMA_VERSION = "1.2"
 PRIORITIES = ("urgent", "routine")
 
 _NOT_SUBJECT_CHAR = re.compile(r"[^A-Za-z0-9_-]")
@@ -42,12 +43,11 @@ class LabelResult:
     label: str
     score: float
     threshold: float
+    # Decided once, by triage, in the precision the model computes in: recomputing it here in float64
+    # called a float32 score of 0.7 at threshold 0.7 urgent and not positive (issue 8, defect 11).
+    positive: bool
     driving_instance_uid: str
     driving_frame: int = 0  # 0-based frame index; 0 for single-frame instances
-
-    @property
-    def positive(self) -> bool:
-        return self.score >= self.threshold
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,7 +80,13 @@ class Timings:
 
 @dataclass(frozen=True, kw_only=True)
 class FindingInput:
-    """Everything a finding is made of. ``instance_count`` defaults to the number of instances used."""
+    """Everything a finding is made of.
+
+    ``sop_instance_uids`` are the instances the result covers (inferred); ``failed_instance_uids`` those held
+    that could not be decoded or inferred; ``instances_received`` every instance of the series the agent took
+    responsibility for, in any revision (defaults to covered + failed). ``instances_received`` greater than
+    covered + failed means earlier instances were released before this revision (see the README).
+    """
 
     site: str
     study_instance_uid: str
@@ -100,7 +106,8 @@ class FindingInput:
     timings: Timings
     produced_at: float
     agent_host: str
-    instance_count: int | None = None
+    failed_instance_uids: Sequence[str] = ()
+    instances_received: int | None = None
 
 
 def rfc3339(unix_seconds: float) -> str:
@@ -193,9 +200,10 @@ def build_finding(inp: FindingInput) -> dict[str, Any]:
         raise ValueError("a finding needs at least one instance")
     if inp.revision < 0:
         raise ValueError("revision must be >= 0")
-    instance_count = len(inp.sop_instance_uids) if inp.instance_count is None else inp.instance_count
-    if instance_count < 1:
-        raise ValueError("instance_count must be >= 1")
+    inferred, failed = len(inp.sop_instance_uids), len(inp.failed_instance_uids)
+    received = inferred + failed if inp.instances_received is None else inp.instances_received
+    if received < inferred + failed:
+        raise ValueError("instances_received must count at least the instances inferred and failed")
     return {
         "schema_version": SCHEMA_VERSION,
         "finding_id": message_id(inp.series_instance_uid, inp.model.name, inp.model.version, inp.revision),
@@ -219,7 +227,11 @@ def build_finding(inp: FindingInput) -> dict[str, Any]:
         "labels": [_label(r) for r in inp.labels],
         "priority": inp.priority,
         "heatmap": _heatmap(inp.heatmap),
-        "instance_count": instance_count,
+        "instance_count": received,
+        "instances_received": received,
+        "instances_inferred": inferred,
+        "instances_failed": failed,
+        "failed_instance_uids": list(inp.failed_instance_uids),
         "revision": inp.revision,
         "timings": _timings(inp.timings),
         "produced_at": rfc3339(inp.produced_at),

@@ -24,12 +24,13 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
-from nats.js.api import StreamConfig
+from nats.js.api import StorageType, StreamConfig
 
 from edge_agent.config import BusConfig
 from edge_agent.errors import BusError, JournalError
-from edge_agent.journal import Journal, OutboxRow
-from edge_agent.metrics import Metrics
+from edge_agent.journal import Journal
+from edge_agent.metrics import STREAM_SETTINGS, Metrics
+from edge_agent.outbox import OutboxRow
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,9 @@ MAX_BACKOFF_SECONDS = 30.0
 # A broker that stays down would otherwise log one line per reconnect attempt for hours.
 REPEAT_LOG_SECONDS = 60.0
 SECONDS_PER_DAY = 86_400.0
+# nats-py's close() waits for its reconnect task and writes what is buffered: a frozen broker could hold it.
+CLOSE_TIMEOUT_SECONDS = 5.0
+FORCED_CLOSE_SECONDS = 0.5
 
 _URL_USERINFO = re.compile(r"//[^/@\s]*@")
 
@@ -63,6 +67,30 @@ def error_reason(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):  # nats.errors.TimeoutError is an asyncio.TimeoutError too
         return "timeout"
     return "error"
+
+
+# nats-server's -ERR for a publish its permissions deny; the subject holds site, modality and model only.
+_PUBLISH_DENIED = re.compile(r"[Pp]ermissions [Vv]iolation for [Pp]ublish to \W?([A-Za-z0-9_.*>-]+)")
+# JetStream's error code for a message over the stream's (or account's) maximum message size.
+_JS_MESSAGE_TOO_LARGE = 10054
+
+
+def reject_reason(exc: BaseException, subject_denied: bool) -> str | None:
+    """The ``reason`` a failed publish is parked under as rejected, or None when a retry may succeed."""
+    if isinstance(exc, nats.errors.MaxPayloadError):
+        return "too_large"
+    if isinstance(exc, nats.js.errors.APIError) and (
+        exc.err_code == _JS_MESSAGE_TOO_LARGE or "size exceeds" in (exc.description or "").lower()
+    ):
+        return "too_large"
+    if subject_denied and isinstance(exc, TimeoutError | nats.errors.NoRespondersError):
+        return "permission"
+    return None
+
+
+def row_backoff_seconds(attempt: int, first_seconds: float, max_seconds: float = MAX_BACKOFF_SECONDS) -> float:
+    """How long one outbox row waits after its ``attempt``-th failure (1 = the first)."""
+    return float(min(max_seconds, first_seconds * 2.0 ** min(max(attempt - 1, 0), 30)))
 
 
 def connect_options(url: str, *, token: str | None = None, user: str | None = None, password: str | None = None,
@@ -106,6 +134,50 @@ async def cancel_and_wait(task: asyncio.Task[Any], retry_seconds: float = 0.1) -
         await asyncio.wait({task}, timeout=retry_seconds)
 
 
+def subject_covers(pattern: str, subject: str) -> bool:
+    """True if every subject that ``subject`` (which may end in ``>``) matches is matched by ``pattern``."""
+    have, want = pattern.split("."), subject.split(".")
+    for i, token in enumerate(have):
+        if token == ">":
+            return i < len(want)
+        if i >= len(want) or want[i] == ">" or (token != "*" and token != want[i]):
+            return False
+    return len(have) == len(want)
+
+
+def stream_mismatches(have: StreamConfig, config: BusConfig) -> dict[str, str]:
+    """The settings in which an existing stream differs from the one this agent would create: setting -> why.
+
+    The keys are those of metrics.STREAM_SETTINGS. Durations are compared in seconds, to the millisecond.
+    """
+    out: dict[str, str] = {}
+    want_subject = f"{config.subject_prefix}.>"
+    subjects = list(have.subjects or [])
+    if not any(subject_covers(s, want_subject) for s in subjects):
+        out["subjects"] = f"subjects {', '.join(subjects) or '(none)'} do not cover {want_subject}"
+    window = have.duplicate_window or 0.0
+    if abs(window - config.duplicate_window_seconds) > 1e-3:
+        out["duplicate_window"] = f"duplicate_window {window:g} s, configured {config.duplicate_window_seconds:g} s"
+    max_age = have.max_age or 0.0
+    want_max_age = config.max_age_days * SECONDS_PER_DAY
+    if abs(max_age - want_max_age) > 1e-3:
+        out["max_age"] = f"max_age {max_age:g} s (0: unlimited), configured {want_max_age:g} s"
+    storage = str(getattr(have.storage, "value", have.storage) or StorageType.FILE.value)
+    if storage != StorageType.FILE.value:
+        out["storage"] = f"storage {storage}, edge-agent creates file storage"
+    return out
+
+
+async def wait_unless_forced(task: asyncio.Future[Any], force: asyncio.Event, timeout_seconds: float) -> None:
+    """Wait until ``task`` is done, ``force`` is set or the timeout passes; ``task`` is left as it is."""
+    forced = asyncio.ensure_future(force.wait())
+    try:
+        await asyncio.wait({task, forced}, timeout=timeout_seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        forced.cancel()
+        await asyncio.wait({forced})
+
+
 class _Backoff:
     def __init__(self, first_seconds: float, max_seconds: float = MAX_BACKOFF_SECONDS) -> None:
         self._first = first_seconds
@@ -138,6 +210,7 @@ class Publisher:
         self._flushed = asyncio.Event()
         self._stream_ready = False
         self._last_logged: dict[str, float] = {}
+        self._denied_subjects: set[str] = set()
 
     @property
     def connected(self) -> bool:
@@ -156,21 +229,33 @@ class Publisher:
         self._flushed.clear()
         self._wake.set()
 
-    async def stop(self, flush_timeout_seconds: float) -> int:
-        """Publish what is pending within the timeout, then drain the connection. Returns how many remain."""
+    async def stop(self, flush_timeout_seconds: float, force: asyncio.Event | None = None) -> int:
+        """Publish what is pending within the timeout, then drain the connection. Returns how many remain.
+
+        ``force`` set (the daemon's second signal), before or during the call, ends both waits at once: a
+        broker that is down must not hold up a forced exit. What was not acknowledged stays in the outbox
+        and is published after the next start.
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + flush_timeout_seconds
+        force = force if force is not None else asyncio.Event()
         task, self._task = self._task, None
         if task is not None:
-            if not task.done() and await self._count_pending():
+            pending = 0 if task.done() or force.is_set() else await self._count_pending()
+            if pending:
                 self.wake()
-                with suppress(TimeoutError):
-                    await asyncio.wait_for(self._flushed.wait(), flush_timeout_seconds)
+                logger.info("publishing %d pending finding(s) before stopping, for up to %.0f s", pending,
+                            flush_timeout_seconds)
+                flushed = asyncio.ensure_future(self._flushed.wait())
+                await wait_unless_forced(flushed, force, flush_timeout_seconds)
+                flushed.cancel()
             await cancel_and_wait(task)
             failure = None if task.cancelled() else task.exception()
             if failure is not None:
                 logger.error("the publisher task had failed: %s", describe_error(failure))
-        await self._close_connection(max(deadline - loop.time(), 0.1))
+        if force.is_set():
+            logger.warning("forced exit: not waiting for the NATS server; unpublished findings stay in the outbox")
+        await self._close_connection(max(deadline - loop.time(), 0.1), force)
         pending = await self._count_pending()
         self._metrics.outbox_pending.set(pending)
         logger.info("publisher stopped: %d finding(s) left in the outbox", pending)
@@ -249,30 +334,32 @@ class Publisher:
             return nc
 
     async def _ensure_stream(self, js: JetStreamContext) -> None:
-        """Create the findings stream, or bring an existing one to our subjects and windows."""
+        """Create the findings stream if it is missing. An existing stream is compared, never changed.
+
+        A stream may be shared with other producers or set up by its operator: changing its max_age would
+        purge their messages, and two boxes with different configs would undo each other at every reconnect.
+        Differences are logged once per connection and shown in edge_agent_stream_config_mismatch{setting}.
+        """
         cfg = self._config
         want_subject = f"{cfg.subject_prefix}.>"
-        max_age_seconds = cfg.max_age_days * SECONDS_PER_DAY
         try:
             try:
                 info = await js.stream_info(cfg.stream)
             except nats.js.errors.NotFoundError:
-                await js.add_stream(StreamConfig(name=cfg.stream, subjects=[want_subject],
-                                                 duplicate_window=cfg.duplicate_window_seconds,
-                                                 max_age=max_age_seconds))
-                logger.info("created stream %s for subjects %s", cfg.stream, want_subject)
-            else:
-                have = info.config
-                changes: dict[str, Any] = {}
-                if want_subject not in (have.subjects or []):
-                    changes["subjects"] = [*(have.subjects or []), want_subject]
-                if abs((have.duplicate_window or 0.0) - cfg.duplicate_window_seconds) > 1e-3:
-                    changes["duplicate_window"] = cfg.duplicate_window_seconds
-                if abs((have.max_age or 0.0) - max_age_seconds) > 1e-3:
-                    changes["max_age"] = max_age_seconds
-                if changes:
-                    await js.update_stream(have.evolve(**changes))
-                    logger.info("updated stream %s: %s", cfg.stream, ", ".join(sorted(changes)))
+                try:
+                    await js.add_stream(StreamConfig(name=cfg.stream, subjects=[want_subject],
+                                                     duplicate_window=cfg.duplicate_window_seconds,
+                                                     max_age=cfg.max_age_days * SECONDS_PER_DAY,
+                                                     storage=StorageType.FILE))
+                except nats.js.errors.APIError:
+                    # Another box may have created it meanwhile, with its own settings: compare with those.
+                    info = await js.stream_info(cfg.stream)
+                else:
+                    logger.info("created stream %s for subjects %s", cfg.stream, want_subject)
+                    self._report_stream_mismatches({})
+                    self._stream_ready = True
+                    return
+            self._report_stream_mismatches(stream_mismatches(info.config, cfg))
         except nats.js.errors.ServiceUnavailableError as exc:
             self._log_repeated("stream", "JetStream is not available yet for stream %s: %s", cfg.stream,
                                describe_error(exc))
@@ -289,21 +376,41 @@ class Publisher:
             return
         self._stream_ready = True
 
+    def _report_stream_mismatches(self, mismatches: dict[str, str]) -> None:
+        for setting in STREAM_SETTINGS:
+            self._metrics.stream_config_mismatch.labels(setting=setting).set(1 if setting in mismatches else 0)
+        # Once per connection: _last_logged is cleared on every connect and reconnect.
+        if mismatches and "stream_settings" not in self._last_logged:
+            self._last_logged["stream_settings"] = time.monotonic()
+            logger.warning("stream %s differs from this agent's bus settings and is left as it is (edge-agent "
+                           "never changes an existing stream; align the config or the stream): %s",
+                           self._config.stream, "; ".join(mismatches[s] for s in STREAM_SETTINGS if s in mismatches))
+
     async def _drain_outbox(self, js: JetStreamContext) -> bool:
-        """Publish every pending row. False as soon as one fails (the caller backs off)."""
+        """Publish every pending row that is due. False when the broker itself failed (the caller backs off).
+
+        A failure that belongs to one row (the stream refused it) backs that row off, or parks it as
+        rejected when no retry can help, and the rows behind it go on (issue 8, defect 6).
+        """
+        outbox = self._journal.outbox
         while True:
-            rows = await asyncio.to_thread(self._journal.pending_outbox, BATCH_ROWS)
-            pending = len(rows) if len(rows) < BATCH_ROWS else await self._count_pending()
-            self._metrics.outbox_pending.set(pending)
+            rows = await asyncio.to_thread(outbox.pending, BATCH_ROWS)
             for row in rows:
                 if not await self._publish(js, row):
+                    await self._update_backlog()
                     return False
-                pending -= 1
-                self._metrics.outbox_pending.set(pending)
+            await self._update_backlog()
             if len(rows) < BATCH_ROWS:
                 return True
 
+    async def _update_backlog(self) -> None:
+        counts = await asyncio.to_thread(self._journal.counts)
+        self._metrics.outbox_pending.set(counts.outbox_pending)
+        self._metrics.outbox_rejected_rows.set(counts.outbox_rejected)
+
     async def _publish(self, js: JetStreamContext, row: OutboxRow) -> bool:
+        """One row. False only when the broker failed (a time-out, no stream, a lost connection)."""
+        outbox = self._journal.outbox
         try:
             ack = await js.publish(row.subject, row.payload, timeout=self._config.publish_timeout_seconds,
                                    headers={"Nats-Msg-Id": row.msg_id})
@@ -311,14 +418,26 @@ class Publisher:
             reason = error_reason(exc)
             self._metrics.publish_errors.labels(reason=reason).inc()
             self._metrics.findings.labels(model=row.model, outcome="publish_error").inc()
-            await asyncio.to_thread(self._journal.outbox_attempt_failed, row.id, f"{reason}: {describe_error(exc)}")
+            rejected = reject_reason(exc, row.subject in self._denied_subjects)
+            if rejected is not None:
+                await asyncio.to_thread(outbox.reject, row.id, f"{rejected}: {describe_error(exc)}")
+                self._metrics.outbox_rejected.labels(reason=rejected).inc()
+                logger.error("finding %d rejected for good (%s): parked in the outbox for an operator; later "
+                             "findings go on (%s)", row.id, rejected, describe_error(exc))
+                return True
+            retry_at = time.time() + row_backoff_seconds(row.attempts + 1, self._config.reconnect_wait_seconds)
+            await asyncio.to_thread(outbox.attempt_failed, row.id, f"{reason}: {describe_error(exc)}", retry_at)
             self._log_repeated(f"publish:{reason}", "publishing finding %d failed (%s, attempt %d), will retry: %s",
                                row.id, reason, row.attempts + 1, describe_error(exc))
             if reason == "no_responders":
                 # No stream answered: it may have been deleted, or the broker lost its storage.
                 self._stream_ready = False
-            return False
-        series_id = await asyncio.to_thread(self._journal.ack_finding, row.id, ack.seq)
+            # The stream answered about this row alone (e.g. it is full and discards new messages): the rows
+            # behind it may still go. Anything else is the broker's trouble: back off as a whole.
+            return isinstance(exc, nats.js.errors.APIError) and not isinstance(
+                exc, nats.js.errors.ServiceUnavailableError
+            )
+        series_id = await asyncio.to_thread(outbox.ack, row.id, ack.seq)
         self._last_logged.pop("publish:timeout", None)
         self._last_logged.pop("publish:no_responders", None)
         self._last_logged.pop("publish:error", None)
@@ -344,23 +463,31 @@ class Publisher:
         counts = await asyncio.to_thread(self._journal.counts)
         return counts.outbox_pending
 
-    async def _close_connection(self, timeout_seconds: float) -> None:
+    async def _close_connection(self, timeout_seconds: float, force: asyncio.Event) -> None:
         nc, self._nc = self._nc, None
         if nc is None or nc.is_closed:
             return
-        if nc.is_connected:
+        if nc.is_connected and not force.is_set():
             # A task and asyncio.wait rather than wait_for: nc.drain() swallows one cancellation and
             # then flushes, which waits on a frozen broker for as long as nats-py's own flush timeout.
             draining = asyncio.create_task(nc.drain())
-            await asyncio.wait({draining}, timeout=timeout_seconds)
+            await wait_unless_forced(draining, force, timeout_seconds)
             if not draining.done():
-                logger.warning("draining the NATS connection took over %.1f s; closing it", timeout_seconds)
+                if not force.is_set():
+                    logger.warning("draining the NATS connection took over %.1f s; closing it", timeout_seconds)
                 await cancel_and_wait(draining)
             failure = None if draining.cancelled() else draining.exception()
             if failure is not None:
                 logger.warning("draining the NATS connection failed: %s", describe_error(failure))
-        with suppress(Exception):
-            await nc.close()
+        closing = asyncio.create_task(nc.close())
+        if force.is_set():
+            await asyncio.wait({closing}, timeout=FORCED_CLOSE_SECONDS)
+        else:
+            await wait_unless_forced(closing, force, CLOSE_TIMEOUT_SECONDS)
+        if not closing.done():
+            await cancel_and_wait(closing)
+        elif not closing.cancelled():
+            closing.exception()  # retrieved, so that asyncio does not log it: the connection is gone either way
         self._metrics.broker_connected.set(0)
 
     # -- nats-py callbacks ------------------------------------------------------------------------
@@ -380,6 +507,11 @@ class Publisher:
             logger.debug(msg, *args)
 
     async def _on_error(self, exc: Exception) -> None:
+        denied = _PUBLISH_DENIED.search(str(exc))
+        if denied is not None:
+            # The server refuses this subject to our credentials: its publishes only ever time out. Remember
+            # it, so that those rows are parked as rejected instead of retried for ever.
+            self._denied_subjects.add(denied.group(1))
         self._log_repeated("nats", "NATS connection problem: %s", describe_error(exc))
 
     async def _on_disconnected(self) -> None:

@@ -1,8 +1,12 @@
-"""When is a series complete? The rule (pure) and the timers that apply it on the event loop.
+"""When is a series complete? The timers that apply ``series.count_says_complete`` and the quiet time.
 
 DICOM has no "end of series" message: a modality sends instances over one or more associations
-and stops. A series is complete when the modality told us how many instances to expect and that
-many have arrived, or else when no instance has arrived for a quiet time.
+and stops. A series is complete when a trustworthy count says so (``series.count_says_complete``),
+or else when no instance has arrived for the route's quiet time.
+
+The assembler only keeps time. It calls ``on_due(series_id)`` on the loop, synchronously; the
+caller (the pipeline) starts the completion in a task it owns and awaits at shutdown, so that there
+is exactly one owner of every completion (issue 8, defect 1).
 """
 
 from __future__ import annotations
@@ -10,42 +14,31 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 logger = logging.getLogger(__name__)
 
 
-def due_at(last_received: float, quiet_seconds: float, instance_count: int, expected_count: int | None) -> float:
+def due_at(last_received: float, quiet_seconds: float, count_complete: bool) -> float:
     """The clock time at which the series becomes complete if nothing else arrives."""
-    if expected_count is not None and expected_count > 0 and instance_count >= expected_count:
-        return last_received
-    return last_received + quiet_seconds
-
-
-def is_complete(now: float, last_received: float, quiet_seconds: float, instance_count: int,
-                expected_count: int | None) -> bool:
-    """Complete when the expected count is known and reached, or after ``quiet_seconds`` without an instance."""
-    return now >= due_at(last_received, quiet_seconds, instance_count, expected_count)
+    return last_received if count_complete else last_received + quiet_seconds
 
 
 class Assembler:
-    """One timer per open series, re-armed by every stored instance; calls ``on_complete`` when due.
+    """One timer per open series, re-armed by every stored instance; calls ``on_due`` when due.
 
     Timers are ``loop.call_at`` handles, not tasks: a 2000-slice CT re-arms one handle 2000 times
-    instead of creating 2000 sleeping tasks. Completion callbacks run in tasks this object owns and
-    ``close()`` awaits (STYLE.md 4). Every method must be called on the event loop's thread.
+    instead of creating 2000 sleeping tasks. Every method must be called on the event loop's thread.
     """
 
-    def __init__(self, on_complete: Callable[[int], Awaitable[None]],
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self._on_complete = on_complete
+    def __init__(self, on_due: Callable[[int], None], clock: Callable[[], float] = time.monotonic) -> None:
+        self._on_due = on_due
         self._clock = clock
         self._timers: dict[int, asyncio.TimerHandle] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
 
-    def touch(self, series_id: int, quiet_seconds: float, instance_count: int, expected_count: int | None,
-              *, last_received: float | None = None) -> None:
+    def touch(self, series_id: int, quiet_seconds: float, count_complete: bool = False, *,
+              last_received: float | None = None) -> None:
         """An instance of the series was stored: (re-)arm its completion timer.
 
         ``last_received`` (in this assembler's clock; default: now) is for series resumed from the
@@ -56,10 +49,15 @@ class Assembler:
             # Shutting down: the instance is in the journal and the series is resumed on the next start.
             logger.debug("assembler closed; series %d left for the next start", series_id)
             return
-        loop = asyncio.get_running_loop()
         now = self._clock()
         last = now if last_received is None else last_received
-        delay_seconds = due_at(last, quiet_seconds, instance_count, expected_count) - now
+        self.arm(series_id, due_at(last, quiet_seconds, count_complete) - now)
+
+    def arm(self, series_id: int, delay_seconds: float) -> None:
+        """Call ``on_due(series_id)`` after ``delay_seconds`` (replacing any timer the series had)."""
+        if self._closed:
+            return
+        loop = asyncio.get_running_loop()
         old = self._timers.pop(series_id, None)
         if old is not None:
             old.cancel()
@@ -67,48 +65,25 @@ class Assembler:
         self._timers[series_id] = loop.call_at(loop.time() + max(0.0, delay_seconds), self._due, series_id)
 
     def forget(self, series_id: int) -> None:
-        """Stop watching a series (e.g. it expired or failed); a running completion is not cancelled."""
+        """Stop watching a series (it completed, or failed)."""
         handle = self._timers.pop(series_id, None)
         if handle is not None:
             handle.cancel()
 
-    def open_count(self) -> int:
-        """Series with an armed timer (still receiving)."""
-        return len(self._timers)
+    def armed(self, series_id: int) -> bool:
+        return series_id in self._timers
 
-    def running_count(self) -> int:
-        """Completion callbacks still running."""
-        return len(self._tasks)
+    def open_count(self) -> int:
+        """Series with an armed timer (still receiving, or waiting for a retry)."""
+        return len(self._timers)
 
     def _due(self, series_id: int) -> None:
         self._timers.pop(series_id, None)
-        task = asyncio.get_running_loop().create_task(self._complete(series_id), name=f"complete-series-{series_id}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._on_due(series_id)
 
-    async def _complete(self, series_id: int) -> None:
-        try:
-            await self._on_complete(series_id)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            # The series stays in the journal in its last state; the owner's recovery picks it up.
-            # Logged here because nobody else awaits this task's result.
-            logger.exception("completing series %d failed", series_id)
-
-    async def close(self, timeout_seconds: float | None = None) -> None:
-        """Disarm every timer, wait up to ``timeout_seconds`` for running completions, cancel the rest."""
+    def close(self) -> None:
+        """Disarm every timer; nothing is due any more (what was open is resumed at the next start)."""
         self._closed = True
         for handle in self._timers.values():
             handle.cancel()
         self._timers.clear()
-        if not self._tasks:
-            return
-        tasks = set(self._tasks)
-        _, pending = await asyncio.wait(tasks, timeout=None if timeout_seconds is None else max(0.0, timeout_seconds))
-        for task in pending:
-            task.cancel()
-        if pending:
-            logger.warning("assembler: %d series completions cancelled at shutdown", len(pending))
-            await asyncio.gather(*pending, return_exceptions=True)
-

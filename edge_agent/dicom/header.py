@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +44,46 @@ def _int(ds: Dataset, keyword: str) -> int | None:
         return None
 
 
+_HASH_CHUNK_BYTES = 1 << 20
+# File Meta elements (always explicit VR little endian) whose length field is 4 bytes after 2 reserved.
+_LONG_VRS = frozenset({b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN", b"UC", b"UR"})
+
+
+def dataset_offset(head: bytes) -> int:
+    """Where the dataset starts in a Part 10 file whose first bytes are ``head``: after the File Meta group."""
+    if head[128:132] != b"DICM":
+        raise DecodeError("not a DICOM Part 10 file")
+    pos = 132
+    while pos + 8 <= len(head):
+        group = struct.unpack_from("<H", head, pos)[0]
+        if group != 0x0002:
+            return pos
+        vr = head[pos + 4 : pos + 6]
+        if vr in _LONG_VRS:
+            if pos + 12 > len(head):
+                break
+            pos += 12 + struct.unpack_from("<I", head, pos + 8)[0]
+        else:
+            pos += 8 + struct.unpack_from("<H", head, pos + 6)[0]
+    raise DecodeError("the File Meta group does not end")
+
+
+def content_sha256(path: Path) -> str:
+    """SHA-256 of the dataset as encoded, File Meta excluded.
+
+    The File Meta group is written by the receiving side (pynetdicom names the sender's AE title in it),
+    so a PACS re-sending the same instance from another node would differ there, not in the dataset.
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        head = f.read(64 * 1024)
+        start = dataset_offset(head)
+        digest.update(head[start:])
+        while chunk := f.read(_HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def read_meta(path: Path, calling_aet: str, called_aet: str) -> InstanceMeta:
     """Read an instance's header (pixel data is not read). Raises DecodeError without patient data."""
     try:
@@ -73,6 +115,8 @@ def read_meta(path: Path, calling_aet: str, called_aet: str) -> InstanceMeta:
             expected_count=expected if expected is not None and expected > 0 else None,
             calling_aet=calling_aet.strip(),
             called_aet=called_aet.strip(),
+            acquisition_number=_int(ds, "AcquisitionNumber"),
+            content_sha256=content_sha256(path),
         )
     except DecodeError:
         raise

@@ -335,5 +335,15 @@ def preprocess(frame: Frame, prep: Preprocessing, channels: int = 1) -> FloatArr
 
 def load_instance(path: Path, card: ModelCard) -> list[FloatArray]:
     """Decode an instance and preprocess each of its frames for ``card``'s model."""
+    return [x for x, _ in load_instance_shaped(path, card)]
+
+
+def load_instance_shaped(path: Path, card: ModelCard) -> list[tuple[FloatArray, tuple[int, int]]]:
+    """Like ``load_instance``, with each frame's source (rows, columns): a letterboxed model's heat-map box
+    is given in fractions of the image, which needs the image's own shape (issue 8, defect 12)."""
     channels = card.input_shape[0]
-    return [preprocess(frame, card.preprocessing, channels) for frame in decode_frames(path)]
+    out = []
+    for frame in decode_frames(path):
+        rows, cols = frame.pixels.shape[:2]
+        out.append((preprocess(frame, card.preprocessing, channels), (int(rows), int(cols))))
+    return out

@@ -310,6 +310,12 @@ class Receiver:
             name, size_bytes = self._spool.store(src)
             recorded = self._journal.record_instance(meta, name, size_bytes)
             committed = True
+            if recorded.identical:
+                # The same content as the instance held (a lost C-STORE-RSP, a PACS re-send): acknowledged, and
+                # nothing changes (issue 8, defect 2). The new copy is not referenced; the sweep takes it if this fails.
+                self._discard(name)
+                logger.debug("identical re-send of a held instance; nothing changed")
+                return self._count(status.STORED_DUPLICATE)
             if recorded.replaced_spool_name is not None:
                 try:
                     self._spool.remove(recorded.replaced_spool_name)
@@ -320,7 +326,7 @@ class Receiver:
             self._metrics.received_bytes.inc(size_bytes)
             self._metrics.stage_seconds.labels(stage="receive").observe(time.perf_counter() - started)
             logger.debug("stored instance as %s (%d bytes)", name, size_bytes)
-            return self._count(status.STORED_DUPLICATE if recorded.replaced_spool_name else status.STORED)
+            return self._count(status.STORED_REPLACED if recorded.replaced_spool_name else status.STORED)
         except Exception as exc:
             answer = status.answer_for(exc)
             if name is not None and not committed:

@@ -31,7 +31,8 @@ CANNOT_UNDERSTAND = 0xC000
 
 # Outcome label values of metrics.instances (bounded, never from the peer).
 OUTCOME_STORED = "stored"
-OUTCOME_DUPLICATE = "duplicate"
+OUTCOME_DUPLICATE = "duplicate"  # the same content as the instance held: nothing changed
+OUTCOME_REPLACED = "replaced"  # a known SOP instance with new content: the new content replaces it
 OUTCOME_OUT_OF_RESOURCES = "out_of_resources"
 OUTCOME_CANNOT_UNDERSTAND = "cannot_understand"
 OUTCOME_PROCESSING_FAILURE = "processing_failure"
@@ -49,6 +50,7 @@ class Answer:
 
 STORED = Answer(SUCCESS, OUTCOME_STORED)
 STORED_DUPLICATE = Answer(SUCCESS, OUTCOME_DUPLICATE)
+STORED_REPLACED = Answer(SUCCESS, OUTCOME_REPLACED)
 SPOOL_FULL = Answer(OUT_OF_RESOURCES, OUTCOME_OUT_OF_RESOURCES)
 
 

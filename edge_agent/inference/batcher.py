@@ -2,6 +2,12 @@
 
 Items from urgent routes are taken first. The engine call runs in an executor, never on the event loop,
 and one batch is in flight at a time: while it runs, the next batch fills.
+
+Each engine call has a deadline, the model's ``infer_timeout_seconds``. A call that misses it fails its batch
+with EngineTimeoutError, and ``problem`` says so until the call returns. The call itself cannot be stopped
+(see ``_overdue``), so while it is out, later batches are not sent to the engine: they fail at once with
+EngineTimeoutError too, rather than queue behind a call that may never return. Callers treat that error as
+transient and try again later; the first batch formed after the call returns runs as usual.
 """
 
 from __future__ import annotations
@@ -15,7 +21,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edge_agent.errors import EngineError
+from edge_agent.config import DEFAULT_INFER_TIMEOUT_SECONDS
+from edge_agent.errors import EngineError, EngineTimeoutError
 from edge_agent.inference.engine import Engine, EngineOutput, FloatArray, SliceResult
 from edge_agent.metrics import Metrics
 
@@ -40,17 +47,21 @@ class Batcher:
         max_queue_delay_ms: float,
         metrics: Metrics,
         executor: concurrent.futures.Executor,
+        infer_timeout_seconds: float = DEFAULT_INFER_TIMEOUT_SECONDS,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         if max_queue_delay_ms < 0:
             raise ValueError("max_queue_delay_ms must not be negative")
+        if not infer_timeout_seconds > 0:
+            raise ValueError("infer_timeout_seconds must be positive")
         self.model = model
         self.engine = engine
         self.max_batch = max_batch
         self.max_queue_delay_seconds = max_queue_delay_ms / 1000.0
         self.metrics = metrics
         self.executor = executor
+        self.infer_timeout_seconds = infer_timeout_seconds
         self._urgent: deque[_Item] = deque()
         self._routine: deque[_Item] = deque()
         self._wakeup = asyncio.Event()
@@ -61,12 +72,23 @@ class Batcher:
         self._infer_hist = metrics.inference_seconds.labels(model=model)
         self._stage_queue = metrics.stage_seconds.labels(stage="queue")
         self._stage_infer = metrics.stage_seconds.labels(stage="infer")
+        self._timeouts = metrics.engine_timeouts.labels(model=model)
+        # While an engine call that missed its deadline is still out: when it started (time.monotonic()).
+        self._overdue_since: float | None = None
         self.batches = 0  # engine calls made; for logs and tests
 
     @property
     def pending(self) -> int:
         """Items waiting for a batch."""
         return len(self._urgent) + len(self._routine)
+
+    @property
+    def problem(self) -> str | None:
+        """Why this model cannot infer now, for health reports: set while an engine call is overdue."""
+        if self._overdue_since is None:
+            return None
+        seconds = time.monotonic() - self._overdue_since
+        return f"engine {self.model}: an inference call has not returned for {seconds:.0f} s"
 
     @property
     def running(self) -> bool:
@@ -148,30 +170,45 @@ class Batcher:
                 await self._run_batch(items)
 
     async def _run_batch(self, items: list[_Item]) -> None:
+        if self._overdue_since is not None:
+            # The engine is still in a call that missed its deadline. Engines need not take a second call
+            # while one runs (a TensorRT execution context does not), and this one may never return: fail
+            # the batch now rather than have it queue behind that call.
+            self._fail(items, EngineTimeoutError(f"{self.problem}; this batch was not run"))
+            return
         started = time.perf_counter()
         for item in items:
             self._stage_queue.observe(started - item.enqueued_at)
         n = len(items)
         self._batch_hist.observe(n)
+        call: asyncio.Future[EngineOutput] | None = None
         try:
             batch = np.stack([item.x for item in items])
             loop = asyncio.get_running_loop()
-            out: EngineOutput = await loop.run_in_executor(self.executor, self.engine.infer, batch)
+            call_started = time.monotonic()
+            call = loop.run_in_executor(self.executor, self.engine.infer, batch)
+            # asyncio.wait, not wait_for: the call's future must outlive the deadline to say when it returns,
+            # and an engine's own TimeoutError must not pass for a missed deadline.
+            done, _ = await asyncio.wait((call,), timeout=self.infer_timeout_seconds)
+            if not done:
+                self._overdue(call, call_started)
+                raise EngineTimeoutError(
+                    f"{self.model}: the engine call did not return within {self.infer_timeout_seconds:g} s"
+                )
+            out = call.result()
             if out.scores.shape[0] != n or (out.heatmap is not None and out.heatmap.shape[0] != n):
                 raise EngineError(f"{self.model}: engine returned {out.scores.shape[0]} results for {n} inputs")
         except asyncio.CancelledError:
+            if call is not None:
+                call.cancel()
             # stop() gave up waiting (drain timeout): say so to the callers instead of leaving them hanging.
-            for item in items:
-                if not item.future.done():
-                    item.future.set_exception(EngineError(f"{self.model}: the batcher was stopped during inference"))
+            self._fail(items, EngineError(f"{self.model}: the batcher was stopped during inference"))
             raise
         except Exception as exc:
             # The batcher survives: this batch's callers get the error, the next batch runs as usual.
             error = exc if isinstance(exc, EngineError) else EngineError(f"{self.model}: engine call failed: {exc!r}")
             logger.error("model %s: engine call for a batch of %d failed: %s", self.model, n, error)
-            for item in items:
-                if not item.future.done():
-                    item.future.set_exception(error)
+            self._fail(items, error)
             return
         finally:
             self.batches += 1
@@ -183,10 +220,39 @@ class Batcher:
                 heat = None if out.heatmap is None else out.heatmap[i].copy()
                 item.future.set_result(SliceResult(out.scores[i].copy(), heat))
 
-    def _fail_pending(self, reason: str) -> None:
-        for item in self._take_all():
+    def _overdue(self, call: asyncio.Future[EngineOutput], call_started: float) -> None:
+        """An engine call missed its deadline: count it, and report a problem until it returns.
+
+        The thread running it cannot be killed: Python cannot stop a thread, and a call blocked in a CUDA
+        driver or a native kernel would not notice if it could. It holds its executor thread until it returns.
+        """
+        self._overdue_since = call_started
+        self._timeouts.inc()
+        logger.error(
+            "model %s: an engine call has not returned within %g s; batches fail until it does",
+            self.model,
+            self.infer_timeout_seconds,
+        )
+        call.add_done_callback(self._returned)
+
+    def _returned(self, call: asyncio.Future[EngineOutput]) -> None:
+        if not call.cancelled():
+            call.exception()  # retrieved: its batch has failed already, and asyncio would log it as unretrieved
+        if self._overdue_since is not None:
+            logger.warning(
+                "model %s: the overdue engine call returned after %.1f s",
+                self.model,
+                time.monotonic() - self._overdue_since,
+            )
+        self._overdue_since = None
+
+    def _fail(self, items: list[_Item], error: EngineError) -> None:
+        for item in items:
             if not item.future.done():
-                item.future.set_exception(EngineError(f"{self.model}: {reason}"))
+                item.future.set_exception(error)
+
+    def _fail_pending(self, reason: str) -> None:
+        self._fail(self._take_all(), EngineError(f"{self.model}: {reason}"))
 
     def _take_all(self) -> list[_Item]:
         items = [*self._urgent, *self._routine]

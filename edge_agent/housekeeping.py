@@ -1,0 +1,204 @@
+"""Housekeeping: spool retention, the heat-map sweep, orphaned spool files, journal pruning, gauges.
+
+One owner, ticked by the agent's main loop in a thread (disk and database work must not hold up the
+event loop). Each step catches, counts (``edge_agent_housekeeping_errors_total{step}``) and logs its
+own errors, and the daemon goes on: a file that cannot be removed or a database error here is an
+operator's matter, and a restart would only start into the same state until systemd gives up.
+
+Logs carry error kinds and counts only, never paths or names of spool files (spool names are random,
+but they still lead to a patient's images).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from edge_agent.config import AgentConfig, Retention
+from edge_agent.dicom.spool import Spool
+from edge_agent.journal import Journal
+from edge_agent.metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+RELEASE = "release"
+HEATMAPS = "heatmaps"
+ORPHANS = "orphans"
+PRUNE = "prune"
+GAUGES = "gauges"
+
+# Heat maps are kept for days, and orphans and prunable rows are rare: listing folders or deleting rows
+# every tick would be wasted work.
+HEATMAP_SWEEP_SECONDS = 600.0
+ORPHAN_SWEEP_SECONDS = 3600.0
+PRUNE_SECONDS = 3600.0
+# While the daemon runs, a spool file younger than this may be an instance being received right now,
+# whose journal row is not committed yet: the periodic sweep leaves it alone.
+ORPHAN_MIN_AGE_SECONDS = 3600.0
+# A step that fails every tick would otherwise log a line a second for as long as the fault lasts.
+REPEAT_LOG_SECONDS = 600.0
+SECONDS_PER_DAY = 86_400.0
+
+
+@dataclass(frozen=True)
+class StepError:
+    """The last error of one step, for /status: when (Unix time) and what kind (no paths)."""
+
+    at: float
+    error: str
+
+
+def describe_error(exc: BaseException) -> str:
+    """The kind of an error, for logs and /status: an OSError's file names are left out."""
+    if isinstance(exc, OSError):
+        code = errno.errorcode.get(exc.errno, "") if isinstance(exc.errno, int) else ""
+        parts = [type(exc).__name__, f"[{code}]" if code else "", exc.strerror or ""]
+        return " ".join(p for p in parts if p)
+    text = str(exc).strip()[:200]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class Housekeeping:
+    """Runs the housekeeping steps; call :meth:`tick` from a thread once per main-loop tick."""
+
+    def __init__(self, config: AgentConfig, journal: Journal, spool: Spool, metrics: Metrics) -> None:
+        self._config = config
+        self._journal = journal
+        self._spool = spool
+        self._metrics = metrics
+        self._heatmap_dir = config.state_dir / "heatmaps"
+        # The last error of each step that failed since start; a later success does not clear it.
+        self.last_errors: dict[str, StepError] = {}
+        now = time.monotonic()
+        # The start-up sweep (remove_orphans_at_start) covers the first hour.
+        self._next_run = {HEATMAPS: now, ORPHANS: now + ORPHAN_SWEEP_SECONDS, PRUNE: now}
+        self._last_logged: dict[str, float] = {}
+        self._unlogged: dict[str, int] = {}
+        # The main loop's tick and an acknowledgement (retain_seconds 0) may both release at once.
+        self._release_lock = threading.Lock()
+
+    # -- what the agent calls ---------------------------------------------------------------------
+
+    def tick(self, now: float | None = None) -> None:
+        """Run the steps that are due at ``now`` (monotonic). Never raises: each step counts its own errors."""
+        self.release_due()
+        now = time.monotonic() if now is None else now
+        periodic: tuple[tuple[str, float, Callable[[], None]], ...] = (
+            (HEATMAPS, HEATMAP_SWEEP_SECONDS, self._remove_old_heatmaps),
+            (ORPHANS, ORPHAN_SWEEP_SECONDS, lambda: self._remove_orphans(ORPHAN_MIN_AGE_SECONDS)),
+            (PRUNE, PRUNE_SECONDS, self._prune),
+        )
+        for step, every_seconds, run in periodic:
+            if now >= self._next_run[step]:
+                # Scheduled before it runs: a step that fails waits its interval like one that succeeds.
+                self._next_run[step] = now + every_seconds
+                self._run(step, run)
+        self.update_gauges()
+
+    def update_gauges(self) -> None:
+        """Outbox and spool gauges from the journal and the file system."""
+        self._run(GAUGES, self._update_gauges)
+
+    def release_due(self) -> None:
+        """Delete the spool files of series whose finding was acknowledged longer ago than the retention."""
+        self._run(RELEASE, self._release)
+
+    def remove_orphans_at_start(self) -> None:
+        """Before the receiver starts, every unreferenced spool file is one no sender was told is stored."""
+        self._run(ORPHANS, lambda: self._remove_orphans(0.0))
+
+    # -- the steps --------------------------------------------------------------------------------
+
+    def _release(self) -> None:
+        spool = self._config.spool
+        if spool.retention != Retention.DELETE:
+            return
+        with self._release_lock:
+            # The journal records the release first, one transaction per series; the files go after. A crash
+            # in between, or a file that cannot be removed, leaves an orphan for the orphan sweep: never a
+            # journal row pointing at a file that is gone.
+            claimed = self._journal.claim_releasable(time.time() - spool.retain_seconds)
+            for _series_id, names in claimed:
+                for name in names:
+                    try:
+                        self._spool.remove(name)
+                    except (OSError, ValueError) as exc:
+                        self._failed(RELEASE, exc)
+
+    def _remove_old_heatmaps(self) -> None:
+        if not os.path.lexists(self._heatmap_dir):
+            return  # none written yet
+        cutoff = time.time() - self._config.heatmaps.retain_days * SECONDS_PER_DAY
+        # scandir, not is_dir(): a heatmaps path that is not a folder is a fault to count, not to skip.
+        with os.scandir(self._heatmap_dir) as entries:
+            for entry in entries:
+                if not entry.name.endswith(".png"):
+                    continue
+                try:
+                    if entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                        os.unlink(entry.path)
+                except FileNotFoundError:
+                    continue
+                except OSError as exc:
+                    self._failed(HEATMAPS, exc)
+
+    def _remove_orphans(self, min_age_seconds: float) -> None:
+        """Spool files no journal row references: never acknowledged, or released but not deleted."""
+        orphans = self._spool.orphans(self._journal.referenced_spool_names(), min_age_seconds)
+        removed = 0
+        for name in orphans:
+            try:
+                self._spool.remove(name)
+            except (OSError, ValueError) as exc:
+                self._failed(ORPHANS, exc)
+            else:
+                removed += 1
+        if removed:
+            logger.info("removed %d spool files that no journal row references", removed)
+
+    def _prune(self) -> None:
+        older_than = time.time() - self._config.journal.prune_after_days * SECONDS_PER_DAY
+        counts = self._journal.prune(older_than)
+        if any(counts.values()):
+            logger.info(
+                "journal pruned: %s", ", ".join(f"{n} {table}" for table, n in sorted(counts.items()) if n)
+            )
+
+    def _update_gauges(self) -> None:
+        counts = self._journal.counts()
+        self._metrics.outbox_pending.set(counts.outbox_pending)
+        self._metrics.spool_bytes.set(counts.spool_bytes)
+        self._metrics.spool_free_bytes.set(self._spool.free_bytes())
+
+    # -- errors -----------------------------------------------------------------------------------
+
+    def _run(self, step: str, run: Callable[[], None]) -> None:
+        try:
+            run()
+        except Exception as exc:
+            self._failed(step, exc)
+
+    def _failed(self, step: str, exc: BaseException) -> None:
+        self._metrics.housekeeping_errors.labels(step=step).inc()
+        kind = describe_error(exc)
+        self.last_errors[step] = StepError(time.time(), kind)
+        now = time.monotonic()
+        last = self._last_logged.get(step)
+        if last is not None and now - last < REPEAT_LOG_SECONDS:
+            self._unlogged[step] = self._unlogged.get(step, 0) + 1
+            logger.debug("housekeeping step %s failed: %s", step, kind)
+            return
+        self._last_logged[step] = now
+        more = self._unlogged.pop(step, 0)
+        logger.error(
+            "housekeeping step %s failed: %s (%d more failures of this step since the last report; the daemon "
+            "goes on, edge_agent_housekeeping_errors_total counts them)",
+            step,
+            kind,
+            more,
+        )

@@ -1,0 +1,632 @@
+"""The fault-injection scenarios, sized by their arguments: tests/test_faults.py runs them small, bench/faults.py big.
+
+Each takes a fresh work folder and returns an ``Outcome`` (a row of docs/reliability.md); a scenario this
+machine cannot inject (no root for a mount, no ``chattr``) raises ``CannotInject`` or pytest's skip.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nats.js.api import DiscardPolicy
+
+from tests.dicomfiles import fill, tmpfs
+from tests.faults import (
+    FaultProxy,
+    Item,
+    Outcome,
+    Rig,
+    dcmtk_store,
+    immutable,
+    is_success,
+    make_stream,
+    model_repository,
+    read_only_bind,
+    stream_messages,
+    update_stream,
+)
+from tests.natsutil import NatsServer
+
+# The CT route completes a series after this long without a new slice (write_config's overrides).
+CT_QUIET_SECONDS = 1.0
+FINDING_TIMEOUT_SECONDS = 90.0
+
+
+@contextlib.contextmanager
+def rig(work: Path, **kwargs: object) -> Iterator[Rig]:
+    r = Rig(work, **kwargs)  # type: ignore[arg-type]
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+def _expect_finding(r: Rig, items: list[Item], what: str, timeout_seconds: float = FINDING_TIMEOUT_SECONDS) -> bool:
+    if r.wait_finding(items, timeout_seconds):
+        return True
+    r.problems.append(f"{what}: no finding for {r.names.get(items[0].series_uid, 'the series')} in "
+                      f"{timeout_seconds:.0f} s (log: {r.log_tail(4)})")
+    return False
+
+
+def _send(r: Rig, items: list[Item], what: str) -> bool:
+    left = r.send(items)
+    if left:
+        r.problems.append(f"{what}: {len(left)} of {len(items)} instance(s) never got Success "
+                          f"(refusals {dict(r.ledger.refused)}, {r.ledger.no_response} without a response)")
+    return not left
+
+
+# -- SIGKILL at random moments ----------------------------------------------------------------------------
+
+
+@dataclass
+class SeriesPlan:
+    items: list[Item]
+    late: list[Item] = field(default_factory=list)  # sent after the series' finding appeared
+    resend_open: Item | None = None  # an identical re-send in the same association
+    resend_after: Item | None = None  # an identical re-send after the series' finding appeared
+
+    @property
+    def uid(self) -> str:
+        return self.items[0].series_uid
+
+    @property
+    def stores(self) -> int:
+        return len(self.items) + len(self.late) + (self.resend_open is not None) + (self.resend_after is not None)
+
+
+def plan_workload(r: Rig, instances: int, rng: random.Random) -> list[SeriesPlan]:
+    """CR radiographs and 5-30 slice CT series until ``instances``; some late instances, some identical re-sends."""
+    plans: list[SeriesPlan] = []
+    total = 0
+    while total < instances:
+        if rng.random() < 0.3:
+            plan = SeriesPlan(r.cr())
+        else:
+            slices = rng.randint(5, 30)
+            late = rng.random() < 0.25
+            # Images in Acquisition completes a series by count; a series that will get a late slice must not
+            # say it is complete before that slice.
+            items = r.ct(slices + late, images_in_acquisition=not late and rng.random() < 0.2)
+            plan = SeriesPlan(items[:slices], items[slices:])
+        if rng.random() < 0.15:
+            plan.resend_open = rng.choice(plan.items)
+        if rng.random() < 0.15:
+            plan.resend_after = rng.choice(plan.items)
+        plans.append(plan)
+        total += len(plan.items) + len(plan.late)
+    # Every run has at least one of each kind, whatever the dice said.
+    cts = [p for p in plans if len(p.items) > 1] or plans
+    if not any(p.late for p in plans):
+        extra = r.ct(1)[0]
+        # A late slice of an existing CT series: a copy of the series' first slice under a new SOP Instance UID.
+        cts[0].late.append(_late_slice(r, cts[0], extra))
+    if not any(p.resend_open for p in plans):
+        cts[-1].resend_open = cts[-1].items[0]
+    if not any(p.resend_after for p in plans):
+        plans[0].resend_after = plans[0].items[0]
+    return plans
+
+
+def _late_slice(r: Rig, plan: SeriesPlan, template: Item) -> Item:
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    ds = pydicom.dcmread(plan.items[-1].path)
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.InstanceNumber = len(plan.items) + 1
+    path = plan.items[-1].path.with_name(f"late-{ds.SOPInstanceUID[-12:]}.dcm")
+    ds.save_as(path, enforce_file_format=True)
+    template.path.unlink(missing_ok=True)
+    return Item.of(path)
+
+
+class Workload:
+    """Sender threads working through the plans: each series, then its late slice and re-send once its finding is out."""
+
+    def __init__(self, r: Rig, plans: list[SeriesPlan], senders: int, deadline: float) -> None:
+        self.r = r
+        self.plans = plans
+        self.deadline = deadline
+        self._lock = threading.Lock()
+        self._todo: list[tuple[str, SeriesPlan]] = [("series", p) for p in plans]
+        self._busy = 0
+        self.planned_stores = sum(p.stores for p in plans)
+        self.skipped: list[str] = []
+        self.failures: list[str] = []
+        self.done = threading.Event()
+        self._threads = [threading.Thread(target=self._work, name=f"sender-{i}", daemon=True) for i in range(senders)]
+        self._live = senders
+
+    def start(self) -> None:
+        for t in self._threads:
+            t.start()
+
+    def join(self, timeout_seconds: float) -> bool:
+        return self.done.wait(timeout_seconds)
+
+    def _ready(self, kind: str, plan: SeriesPlan) -> bool:
+        assert self.r.watcher is not None
+        return kind == "series" or bool(self.r.watcher.findings(plan.uid))
+
+    def _next(self) -> tuple[str, SeriesPlan] | None:
+        assert self.r.watcher is not None
+        while True:
+            with self._lock:
+                for n, (kind, plan) in enumerate(self._todo):
+                    if self._ready(kind, plan):
+                        self._busy += 1
+                        return self._todo.pop(n)
+                if not self._todo and not self._busy:
+                    return None
+                waiting = list(self._todo)
+            if time.monotonic() > self.deadline:
+                with self._lock:
+                    self.skipped += [f"{k} of {self.r.names.get(p.uid)}" for k, p in self._todo]
+                    self._todo.clear()
+                return None
+            # Late slices and re-sends wait for their series' finding; wake on each new finding.
+            self.r.watcher.wait(lambda w=waiting: any(self._ready(k, p) for k, p in w), 0.5)
+
+    def _work(self) -> None:
+        try:
+            while (task := self._next()) is not None:
+                kind, plan = task
+                try:
+                    self._do(kind, plan)
+                finally:
+                    with self._lock:
+                        self._busy -= 1
+        except Exception as exc:  # reported with the outcome, not lost in a thread
+            self.failures.append(f"sender failed: {exc!r}")
+        finally:
+            with self._lock:
+                self._live -= 1
+                if not self._live:
+                    self.done.set()
+
+    def _do(self, kind: str, plan: SeriesPlan) -> None:
+        scu = self.r.scu()
+        if kind == "series":
+            batch = plan.items + ([plan.resend_open] if plan.resend_open is not None else [])
+            left = scu.store_until_acked(batch, self.r.up, self.deadline)
+            if left:
+                self.skipped.append(f"{len(left)} instance(s) of {self.r.names.get(plan.uid)} never acknowledged")
+                return
+            self.r.ledger.series_done(plan.uid)
+            with self._lock:
+                self._todo += [("late", plan)] * bool(plan.late) + [("resend", plan)] * (plan.resend_after is not None)
+        elif kind == "late":
+            scu.store_until_acked(plan.late, self.r.up, self.deadline)
+        else:
+            assert plan.resend_after is not None
+            scu.store_until_acked([plan.resend_after], self.r.up, self.deadline)
+
+
+KILL_MOMENTS = ("random", "after a Success", "while completing", "during inference", "after a publish")
+
+
+def _kill_moment(r: Rig, kind: str, rng: random.Random, timeout_seconds: float) -> bool:
+    """Wait for the moment ``kind`` names; False if it did not come within the timeout (killed anyway)."""
+    assert r.watcher is not None
+    ledger = r.ledger
+    if kind == "random":
+        threading.Event().wait(rng.uniform(0.05, 2.0))  # the fault's timing, not a synchronisation
+        return True
+    if kind == "after a Success":
+        seen = ledger.successes
+        return ledger.wait(lambda: ledger.successes > seen, timeout_seconds)
+    if kind == "while completing":
+        # A series' last instance got Success: the quiet time (or Images in Acquisition) starts its completion.
+        seen = len(ledger.series_sent)
+        if not ledger.wait(lambda: len(ledger.series_sent) > seen, timeout_seconds):
+            return False
+        threading.Event().wait(rng.uniform(0.0, CT_QUIET_SECONDS + 0.5))
+        return True
+    if kind == "during inference":
+        before = r.scrape("edge_agent_instances_total", outcome="inferred")
+        return before is not None and r.wait_scrape(
+            "edge_agent_instances_total", lambda v: v > before, timeout_seconds, outcome="inferred")
+    seen = r.watcher.count()
+    return r.watcher.wait(lambda: r.watcher is not None and r.watcher.count() > seen, timeout_seconds)
+
+
+def sigkill(work: Path, *, kills: int = 3, instances: int = 60, seed: int = 1, senders: int = 2,
+            moment_timeout_seconds: float = 10.0, settle_seconds: float = 180.0) -> Outcome:
+    """SIGKILL the daemon ``kills`` times at random and targeted moments while series stream in; restart it."""
+    rng = random.Random(seed)
+    with rig(work, **{"spool.retain_seconds": 86_400, "routes.1.quiet_seconds": CT_QUIET_SECONDS}) as r:
+        r.start_daemon()
+        r.watch()
+        plans = plan_workload(r, instances, rng)
+        load = Workload(r, plans, senders, time.monotonic() + 60 + 2.0 * instances)
+        load.start()
+        moments: Counter[str] = Counter()
+        order: list[str] = []
+        for k in range(kills):
+            if not order:
+                order = list(KILL_MOMENTS)
+                rng.shuffle(order)
+            kind = order.pop()
+            # Spread the kills over the workload; once it is all sent, the rest land on completion and publish.
+            target = (k + 1) * load.planned_stores / (kills + 1)
+            r.ledger.wait(lambda t=target: r.ledger.stores >= t or load.done.is_set(), 600)
+            if not r.check_alive(f"before kill {k + 1}"):
+                r.start_daemon()
+            came = _kill_moment(r, kind, rng, moment_timeout_seconds)
+            r.kill9()
+            moments[kind if came else f"{kind} (not seen in {moment_timeout_seconds:.0f} s)"] += 1
+            r.start_daemon()
+        if not load.join(60 + 2.0 * instances):
+            r.problems.append("the senders did not finish")
+        if not r.alive:
+            r.check_alive("after the workload")
+            r.start_daemon()
+        r.settle(settle_seconds)
+        injected = "SIGKILL at " + ", ".join(f"{n} {m}" for m, n in sorted(moments.items())) + "; restarted"
+        out = r.outcome("SIGKILL at random moments", injected, kills)
+        r.terminate()
+        out.problems += load.failures + [p for p in r.problems if p not in out.problems]
+        out.notes.append(f"{len(plans)} series ({sum(1 for p in plans if len(p.items) == 1)} CR, "
+                         f"{sum(1 for p in plans if len(p.items) > 1)} CT), {sum(bool(p.late) for p in plans)} with a "
+                         f"late slice, {sum((p.resend_open is not None) + (p.resend_after is not None) for p in plans)} "
+                         f"identical re-sends; {r.ledger.no_response} C-STOREs cut off by a kill and re-sent")
+        out.notes += load.skipped
+        return out
+
+
+# -- SIGTERM while a slow engine completes a series ------------------------------------------------------
+
+
+def sigterm_slow_engine(work: Path, *, slices: int = 16, seconds_per_image: float = 0.25, rounds: int = 1) -> Outcome:
+    """SIGTERM while a series is being completed by a slow engine; the finding after restart covers every instance."""
+    repo, measured = model_repository(work / "models", seconds_per_image)
+    overrides = {
+        "model_repository": str(repo),
+        "routes.1.model": "ct-slow",
+        "routes.1.quiet_seconds": CT_QUIET_SECONDS,
+        "models.ct-slow": {"max_batch": 2, "max_queue_delay_ms": 0},
+        # Shorter than the series' inference: the drain runs out while the series is still being completed.
+        "pipeline.drain_timeout_seconds": 1.0,
+        "spool.retain_seconds": 86_400,
+    }
+    with rig(work, **overrides) as r:
+        r.start_daemon()
+        r.watch()
+        at_term: list[int] = []
+        for _ in range(rounds):
+            items = r.ct(slices, images_in_acquisition=True)  # complete at the last slice's arrival
+            before = r.scrape("edge_agent_instances_total", outcome="inferred") or 0.0
+            if not _send(r, items, "sending the series"):
+                break
+            # Completion has begun (the count arrived); SIGTERM once inference is under way and not done.
+            r.wait_scrape("edge_agent_instances_total", lambda v, b=before: v > b, 60, outcome="inferred")
+            done = round((r.scrape("edge_agent_instances_total", outcome="inferred") or before) - before)
+            at_term.append(done)
+            if done >= slices:
+                r.problems.append(f"the engine had inferred all {slices} slices before SIGTERM: the fault was not "
+                                  "injected (make the model slower)")
+            r.terminate()
+            r.start_daemon()
+        r.settle(FINDING_TIMEOUT_SECONDS)
+        out = r.outcome(
+            "SIGTERM during completion, slow engine",
+            f"SIGTERM after the last slice's Success while a {measured:.2f} s/slice model ran "
+            f"(drain timeout 1 s); restarted",
+            rounds,
+        )
+        out.notes.append(f"slices inferred when SIGTERM came: {at_term} of {slices}")
+        r.terminate()
+        out.problems += [p for p in r.problems if p not in out.problems]
+        return out
+
+
+# -- broker faults ------------------------------------------------------------------------------------
+
+
+def broker_killed_mid_publish(work: Path, *, rounds: int = 1, crs: int = 4, ct_slices: int = 8) -> Outcome:
+    """SIGKILL nats-server right after the first finding of a burst lands; restart it with its storage."""
+    with rig(work) as r:
+        r.start_daemon()
+        r.watch()
+        for n in range(rounds):
+            burst = [r.cr() for _ in range(crs)] + [r.ct(ct_slices), r.ct(ct_slices)]
+            seen = r.watcher.count() if r.watcher else 0
+            sender = threading.Thread(target=lambda b=burst: [_send(r, s, f"burst {n + 1}") for s in b], daemon=True)
+            sender.start()
+            assert r.watcher is not None
+            if not r.watcher.wait_count(seen + 1, FINDING_TIMEOUT_SECONDS):
+                r.problems.append(f"burst {n + 1}: no finding published before the broker was to be killed")
+            r.nats.stop(kill=True)
+            sender.join(300)  # receiving does not need the broker
+            r.nats.start()
+            r.watch()
+            r.settle(FINDING_TIMEOUT_SECONDS)
+        later = r.cr("later CR")
+        if _send(r, later, "after the broker came back"):
+            _expect_finding(r, later, "a finding after the broker came back")
+        r.settle(FINDING_TIMEOUT_SECONDS)
+        out = r.outcome("broker killed mid-publish", "SIGKILL nats-server when the first finding of a burst lands; "
+                        "restarted on its storage", rounds)
+        r.terminate()
+        return out
+
+
+def broker_down_at_start(work: Path, *, crs: int = 3, ct_slices: int = 6) -> Outcome:
+    """The broker is down when the daemon starts and while studies arrive (dcmtk storescu); then it comes up."""
+    with rig(work, start_nats=False) as r:
+        r.start_daemon()  # READY without a broker
+        series = [r.cr() for _ in range(crs)] + [r.ct(ct_slices)]
+        for items in series:
+            left = dcmtk_store(r.daemon.dicom_port, items, r.ledger)
+            if left:
+                r.problems.append(f"storescu: {len(left)} instance(s) without Success while the broker was down")
+        if not r.wait_scrape("edge_agent_outbox_pending", lambda v: v >= len(series), FINDING_TIMEOUT_SECONDS):
+            r.problems.append(f"findings did not wait in the outbox while the broker was down "
+                              f"(edge_agent_outbox_pending={r.scrape('edge_agent_outbox_pending')})")
+        if r.scrape("edge_agent_broker_connected") != 0:
+            r.problems.append("edge_agent_broker_connected is not 0 with no broker")
+        r.nats.start()
+        r.watch()
+        r.settle(FINDING_TIMEOUT_SECONDS)
+        later = r.cr("later CR")
+        if _send(r, later, "after the broker came up"):
+            _expect_finding(r, later, "a finding after the broker came up")
+        r.settle(FINDING_TIMEOUT_SECONDS)
+        out = r.outcome("broker down at start", "nats-server not running when the daemon starts and while "
+                        f"{len(series)} series arrive by storescu; then started", 1)
+        r.terminate()
+        return out
+
+
+def broker_down_past_duplicate_window(work: Path, *, window_seconds: float = 2.0) -> Outcome:
+    """A publish the stream stored but whose PubAck was lost, then the broker out of reach past the duplicate window.
+
+    The re-publish after the outage is outside the window, so the stream stores it again: a duplicate that no
+    Nats-Msg-Id can prevent, counted here. Nothing may be lost, and later findings must not wait behind it.
+    """
+    nats_server = NatsServer(work / "nats")
+    nats_server.start()
+    proxy = FaultProxy(nats_server.port).start()
+    make_stream(nats_server.url, duplicate_window=window_seconds)
+    try:
+        with rig(work, nats_server=nats_server, bus_url=proxy.url, start_nats=False,
+                 **{"bus.duplicate_window_seconds": window_seconds}) as r:
+            r.start_daemon()
+            r.watch()
+            first = r.cr("CR before")
+            if _send(r, first, "before the fault"):
+                _expect_finding(r, first, "before the fault")
+            proxy.drop_replies()  # PubAcks are swallowed from here on
+            ambiguous = r.cr("CR whose PubAck is lost")
+            stored_at = time.monotonic()
+            if _send(r, ambiguous, "the ambiguous one") and _expect_finding(r, ambiguous, "the ambiguous publish"):
+                stored_at = time.monotonic()
+            proxy.cut()  # the broker is gone, from the daemon's side
+            during = r.cr("CR during the outage")
+            _send(r, during, "during the outage")
+            threading.Event().wait(max(0.0, stored_at + window_seconds + 1.5 - time.monotonic()))  # outlast the window
+            proxy.restore()
+            r.settle(FINDING_TIMEOUT_SECONDS)
+            later = r.cr("later CR")
+            if _send(r, later, "after the outage"):
+                _expect_finding(r, later, "a finding after the outage")
+            r.settle(FINDING_TIMEOUT_SECONDS)
+            out = r.outcome(
+                "broker down longer than the duplicate window",
+                f"TCP proxy swallows the PubAck of a stored finding, then refuses connections for longer than the "
+                f"{window_seconds:.0f} s duplicate window",
+                1,
+                duplicate_ids_allowed=True,
+            )
+            copies = sum(1 for m in stream_messages(nats_server.url)
+                         if m.finding.get("series_instance_uid") == ambiguous[0].series_uid)
+            out.notes.append(f"the ambiguous finding is in the stream {copies} time(s) (a re-publish after the window "
+                             "is stored again: consumers de-duplicate by finding_id)")
+            r.terminate()
+            return out
+    finally:
+        proxy.close()
+
+
+def stream_refuses_writes(work: Path) -> Outcome:
+    """A stream that refuses a finding too large for it (later ones must pass), then refuses everything; then fixed."""
+    nats_server = NatsServer(work / "nats")
+    nats_server.start()
+    make_stream(nats_server.url)
+    with rig(work, nats_server=nats_server, start_nats=False) as r:
+        r.start_daemon()
+        r.watch()
+        probe = r.cr("CR probe")
+        if _send(r, probe, "the probe") and _expect_finding(r, probe, "the probe"):
+            size = max(len(m.data) for m in stream_messages(nats_server.url))
+            # A CR finding fits, a 30-slice CT's (30 SOP Instance UIDs) does not: one poison row in the outbox.
+            update_stream(nats_server.url, max_msg_size=size + 400)
+        big = r.ct(30, label="CT too large for the stream")
+        _send(r, big, "the large series")
+        behind = [r.cr("CR behind the refused one") for _ in range(2)]
+        for items in behind:
+            if _send(r, items, "behind the refused one"):
+                _expect_finding(r, items, "later findings blocked behind a refused one")
+        # Now a stream that is full and discards new messages: everything is refused.
+        count = len(stream_messages(nats_server.url))
+        update_stream(nats_server.url, max_msgs=count, discard=DiscardPolicy.NEW)
+        refused = r.cr("CR into a full stream")
+        _send(r, refused, "into a full stream")
+        if not r.wait_scrape("edge_agent_outbox_pending", lambda v: v >= 2, FINDING_TIMEOUT_SECONDS):
+            r.notes.append("edge_agent_outbox_pending did not show both refused findings waiting")
+        update_stream(nats_server.url, max_msgs=-1, max_msg_size=-1)
+        r.settle(FINDING_TIMEOUT_SECONDS)
+        out = r.outcome("stream refuses writes", "max_msg_size below one finding (later ones must pass it), then "
+                        "max_msgs reached with discard=new; then both lifted", 2)
+        r.terminate()
+        return out
+
+
+# -- disk faults ------------------------------------------------------------------------------------------
+
+
+def _keeps_serving(r: Rig, what: str) -> None:
+    later = r.cr(f"CR after {what}")
+    if _send(r, later, f"after {what}"):
+        _expect_finding(r, later, f"the daemon serving after {what}")
+    code, _ = r.daemon.http("/healthz") if r.alive else (0, "")
+    if code != 200:
+        r.problems.append(f"/healthz answered {code} after {what}")
+
+
+def _says(r: Rig, since: int, what: str, phrases: tuple[str, ...], timeout_seconds: float = 30.0) -> None:
+    line = r.wait_said(since, phrases, timeout_seconds)
+    if line is None and r.alive:
+        code, body = r.daemon.http("/readyz")
+        if code == 200 or not any(p.lower() in body.lower() for p in phrases):
+            r.problems.append(f"{what}: no WARNING/ERROR log line (or /readyz reason) says it "
+                              f"(looked for {', '.join(phrases)})")
+    elif line is not None:
+        r.notes.append(f"says: {line.split(' ', 2)[-1][:160]}")
+
+
+def disk_full_mid_write(work: Path, *, free_mib: int = 3) -> Outcome:
+    """The state file system fills up while a 7 MB radiograph is being written (ENOSPC mid-write)."""
+    with tmpfs("64m") as disk, rig(work, state_dir=str(disk / "state"), **{"spool.min_free_bytes": 1 << 20}) as r:
+        r.start_daemon()
+        r.watch()
+        before = r.ct(5)
+        if _send(r, before, "before the disk filled"):
+            _expect_finding(r, before, "before the disk filled")
+        fill(disk, leave_bytes=free_mib << 20)  # above the 1 MiB watermark, below one CR
+        since = r.log_offset()
+        cr = r.cr("CR that does not fit")
+        _, answered = r.scu().store(cr)
+        status = answered[0][1] if answered else None
+        if status is not None and is_success(status):
+            r.notes.append("the radiograph that could not fit got Success")
+        else:
+            r.notes.append(f"the radiograph that could not fit got {'no response' if status is None else hex(status)}")
+        _says(r, since, "ENOSPC mid-write", ("No space left", "ENOSPC", "is full", "disk full", "free space"))
+        small = r.ct(5, label="CT while the disk is nearly full")
+        if _send(r, small, "while the disk is nearly full"):
+            _expect_finding(r, small, "a small series while the disk is nearly full")
+        (disk / "filler").unlink()
+        if _send(r, cr, "after space was freed"):  # the modality re-sends it
+            _expect_finding(r, cr, "the radiograph re-sent after space was freed")
+        _keeps_serving(r, "the disk filled up")
+        r.settle(FINDING_TIMEOUT_SECONDS)
+        out = r.outcome("disk full mid-write", f"tmpfs filled to {free_mib} MiB free (above the watermark) while a "
+                        "7 MB CR arrives; then freed", 1)
+        r.terminate()
+        return out
+
+
+def unremovable_spool_file(work: Path, *, retain_seconds: float = 2.0) -> Outcome:
+    """A released series' spool files cannot be removed (chattr +i): housekeeping fails, the daemon goes on."""
+    with rig(work, **{"spool.retain_seconds": retain_seconds}) as r:
+        r.start_daemon()
+        r.watch()
+        ct = r.ct(5)
+        if _send(r, ct, "the series") and _expect_finding(r, ct, "the series"):
+            files = sorted((work / "state" / "spool" / "instances").rglob("*.dcm"))
+            since = r.log_offset()
+            with immutable(*files):
+                _says(r, since, "a spool file it cannot remove", ("Operation not permitted", "EPERM"),
+                      timeout_seconds=retain_seconds + 30)
+                r.check_alive("after failing to remove a spool file")
+                if r.alive:
+                    _keeps_serving(r, "a spool file could not be removed")
+        r.settle(FINDING_TIMEOUT_SECONDS)
+        out = r.outcome("unremovable spool file", f"chattr +i on a series' spool files before its release "
+                        f"(retain_seconds {retain_seconds:.0f})", 1)
+        if r.alive:
+            r.terminate()
+        return out
+
+
+def read_only_heatmaps(work: Path) -> Outcome:
+    """The heat-map folder is a read-only mount holding an expired PNG: no PNG can be written or swept."""
+    heatmaps = work / "state" / "heatmaps"
+    heatmaps.mkdir(parents=True)
+    expired = heatmaps / f"{'0' * 64}.png"
+    expired.write_bytes(b"\x89PNG\r\n\x1a\n")
+    old = time.time() - 90 * 86_400
+    os.utime(expired, (old, old))
+    with read_only_bind(heatmaps), rig(work, **{"heatmaps.retain_days": 30}) as r:
+        r.start_daemon()
+        r.watch()
+        since = 0
+        for n in range(2):
+            cr = r.cr(f"CR {n + 1} with a read-only heat-map folder")
+            if _send(r, cr, "with a read-only heat-map folder") and _expect_finding(r, cr, "with read-only heat maps"):
+                for f in r.watcher.findings(cr[0].series_uid) if r.watcher else []:
+                    image = (f.get("heatmap") or {}).get("image")
+                    if image is not None and not (work / "state" / image).exists():
+                        r.problems.append(f"a finding references heat map {image}, which was never written")
+        _says(r, since, "a read-only heat-map folder", ("Read-only file system", "EROFS"))
+        r.check_alive("with a read-only heat-map folder")
+        if r.alive:
+            _keeps_serving(r, "heat maps could not be written or swept")
+        r.settle(FINDING_TIMEOUT_SECONDS)
+        out = r.outcome("read-only heat-map folder", "state/heatmaps bind-mounted read-only, with an expired PNG for "
+                        "the sweep", 1)
+        if r.alive:
+            r.terminate()
+        return out
+
+
+# -- revisions: late instances and identical re-sends ------------------------------------------------------
+
+
+def late_and_resend(work: Path, *, slices: int = 6) -> Outcome:
+    """A late slice makes revision 1 covering every slice; an identical re-send, before or after, changes nothing."""
+    with rig(work, **{"spool.retain_seconds": 86_400, "routes.1.quiet_seconds": CT_QUIET_SECONDS}) as r:
+        r.start_daemon()
+        r.watch()
+        items = r.ct(slices + 1)
+        first, late = items[:slices], items[slices:]
+        if not (_send(r, first, "the series") and _expect_finding(r, first, "the series")):
+            return r.outcome("late instance and identical re-sends", "", 0)
+        barrier: Callable[[str], None] = lambda what: _barrier(r, what)  # noqa: E731
+        _send(r, [first[2]], "an identical re-send of a finished series")
+        barrier("after the identical re-send")
+        _send(r, late, "the late slice")
+        if r.wait_finding(first, FINDING_TIMEOUT_SECONDS, revisions=2):
+            _send(r, late, "an identical re-send of the late slice")
+            barrier("after re-sending the late slice")
+        else:
+            r.problems.append("the late slice made no new revision")
+        r.settle(FINDING_TIMEOUT_SECONDS)
+        out = r.outcome("late instance and identical re-sends", "one slice sent after the series' finding; identical "
+                        "re-sends of a slice before and after it", 3, latest_revision={first[0].series_uid: 1})
+        r.terminate()
+        return out
+
+
+def _barrier(r: Rig, what: str) -> None:
+    """Let whatever the last send set off finish: another series' finding, then an idle daemon."""
+    marker = r.cr(f"barrier CR {what}")
+    if _send(r, marker, what):
+        _expect_finding(r, marker, f"barrier {what}")
+    r.settle(FINDING_TIMEOUT_SECONDS)
+
+
+SCENARIOS: dict[str, Callable[..., Outcome]] = {
+    "sigkill": sigkill,
+    "sigterm-slow-engine": sigterm_slow_engine,
+    "late-and-resend": late_and_resend,
+    "broker-killed": broker_killed_mid_publish,
+    "broker-down-at-start": broker_down_at_start,
+    "broker-down-past-window": broker_down_past_duplicate_window,
+    "stream-refuses": stream_refuses_writes,
+    "disk-full": disk_full_mid_write,
+    "unremovable-spool-file": unremovable_spool_file,
+    "read-only-heatmaps": read_only_heatmaps,
+}
