@@ -1,0 +1,306 @@
+"""The pipeline on its own: real journal, spool, worker pool, ONNX Runtime engine and batcher; no network.
+
+Each test drives the same steps the receiver takes for a stored instance (read the header, spool it,
+journal it, hand it on) and reads the findings from the journal's outbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import yaml
+
+from edge_agent.config import DEFAULT_CONFIG_PATH, parse_config
+from edge_agent.dicom.header import read_meta
+from edge_agent.dicom.spool import Spool
+from edge_agent.inference.batcher import Batcher
+from edge_agent.inference.card import load_card
+from edge_agent.inference.onnxruntime import OnnxRuntimeEngine
+from edge_agent.journal import Journal, Recorded, SeriesState
+from edge_agent.metrics import Metrics
+from edge_agent.pipeline import LoadedModel, Pipeline
+from edge_agent.workers import WorkerPool
+from tests.dicomfiles import make_ct_series
+from tests.test_batcher import CountingEngine
+
+ENGINES = Path(__file__).resolve().parent.parent / "engines"
+WAIT_SECONDS = 30.0
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Poll the journal (the state under test) until ``condition`` holds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + WAIT_SECONDS
+    for _ in itertools.count():
+        if condition():
+            return
+        if loop.time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.02)
+
+
+class Harness:
+    def __init__(self, tmp: Path, quiet_seconds: float = 0.2) -> None:
+        raw = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
+        raw["state_dir"] = str(tmp / "state")
+        raw["model_repository"] = str(ENGINES)
+        raw["routes"][1]["quiet_seconds"] = quiet_seconds
+        raw["models"] = {"ct-demo": raw["models"]["ct-demo"]}
+        raw["routes"] = [raw["routes"][1]]
+        self.config = parse_config(raw)
+        self.tmp = tmp
+        self.journal = Journal(tmp / "state" / "journal.sqlite3")
+        self.spool = Spool(tmp / "state" / "spool", 1)
+        self.metrics = Metrics()
+        self.card = load_card(ENGINES / "ct-demo")
+        self.engine = CountingEngine(OnnxRuntimeEngine(self.card, intra_op_threads=1))
+        self.engine.load()
+        self.executor = ThreadPoolExecutor(1)
+        self.woken = 0
+
+    @asynccontextmanager
+    async def pipeline(self) -> AsyncIterator[Pipeline]:
+        batcher = Batcher("ct-demo", self.engine, 8, 2.0, self.metrics, self.executor)
+        await batcher.start()
+        pool = WorkerPool(1, processes=False)
+        pipe = Pipeline(self.config, self.journal, self.spool.path, self.metrics,
+                        {"ct-demo": LoadedModel(self.card, batcher, "onnxruntime")}, pool, self.wake)
+        try:
+            yield pipe
+        finally:
+            await pipe.close()
+            await batcher.stop()
+            pool.shutdown()
+
+    def wake(self) -> None:
+        self.woken += 1
+
+    def store(self, pipe: Pipeline | None, path: Path) -> Recorded:
+        """What the receiver does for one C-STORE, minus the network."""
+        incoming = self.tmp / "incoming.dcm"
+        incoming.write_bytes(path.read_bytes())
+        meta = read_meta(incoming, "MODALITY", "EDGE_AGENT")
+        name, size = self.spool.store(incoming)
+        recorded = self.journal.record_instance(meta, name, size)
+        if recorded.identical:
+            self.spool.remove(name)
+        elif pipe is not None:
+            pipe.on_stored(meta, recorded)
+        return recorded
+
+    def findings(self) -> list[dict[str, Any]]:
+        rows = self.journal.read("SELECT payload FROM outbox ORDER BY id")
+        return [json.loads(bytes(r[0])) for r in rows]
+
+    async def wait_findings(self, n: int) -> list[dict[str, Any]]:
+        await until(lambda: len(self.findings()) >= n)
+        return self.findings()
+
+    def close(self) -> None:
+        self.journal.close()
+        self.executor.shutdown()
+
+
+@contextmanager
+def harness(tmp_path: Path, **kw: Any) -> Iterator[Harness]:
+    h = Harness(tmp_path, **kw)
+    try:
+        yield h
+    finally:
+        h.close()
+
+
+def test_a_series_becomes_one_finding_covering_every_instance(tmp_path: Path) -> None:
+    slices = make_ct_series(tmp_path / "ct", 4)
+
+    async def main(h: Harness) -> None:
+        async with h.pipeline() as pipe:
+            for path in slices:
+                h.store(pipe, path)
+            [f] = await h.wait_findings(1)
+            assert (f["instances_received"], f["instances_inferred"], f["instances_failed"]) == (4, 4, 0)
+            assert f["revision"] == 0 and f["schema_version"] == "1.2"
+            assert await pipe.drain(5.0) == 0
+
+    with harness(tmp_path) as h:
+        asyncio.run(main(h))
+
+
+def test_shutdown_during_completion_leaves_the_series_complete_and_the_next_start_finishes_it(
+    tmp_path: Path,
+) -> None:
+    """Defect 1: cancellation is not failure; the finding after restart covers every instance."""
+    slices = make_ct_series(tmp_path / "ct", 6)
+
+    async def first_run(h: Harness) -> None:
+        h.engine.gate = gate = threading.Event()
+        async with h.pipeline() as pipe:
+            for path in slices:
+                h.store(pipe, path)
+
+            await until(lambda: h.journal.series_in(SeriesState.COMPLETE) != [])
+            assert await pipe.drain(0.2) == 1  # the engine is held: the completion cannot finish in time
+        gate.set()  # (after close: the held call returns into a stopped batcher)
+        assert pipe.interrupted_series == 1
+
+    async def second_run(h: Harness) -> None:
+        h.engine.gate = None
+        async with h.pipeline() as pipe:
+            assert await pipe.resume() == (0, 1)
+            [f] = await h.wait_findings(1)
+            assert (f["instances_inferred"], f["instances_failed"]) == (6, 0)
+
+    with harness(tmp_path) as h:
+        asyncio.run(first_run(h))
+        [series] = h.journal.series_in(SeriesState.COMPLETE)
+        assert series.note is None and h.findings() == []
+        asyncio.run(second_run(h))
+        assert h.journal.series(series.id).state is SeriesState.QUEUED
+
+
+def test_a_late_instance_opens_a_revision_that_covers_the_whole_series(tmp_path: Path) -> None:
+    """Defect 2: the 4th slice after a 3-slice finding must not make a finding over that slice alone."""
+    slices = make_ct_series(tmp_path / "ct", 4)
+
+    async def main(h: Harness) -> None:
+        async with h.pipeline() as pipe:
+            for path in slices[:3]:
+                h.store(pipe, path)
+            [first] = await h.wait_findings(1)
+            again = h.store(pipe, slices[0])  # an identical re-send: nothing happens
+            assert again.identical
+            late = h.store(pipe, slices[3])
+            assert late.reopened and late.revision == 1
+            _, second = await h.wait_findings(2)
+            assert first["revision"] == 0 and first["instances_inferred"] == 3
+            assert second["revision"] == 1 and second["instances_inferred"] == 4
+            assert second["finding_id"] != first["finding_id"]
+            assert await pipe.drain(5.0) == 0
+            assert len(h.findings()) == 2
+
+    with harness(tmp_path) as h:
+        asyncio.run(main(h))
+
+
+def test_images_in_acquisition_of_one_per_slice_waits_for_the_quiet_time(tmp_path: Path) -> None:
+    """Defect 3: a 2-D MR whose every slice says (0020,1002) = 1 must give one finding, not one per slice."""
+    slices = make_ct_series(tmp_path / "mr", 5)
+    for path in slices:
+        ds = pydicom.dcmread(path)
+        ds.ImagesInAcquisition = 1
+        ds.AcquisitionNumber = 1
+        ds.save_as(path, enforce_file_format=True)
+
+    async def main(h: Harness) -> None:
+        async with h.pipeline() as pipe:
+            for path in slices:
+                h.store(pipe, path)
+            [f] = await h.wait_findings(1)
+            assert f["instances_inferred"] == 5 and f["revision"] == 0
+            assert await pipe.drain(5.0) == 0
+            assert len(h.findings()) == 1
+
+    with harness(tmp_path, quiet_seconds=0.5) as h:
+        asyncio.run(main(h))
+
+
+def test_a_trusted_count_completes_before_the_quiet_time(tmp_path: Path) -> None:
+    slices = make_ct_series(tmp_path / "ct", 3, images_in_acquisition=True)
+
+    async def main(h: Harness) -> None:
+        async with h.pipeline() as pipe:
+            for path in slices:
+                h.store(pipe, path)
+            [f] = await h.wait_findings(1)  # the quiet time is an hour: only the count can have ended it
+            assert f["instances_inferred"] == 3
+
+    with harness(tmp_path, quiet_seconds=3600.0) as h:
+        asyncio.run(main(h))
+
+
+def test_a_slice_that_cannot_be_decoded_is_counted_and_named_in_the_finding(tmp_path: Path) -> None:
+    """Defect 5: failed slices do not vanish."""
+    slices = make_ct_series(tmp_path / "ct", 3)
+    ds = pydicom.dcmread(slices[1])
+    ds.PixelData = ds.PixelData[: len(ds.PixelData) // 3]  # truncated pixel data: the header still reads
+    ds.save_as(slices[1], enforce_file_format=True)
+    broken_uid = str(ds.SOPInstanceUID)
+
+    async def main(h: Harness) -> None:
+        async with h.pipeline() as pipe:
+            for path in slices:
+                h.store(pipe, path)
+            [f] = await h.wait_findings(1)
+            assert (f["instances_received"], f["instances_inferred"], f["instances_failed"]) == (3, 2, 1)
+            assert f["failed_instance_uids"] == [broken_uid] and broken_uid not in f["sop_instance_uids"]
+
+    with harness(tmp_path) as h:
+        asyncio.run(main(h))
+
+
+def test_a_transient_engine_failure_defers_the_series_instead_of_failing_it(tmp_path: Path) -> None:
+    """Defect 5: an engine error that fails every slice is retried with back-off, not failed for good."""
+    slices = make_ct_series(tmp_path / "ct", 2)
+
+    async def main(h: Harness) -> None:
+        h.engine.fail_next = 100  # the device is lost for a while
+        async with h.pipeline() as pipe:
+            for path in slices:
+                h.store(pipe, path)
+
+            await until(lambda: any(s.attempts for s in h.journal.series_in(SeriesState.COMPLETE)))
+            [s] = h.journal.series_in(SeriesState.COMPLETE)
+            assert "EngineError" in (s.note or "") and h.journal.series_in(SeriesState.FAILED) == []
+            h.engine.fail_next = 0  # the device is back
+            [f] = await h.wait_findings(1)  # the first retry comes after 2 s
+            assert (f["instances_inferred"], f["instances_failed"]) == (2, 0)
+
+    with harness(tmp_path) as h:
+        asyncio.run(main(h))
+
+
+def test_every_slice_undecodable_fails_the_series_visibly(tmp_path: Path) -> None:
+    slices = make_ct_series(tmp_path / "ct", 2)
+    for path in slices:
+        ds = pydicom.dcmread(path)
+        ds.PixelData = b"\0\0"
+        ds.save_as(path, enforce_file_format=True)
+
+    async def main(h: Harness) -> None:
+        async with h.pipeline() as pipe:
+            for path in slices:
+                h.store(pipe, path)
+
+            await until(lambda: h.journal.series_in(SeriesState.FAILED) != [])
+
+    with harness(tmp_path) as h:
+        asyncio.run(main(h))
+        [s] = h.journal.series_in(SeriesState.FAILED)
+        assert "could be decoded" in (s.note or "")
+        assert h.metrics.registry.get_sample_value("edge_agent_series_total", {"outcome": "failed"}) == 1
+        assert len(h.journal.referenced_spool_names()) == 2  # kept for an operator
+
+
+def test_resume_after_a_crash_mid_series(tmp_path: Path) -> None:
+    """After SIGKILL the journal holds an open series: the next start arms its timer and finishes it."""
+    slices = make_ct_series(tmp_path / "ct", 3)
+
+    async def main(h: Harness) -> None:
+        for path in slices:
+            h.store(None, path)  # stored and journalled, never handed over: the process died
+        async with h.pipeline() as pipe:
+            assert await pipe.resume() == (1, 0)
+            [f] = await h.wait_findings(1)
+            assert f["instances_inferred"] == 3
+
+    with harness(tmp_path) as h:
+        asyncio.run(main(h))
