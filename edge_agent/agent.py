@@ -322,6 +322,8 @@ class Agent:
                 reasons.append(self.engine_problems[name])
             elif name not in self.models:
                 reasons.append(f"engine {name} not loaded")
+            elif self.models[name].batcher.problem is not None:
+                reasons.append(str(self.models[name].batcher.problem))  # a hung engine call
         if not self._spool_writable:
             reasons.append("spool not writable")
         elif self.spool is not None and not self.spool.has_room():
@@ -360,7 +362,8 @@ class Agent:
             if self.gpu_metrics is not None:
                 self.gpu_metrics.record_engine(name, engine)
             batcher = Batcher(
-                name, engine, deployment.max_batch, deployment.max_queue_delay_ms, self.metrics, self._engine_pool
+                name, engine, deployment.max_batch, deployment.max_queue_delay_ms, self.metrics, self._engine_pool,
+                infer_timeout_seconds=deployment.infer_timeout_seconds,
             )
             await batcher.start()
             self.models[name] = LoadedModel(card, batcher, engine.backend)

@@ -590,6 +590,40 @@ def test_a_row_the_stream_turns_down_for_now_backs_off_alone(
     assert journal.counts().outbox_pending == 0
 
 
+def test_a_subject_the_credentials_may_not_publish_to_is_parked_as_rejected(
+    tmp_path: Path, journal: Journal, metrics: Metrics
+) -> None:
+    """Defect 6: a permission error never answers (the publish only times out): it must not block the rest."""
+    conf = tmp_path / "nats.conf"
+    conf.write_text(
+        'jetstream { store_dir: "js" }\n'
+        "authorization { users = [ { user: edge, password: pw,"
+        ' permissions: { publish: { deny: ["edge.findings.site1.CR.>"] } } } ] }\n'
+    )
+    server = NatsServer(tmp_path / "nats", config=conf)
+    server.start()
+    rows = enqueue(journal, 3)
+    denied_sid = rows[0][0]
+    with closing(sqlite3.connect(journal.path)) as db, db:
+        db.execute("UPDATE outbox SET subject=? WHERE series_id=?", (f"{PREFIX}.site1.CR.ct-demo", denied_sid))
+
+    async def main() -> None:
+        acks = Acks()
+        config = bus_config(server.url, user="edge", password="pw", publish_timeout_seconds=0.5)
+        pub = Publisher(config, journal, metrics, on_acked=acks)
+        await pub.start()
+        await acks.wait(2)
+        await wait_until(lambda: sample(metrics.outbox_rejected, reason="permission") == 1)
+        assert await pub.stop(1.0) == 0
+
+    try:
+        run(main())
+    finally:
+        server.stop()
+    assert journal.series(denied_sid).state is SeriesState.FAILED
+    assert [journal.series(sid).state for sid, _ in rows[1:]] == [SeriesState.PUBLISHED] * 2
+
+
 def test_row_backoff_grows_and_is_capped() -> None:
     delays = [row_backoff_seconds(n, 0.5) for n in range(1, 12)]
     assert delays[0] == 0.5 and delays == sorted(delays) and delays[-1] == 30.0

@@ -70,7 +70,8 @@ def error_reason(exc: BaseException) -> str:
 
 
 # nats-server's -ERR for a publish its permissions deny; the subject holds site, modality and model only.
-_PUBLISH_DENIED = re.compile(r"[Pp]ermissions [Vv]iolation for [Pp]ublish to \W?([A-Za-z0-9_.*>-]+)")
+# nats-py lower-cases the server's text, subject included: subjects are compared in lower case.
+_PUBLISH_DENIED = re.compile(r"permissions violation for publish to \W?([a-z0-9_.*>-]+)", re.IGNORECASE)
 # JetStream's error code for a message over the stream's (or account's) maximum message size.
 _JS_MESSAGE_TOO_LARGE = 10054
 
@@ -418,7 +419,7 @@ class Publisher:
             reason = error_reason(exc)
             self._metrics.publish_errors.labels(reason=reason).inc()
             self._metrics.findings.labels(model=row.model, outcome="publish_error").inc()
-            rejected = reject_reason(exc, row.subject in self._denied_subjects)
+            rejected = reject_reason(exc, row.subject.lower() in self._denied_subjects)
             if rejected is not None:
                 await asyncio.to_thread(outbox.reject, row.id, f"{rejected}: {describe_error(exc)}")
                 self._metrics.outbox_rejected.labels(reason=rejected).inc()
@@ -511,7 +512,7 @@ class Publisher:
         if denied is not None:
             # The server refuses this subject to our credentials: its publishes only ever time out. Remember
             # it, so that those rows are parked as rejected instead of retried for ever.
-            self._denied_subjects.add(denied.group(1))
+            self._denied_subjects.add(denied.group(1).lower())
         self._log_repeated("nats", "NATS connection problem: %s", describe_error(exc))
 
     async def _on_disconnected(self) -> None:
