@@ -402,7 +402,7 @@ class Agent:
             self.pipeline.on_stored(meta, recorded)
 
     async def _on_acked(self, series_id: int) -> None:
-        row = self.journal.series(series_id) if self.journal is not None else None
+        row = await asyncio.to_thread(self.journal.series, series_id) if self.journal is not None else None
         if row is not None:
             self.metrics.stage_seconds.labels(stage="end_to_end").observe(max(0.0, time.time() - row.last_received))
         cfg = self.config.spool

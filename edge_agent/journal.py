@@ -19,14 +19,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edge_agent.errors import JournalError
+from edge_agent.journal_schema import INDEXES, SCHEMA, SCHEMA_VERSION, migrate_from_1
+from edge_agent.records import Closing, Counts, InstanceMeta, InstanceRow, Recorded, SeriesRow
 from edge_agent.series import (
     RELEASABLE_STATES,
-    Arrival,
     Event,
     SeriesState,
     allowed_from,
@@ -35,207 +35,6 @@ from edge_agent.series import (
 )
 
 __all__ = ["Closing", "Counts", "InstanceMeta", "InstanceRow", "Journal", "Recorded", "SeriesRow", "SeriesState"]
-
-SCHEMA_VERSION = 2
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS series(
-    id INTEGER PRIMARY KEY,
-    series_uid TEXT NOT NULL UNIQUE,
-    study_uid TEXT NOT NULL DEFAULT '',
-    accession TEXT NOT NULL DEFAULT '',
-    modality TEXT NOT NULL DEFAULT '',
-    body_part TEXT NOT NULL DEFAULT '',
-    sop_class_uid TEXT NOT NULL DEFAULT '',
-    image_type TEXT NOT NULL DEFAULT '',
-    series_description TEXT NOT NULL DEFAULT '',
-    manufacturer TEXT NOT NULL DEFAULT '',
-    calling_aet TEXT NOT NULL DEFAULT '',
-    called_aet TEXT NOT NULL DEFAULT '',
-    expected_count INTEGER,
-    revision INTEGER NOT NULL DEFAULT 0,
-    first_received REAL NOT NULL,
-    last_received REAL NOT NULL,
-    state TEXT NOT NULL,
-    route TEXT,
-    model TEXT,
-    note TEXT,
-    updated_at REAL NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    retry_at REAL
-);
-CREATE TABLE IF NOT EXISTS instances(
-    id INTEGER PRIMARY KEY,
-    series_id INTEGER NOT NULL REFERENCES series(id),
-    sop_instance_uid TEXT NOT NULL,
-    sop_class_uid TEXT NOT NULL DEFAULT '',
-    transfer_syntax_uid TEXT NOT NULL DEFAULT '',
-    instance_number INTEGER,
-    spool_name TEXT NOT NULL,
-    size_bytes INTEGER NOT NULL,
-    received_at REAL NOT NULL,
-    released INTEGER NOT NULL DEFAULT 0,
-    content_sha256 TEXT NOT NULL DEFAULT '',
-    expected_count INTEGER,
-    acquisition_number INTEGER,
-    released_at REAL,
-    UNIQUE(series_id, sop_instance_uid)
-);
-CREATE TABLE IF NOT EXISTS jobs(
-    id INTEGER PRIMARY KEY,
-    series_id INTEGER NOT NULL REFERENCES series(id),
-    revision INTEGER NOT NULL,
-    model TEXT NOT NULL,
-    state TEXT NOT NULL,
-    error TEXT,
-    created_at REAL NOT NULL,
-    finished_at REAL
-);
-CREATE TABLE IF NOT EXISTS outbox(
-    id INTEGER PRIMARY KEY,
-    msg_id TEXT NOT NULL UNIQUE,
-    subject TEXT NOT NULL,
-    payload BLOB NOT NULL,
-    series_id INTEGER NOT NULL REFERENCES series(id),
-    model TEXT NOT NULL,
-    state TEXT NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    last_error TEXT,
-    created_at REAL NOT NULL,
-    acked_at REAL,
-    stream_seq INTEGER,
-    revision INTEGER NOT NULL DEFAULT 0,
-    next_attempt_at REAL NOT NULL DEFAULT 0
-);
-"""
-
-# An index for every per-tick query (issue 8, defect 10): the gauges, the release and pruning
-# steps, the outbox drain and the orphan sweep must not scan tables that grow with every study.
-_INDEXES = """
-CREATE INDEX IF NOT EXISTS series_state ON series(state, updated_at);
-CREATE INDEX IF NOT EXISTS instances_held ON instances(series_id, spool_name, size_bytes) WHERE released=0;
-CREATE INDEX IF NOT EXISTS instances_released ON instances(released_at) WHERE released=1;
-CREATE INDEX IF NOT EXISTS instances_series ON instances(series_id);
-CREATE INDEX IF NOT EXISTS jobs_series ON jobs(series_id);
-CREATE INDEX IF NOT EXISTS outbox_state ON outbox(state, next_attempt_at);
-CREATE INDEX IF NOT EXISTS outbox_acked ON outbox(acked_at) WHERE state='acked';
-CREATE INDEX IF NOT EXISTS outbox_series ON outbox(series_id);
-"""
-
-# Columns that schema 2 added to schema 1's tables: (table, column, declaration).
-_V2_COLUMNS = (
-    ("series", "attempts", "INTEGER NOT NULL DEFAULT 0"),
-    ("series", "retry_at", "REAL"),
-    ("instances", "content_sha256", "TEXT NOT NULL DEFAULT ''"),
-    ("instances", "expected_count", "INTEGER"),
-    ("instances", "acquisition_number", "INTEGER"),
-    ("instances", "released_at", "REAL"),
-    ("outbox", "revision", "INTEGER NOT NULL DEFAULT 0"),
-    ("outbox", "next_attempt_at", "REAL NOT NULL DEFAULT 0"),
-)
-
-
-@dataclass(frozen=True)
-class InstanceMeta:
-    """What the receiver reads from a stored instance's header (no pixel data)."""
-
-    sop_instance_uid: str
-    sop_class_uid: str
-    series_uid: str
-    study_uid: str = ""
-    transfer_syntax_uid: str = ""
-    accession: str = ""
-    modality: str = ""
-    body_part: str = ""
-    image_type: str = ""  # backslash-joined, as in the data element
-    series_description: str = ""
-    manufacturer: str = ""
-    instance_number: int | None = None
-    expected_count: int | None = None  # Images in Acquisition, when the modality says
-    calling_aet: str = ""
-    called_aet: str = ""
-    acquisition_number: int | None = None
-    content_sha256: str = ""  # of the dataset as encoded (File Meta excluded): what a re-send is compared by
-
-
-@dataclass(frozen=True)
-class Recorded:
-    series_id: int
-    instance_id: int
-    revision: int
-    new_series: bool
-    replaced_spool_name: str | None  # a re-sent instance with new content replaces its earlier file: delete it
-    reopened: bool  # the series had been closed and is open again under a new revision
-    spool_name: str
-    arrival: Arrival = Arrival.NEW
-
-    @property
-    def identical(self) -> bool:
-        """A re-send of the content already held: nothing changed, and ``spool_name`` is not referenced."""
-        return self.arrival is Arrival.IDENTICAL
-
-
-@dataclass(frozen=True)
-class SeriesRow:
-    id: int
-    series_uid: str
-    study_uid: str
-    accession: str
-    modality: str
-    body_part: str
-    sop_class_uid: str
-    image_type: str
-    series_description: str
-    manufacturer: str
-    calling_aet: str
-    called_aet: str
-    expected_count: int | None
-    revision: int
-    first_received: float
-    last_received: float
-    state: SeriesState
-    route: str | None
-    model: str | None
-    note: str | None
-    attempts: int = 0
-    retry_at: float | None = None
-    instance_count: int = 0  # instances held (not released)
-    received_count: int = 0  # every instance the series has had, released or held
-
-
-@dataclass(frozen=True)
-class InstanceRow:
-    id: int
-    series_id: int
-    sop_instance_uid: str
-    sop_class_uid: str
-    transfer_syntax_uid: str
-    instance_number: int | None
-    spool_name: str
-    size_bytes: int
-    received_at: float
-    expected_count: int | None = None
-    acquisition_number: int | None = None
-
-
-@dataclass(frozen=True)
-class Closing:
-    """A series closed in one transaction: its row after the change and the instances it holds."""
-
-    series: SeriesRow
-    instances: list[InstanceRow]
-    routed: bool
-
-
-@dataclass
-class Counts:
-    by_series_state: dict[str, int] = field(default_factory=dict)
-    outbox_pending: int = 0
-    outbox_rejected: int = 0
-    spool_bytes: int = 0
-    spool_files: int = 0
-
 
 # decide(series, instances) -> (route name, model name), or None when no route matches.
 Decide = Callable[[SeriesRow, list[InstanceRow]], tuple[str, str] | None]
@@ -253,31 +52,21 @@ class Journal:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
-            self._db.executescript(_SCHEMA)
+            self._db.executescript(SCHEMA)
             with self._tx() as db:
                 row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
                 if row is None:
                     db.execute("INSERT INTO meta(key, value) VALUES('schema_version', ?)", (str(SCHEMA_VERSION),))
                 elif int(row[0]) == 1:
-                    self._migrate_from_1(db)
+                    migrate_from_1(db)
                 elif int(row[0]) != SCHEMA_VERSION:
                     raise JournalError(f"journal {path} has schema {row[0]}, this build knows {SCHEMA_VERSION}")
-            self._db.executescript(_INDEXES)
+            self._db.executescript(INDEXES)
         except sqlite3.Error as exc:
             raise JournalError(f"cannot open journal {path}: {exc}") from exc
         from edge_agent.outbox import Outbox  # the outbox shares this connection and its lock
 
         self.outbox = Outbox(self)
-
-    @staticmethod
-    def _migrate_from_1(db: sqlite3.Connection) -> None:
-        """Schema 1 -> 2, in place, in the opening transaction: a box upgraded mid-study keeps its work."""
-        for table, column, decl in _V2_COLUMNS:
-            have = {str(r[1]) for r in db.execute(f"PRAGMA table_info({table})")}
-            if column not in have:
-                db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
-        db.execute("DROP INDEX IF EXISTS outbox_state")  # re-made on (state, next_attempt_at)
-        db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
 
     def close(self) -> None:
         with self._lock:
