@@ -16,7 +16,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pydicom
 from nats.js.api import DiscardPolicy
+from pydicom.uid import generate_uid
 
 from tests.dicomfiles import fill, tmpfs
 from tests.faults import (
@@ -107,9 +109,7 @@ def plan_workload(r: Rig, instances: int, rng: random.Random) -> list[SeriesPlan
     # Every run has at least one of each kind, whatever the dice said.
     cts = [p for p in plans if len(p.items) > 1] or plans
     if not any(p.late for p in plans):
-        extra = r.ct(1)[0]
-        # A late slice of an existing CT series: a copy of the series' first slice under a new SOP Instance UID.
-        cts[0].late.append(_late_slice(r, cts[0], extra))
+        cts[0].late.append(_late_slice(cts[0]))
     if not any(p.resend_open for p in plans):
         cts[-1].resend_open = cts[-1].items[0]
     if not any(p.resend_after for p in plans):
@@ -117,22 +117,21 @@ def plan_workload(r: Rig, instances: int, rng: random.Random) -> list[SeriesPlan
     return plans
 
 
-def _late_slice(r: Rig, plan: SeriesPlan, template: Item) -> Item:
-    import pydicom
-    from pydicom.uid import generate_uid
-
+def _late_slice(plan: SeriesPlan) -> Item:
+    """One more instance of the series: its last one under a new SOP Instance UID (and no count that ends it)."""
     ds = pydicom.dcmread(plan.items[-1].path)
     ds.SOPInstanceUID = generate_uid()
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     ds.InstanceNumber = len(plan.items) + 1
+    if "ImagesInAcquisition" in ds:
+        del ds.ImagesInAcquisition
     path = plan.items[-1].path.with_name(f"late-{ds.SOPInstanceUID[-12:]}.dcm")
     ds.save_as(path, enforce_file_format=True)
-    template.path.unlink(missing_ok=True)
     return Item.of(path)
 
 
 class Workload:
-    """Sender threads working through the plans: each series, then its late slice and re-send once its finding is out."""
+    """Sender threads working through the plans: each series, then its late slice and re-send once it has a finding."""
 
     def __init__(self, r: Rig, plans: list[SeriesPlan], senders: int, deadline: float) -> None:
         self.r = r
@@ -176,7 +175,7 @@ class Workload:
                     self._todo.clear()
                 return None
             # Late slices and re-sends wait for their series' finding; wake on each new finding.
-            self.r.watcher.wait(lambda w=waiting: any(self._ready(k, p) for k, p in w), 0.5)
+            self.r.watcher.wait(lambda: any(self._ready(k, p) for k, p in waiting), 0.5)  # noqa: B023
 
     def _work(self) -> None:
         try:
@@ -217,21 +216,28 @@ KILL_MOMENTS = ("random", "after a Success", "while completing", "during inferen
 
 
 def _kill_moment(r: Rig, kind: str, rng: random.Random, timeout_seconds: float) -> bool:
-    """Wait for the moment ``kind`` names; False if it did not come within the timeout (killed anyway)."""
+    """Wait for the moment ``kind`` names; False if it did not come within the timeout (the kill comes anyway).
+
+    The daemon's duplicate counter is scraped before the wait (and just before the kill where the moment is not
+    that precise); what it gains in between is not seen, so duplicates_rejected is a lower bound.
+    """
     assert r.watcher is not None
     ledger = r.ledger
+    r.scrape_duplicates()
     if kind == "random":
         threading.Event().wait(rng.uniform(0.05, 2.0))  # the fault's timing, not a synchronisation
+        r.scrape_duplicates()
         return True
     if kind == "after a Success":
         seen = ledger.successes
         return ledger.wait(lambda: ledger.successes > seen, timeout_seconds)
     if kind == "while completing":
-        # A series' last instance got Success: the quiet time (or Images in Acquisition) starts its completion.
+        # A series' last instance got Success: its quiet time (or Images in Acquisition) starts its completion.
         seen = len(ledger.series_sent)
         if not ledger.wait(lambda: len(ledger.series_sent) > seen, timeout_seconds):
             return False
         threading.Event().wait(rng.uniform(0.0, CT_QUIET_SECONDS + 0.5))
+        r.scrape_duplicates()
         return True
     if kind == "during inference":
         before = r.scrape("edge_agent_instances_total", outcome="inferred")
@@ -249,7 +255,7 @@ def sigkill(work: Path, *, kills: int = 3, instances: int = 60, seed: int = 1, s
         r.start_daemon()
         r.watch()
         plans = plan_workload(r, instances, rng)
-        load = Workload(r, plans, senders, time.monotonic() + 60 + 2.0 * instances)
+        load = Workload(r, plans, senders, time.monotonic() + 120 + 2.0 * instances)
         load.start()
         moments: Counter[str] = Counter()
         order: list[str] = []
@@ -258,29 +264,33 @@ def sigkill(work: Path, *, kills: int = 3, instances: int = 60, seed: int = 1, s
                 order = list(KILL_MOMENTS)
                 rng.shuffle(order)
             kind = order.pop()
-            # Spread the kills over the workload; once it is all sent, the rest land on completion and publish.
+            if load.done.is_set() and kind in ("after a Success", "while completing"):
+                kind = "after a publish"  # nothing is being sent any more: hit what is left, the publishing
+            # Spread the kills over the workload: kill k once (k+1)/(kills+1) of the C-STOREs are done.
             target = (k + 1) * load.planned_stores / (kills + 1)
-            r.ledger.wait(lambda t=target: r.ledger.stores >= t or load.done.is_set(), 600)
+            while not (r.ledger.stores >= target or load.done.is_set()):
+                r.ledger.wait(lambda: r.ledger.stores >= target, 0.5)  # noqa: B023
             if not r.check_alive(f"before kill {k + 1}"):
                 r.start_daemon()
             came = _kill_moment(r, kind, rng, moment_timeout_seconds)
             r.kill9()
             moments[kind if came else f"{kind} (not seen in {moment_timeout_seconds:.0f} s)"] += 1
             r.start_daemon()
-        if not load.join(60 + 2.0 * instances):
+        if not load.join(120 + 2.0 * instances):
             r.problems.append("the senders did not finish")
         if not r.alive:
             r.check_alive("after the workload")
             r.start_daemon()
         r.settle(settle_seconds)
-        injected = "SIGKILL at " + ", ".join(f"{n} {m}" for m, n in sorted(moments.items())) + "; restarted"
+        injected = "SIGKILL " + ", ".join(f"{n}x {m}" for m, n in sorted(moments.items())) + "; restarted each time"
         out = r.outcome("SIGKILL at random moments", injected, kills)
         r.terminate()
         out.problems += load.failures + [p for p in r.problems if p not in out.problems]
-        out.notes.append(f"{len(plans)} series ({sum(1 for p in plans if len(p.items) == 1)} CR, "
-                         f"{sum(1 for p in plans if len(p.items) > 1)} CT), {sum(bool(p.late) for p in plans)} with a "
-                         f"late slice, {sum((p.resend_open is not None) + (p.resend_after is not None) for p in plans)} "
-                         f"identical re-sends; {r.ledger.no_response} C-STOREs cut off by a kill and re-sent")
+        crs = sum(1 for p in plans if len(p.items) == 1)
+        resends = sum((p.resend_open is not None) + (p.resend_after is not None) for p in plans)
+        out.notes.append(f"{len(plans)} series ({crs} CR, {len(plans) - crs} CT), {sum(bool(p.late) for p in plans)} "
+                         f"with a late slice, {resends} identical re-sends; {r.ledger.no_response} C-STOREs cut off "
+                         "by a kill and re-sent")
         out.notes += load.skipped
         return out
 
@@ -310,7 +320,7 @@ def sigterm_slow_engine(work: Path, *, slices: int = 16, seconds_per_image: floa
             if not _send(r, items, "sending the series"):
                 break
             # Completion has begun (the count arrived); SIGTERM once inference is under way and not done.
-            r.wait_scrape("edge_agent_instances_total", lambda v, b=before: v > b, 60, outcome="inferred")
+            r.wait_scrape("edge_agent_instances_total", lambda v: v > before, 60, outcome="inferred")  # noqa: B023
             done = round((r.scrape("edge_agent_instances_total", outcome="inferred") or before) - before)
             at_term.append(done)
             if done >= slices:
@@ -342,7 +352,8 @@ def broker_killed_mid_publish(work: Path, *, rounds: int = 1, crs: int = 4, ct_s
         for n in range(rounds):
             burst = [r.cr() for _ in range(crs)] + [r.ct(ct_slices), r.ct(ct_slices)]
             seen = r.watcher.count() if r.watcher else 0
-            sender = threading.Thread(target=lambda b=burst: [_send(r, s, f"burst {n + 1}") for s in b], daemon=True)
+            what = f"burst {n + 1}"
+            sender = threading.Thread(target=lambda b=burst, w=what: [_send(r, s, w) for s in b], daemon=True)
             sender.start()
             assert r.watcher is not None
             if not r.watcher.wait_count(seen + 1, FINDING_TIMEOUT_SECONDS):
@@ -401,7 +412,8 @@ def broker_down_past_duplicate_window(work: Path, *, window_seconds: float = 2.0
     make_stream(nats_server.url, duplicate_window=window_seconds)
     try:
         with rig(work, nats_server=nats_server, bus_url=proxy.url, start_nats=False,
-                 **{"bus.duplicate_window_seconds": window_seconds}) as r:
+                 **{"bus.duplicate_window_seconds": window_seconds,
+                    "bus.republish_window_seconds": window_seconds}) as r:
             r.start_daemon()
             r.watch()
             first = r.cr("CR before")
@@ -457,7 +469,7 @@ def stream_refuses_writes(work: Path) -> Outcome:
         behind = [r.cr("CR behind the refused one") for _ in range(2)]
         for items in behind:
             if _send(r, items, "behind the refused one"):
-                _expect_finding(r, items, "later findings blocked behind a refused one")
+                _expect_finding(r, items, "later findings blocked behind a refused one", timeout_seconds=30)
         # Now a stream that is full and discards new messages: everything is refused.
         count = len(stream_messages(nats_server.url))
         update_stream(nats_server.url, max_msgs=count, discard=DiscardPolicy.NEW)
@@ -594,13 +606,12 @@ def late_and_resend(work: Path, *, slices: int = 6) -> Outcome:
         first, late = items[:slices], items[slices:]
         if not (_send(r, first, "the series") and _expect_finding(r, first, "the series")):
             return r.outcome("late instance and identical re-sends", "", 0)
-        barrier: Callable[[str], None] = lambda what: _barrier(r, what)  # noqa: E731
         _send(r, [first[2]], "an identical re-send of a finished series")
-        barrier("after the identical re-send")
+        _barrier(r, "after the identical re-send")
         _send(r, late, "the late slice")
         if r.wait_finding(first, FINDING_TIMEOUT_SECONDS, revisions=2):
             _send(r, late, "an identical re-send of the late slice")
-            barrier("after re-sending the late slice")
+            _barrier(r, "after re-sending the late slice")
         else:
             r.problems.append("the late slice made no new revision")
         r.settle(FINDING_TIMEOUT_SECONDS)

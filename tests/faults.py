@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import re
 import subprocess
@@ -513,7 +514,7 @@ def check_findings(
         if latest_revision is not None and uid in latest_revision and latest != latest_revision[uid]:
             v.problems.append(f"{name(uid)}: latest revision is {latest}, expected {latest_revision[uid]}")
         revs = sorted(by_rev)
-        for lower, upper in zip(revs, revs[1:], strict=False):
+        for lower, upper in itertools.pairwise(revs):
             before = set().union(*(_covered(x) for x in by_rev[lower].values()))
             after = set().union(*(_covered(x) for x in by_rev[upper].values()))
             if not after > before:
@@ -638,6 +639,8 @@ class FaultProxy:
             self.cut()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
+        if not self._thread.is_alive():
+            self._loop.close()
 
 
 def _run(*cmd: str) -> subprocess.CompletedProcess[str]:
@@ -930,8 +933,8 @@ class Rig:
                                   f"{self.scrape('edge_agent_outbox_pending')}, open_series="
                                   f"{self.scrape('edge_agent_open_series')}")
                 return False
-            count = self.watcher.count()
-            self.watcher.wait(lambda c=count: self.watcher is not None and self.watcher.count() > c, 0.25)
+            watcher, count = self.watcher, self.watcher.count()
+            watcher.wait(lambda: watcher.count() > count, 0.25)  # noqa: B023 (called before the loop moves on)
 
     def outcome(self, fault: str, injected: str, times: int, *, duplicate_ids_allowed: bool = False,
                 latest_revision: Mapping[str, int] | None = None) -> Outcome:

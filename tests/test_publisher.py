@@ -435,7 +435,7 @@ def test_an_existing_stream_is_never_changed_and_its_differences_are_shown(
     """A shared stream: a shorter max_age applied by us would purge other producers' messages (issue D)."""
     caplog.set_level(logging.INFO)
     enqueue(journal, 1)
-    theirs = StreamConfig(name=STREAM, subjects=["ops.audit.>", "edge.>"], duplicate_window=5.0, max_age=60.0,
+    theirs = StreamConfig(name=STREAM, subjects=["ops.audit.>", f"{PREFIX}.>"], duplicate_window=5.0, max_age=60.0,
                           storage=StorageType.MEMORY)
 
     async def main() -> None:
@@ -446,7 +446,7 @@ def test_an_existing_stream_is_never_changed_and_its_differences_are_shown(
         acks = Acks()
         pub = Publisher(bus_config(nats_server.url), journal, metrics, on_acked=acks)
         await pub.start()
-        await acks.wait(1)  # "edge.>" covers our subjects: the finding is stored
+        await acks.wait(1)  # the stream takes our subjects: the finding is stored
         info = await js.stream_info(STREAM)
         await nc.close()
         await pub.stop(1.0)

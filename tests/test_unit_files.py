@@ -84,7 +84,7 @@ def test_unit_directives() -> None:
     assert d["Service.ExecStart"] == ["/usr/bin/edge-agent serve --config /etc/edge-agent/agent.yaml"]
     assert d["Service.WatchdogSec"] == ["30"]
     assert d["Service.Restart"] == ["on-failure"]
-    assert d["Service.RestartPreventExitStatus"] == ["3"]
+    assert d["Service.RestartPreventExitStatus"] == ["3 4"]
     assert d["Service.KillMode"] == ["mixed"]
     assert d["Service.User"] == ["edge-agent"]
     assert d["Service.StateDirectory"] == ["edge-agent"]
