@@ -22,22 +22,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-import numpy as np
-
 from edge_agent.bus import finding as findings
 from edge_agent.config import AgentConfig, Route
 from edge_agent.dicom.assembler import Assembler
-from edge_agent.dicom.pixels import load_instance_shaped, resize
+from edge_agent.dicom.pixels import load_instance_shaped
 from edge_agent.errors import DecodeError, EngineError
+from edge_agent.finding_maker import finding_input, shown_label, store_heatmap
 from edge_agent.inference.batcher import Batcher
 from edge_agent.inference.card import ModelCard
 from edge_agent.inference.engine import SliceResult
 from edge_agent.journal import InstanceMeta, InstanceRow, Journal, Recorded, SeriesRow, SeriesState
 from edge_agent.metrics import Metrics
-from edge_agent.png import write_png
 from edge_agent.routing import SeriesFacts, candidate_routes, match_route
-from edge_agent.series import Coverage, count_says_complete, retry_delay_seconds
-from edge_agent.triage import LabelResult, SeriesResult, aggregate
+from edge_agent.series import count_says_complete, retry_delay_seconds
+from edge_agent.triage import aggregate
 from edge_agent.workers import WorkerPool
 
 logger = logging.getLogger(__name__)
@@ -339,11 +337,11 @@ class Pipeline:
         result = aggregate(loaded.card, slices, shapes)
         self._metrics.triage.labels(model=row.model, priority=result.priority).inc()
         msg_id = findings.message_id(row.series_uid, row.model, loaded.card.version, revision)
-        shown = _shown_label(result)
-        image = await self._store_heatmap(shown, loaded.card, msg_id)
+        shown = shown_label(result)
+        image = await store_heatmap(self._config, self._metrics, shown, loaded.card, msg_id)
         payload = findings.build_finding(
-            self._finding_input(row, row.route, loaded, result, slice_refs, covered, failed, inferred_at, shown,
-                                image)
+            finding_input(self._config, self._host, row, row.route, loaded, result, slice_refs, covered, failed,
+                          inferred_at, shown, image)
         )
         subject = findings.subject(self._config.bus.subject_prefix, self._config.site, row.modality, row.model)
         queued = await self._db(
@@ -383,90 +381,6 @@ class Pipeline:
             return None
         return route.name, route.model
 
-    def _finding_input(
-        self,
-        row: SeriesRow,
-        route: str,
-        loaded: LoadedModel,
-        result: SeriesResult,
-        slice_refs: list[tuple[str, int]],
-        covered: list[str],
-        failed: list[str],
-        inferred_at: float,
-        shown: LabelResult | None,
-        image: str | None,
-    ) -> findings.FindingInput:
-        labels = []
-        for r in result.labels:
-            uid, frame = slice_refs[r.index]
-            labels.append(
-                findings.LabelResult(
-                    label=r.label, score=r.score, threshold=r.threshold, positive=r.positive,
-                    driving_instance_uid=uid, driving_frame=frame,
-                )
-            )
-        heatmap = None
-        if shown is not None and shown.box is not None:
-            uid, frame = slice_refs[shown.index]
-            x0, y0, x1, y1 = shown.box.fraction
-            heatmap = findings.Heatmap(
-                label=shown.label,
-                x0=x0,
-                y0=y0,
-                x1=x1,
-                y1=y1,
-                peak=min(1.0, max(0.0, shown.box.peak)),
-                driving_instance_uid=uid,
-                driving_frame=frame,
-                image=image,
-            )
-        card = loaded.card
-        coverage = Coverage(max(row.received_count, len(covered) + len(failed)), len(covered), len(failed))
-        return findings.FindingInput(
-            site=self._config.site,
-            study_instance_uid=row.study_uid,
-            series_instance_uid=row.series_uid,
-            sop_instance_uids=covered,
-            failed_instance_uids=failed,
-            instances_received=coverage.received,
-            accession_number=row.accession,
-            calling_ae_title=row.calling_aet,
-            called_ae_title=row.called_aet,
-            modality=row.modality,
-            body_part=row.body_part,
-            route=route,
-            model=findings.ModelInfo(name=card.name, version=card.version, sha256=card.sha256, backend=loaded.backend),
-            labels=labels,
-            priority=str(result.priority.value),
-            heatmap=heatmap,
-            revision=row.revision,
-            timings=findings.Timings(
-                received_first=row.first_received,
-                received_last=row.last_received,
-                completed=time.time(),
-                inferred=inferred_at,
-            ),
-            produced_at=time.time(),
-            agent_host=self._host,
-        )
-
-    async def _store_heatmap(self, shown: LabelResult | None, card: ModelCard, msg_id: str) -> str | None:
-        """Write the shown label's heat map as a PNG for viewers; its name is the finding id, never a UID."""
-        if not self._config.heatmaps.enabled or shown is None or shown.heatmap is None:
-            return None
-        name = f"heatmaps/{msg_id}.png"
-        path = self._config.state_dir / name
-        height, width = card.preprocessing.resize
-        try:
-            await asyncio.to_thread(_write_heatmap, path, shown.heatmap, height, width)
-        except OSError as exc:
-            # The finding matters more than its picture: publish it without the image.
-            self._metrics.heatmap_write_errors.inc()
-            logger.warning("heat map not stored (%s); the finding goes out without it",
-                           exc.strerror or type(exc).__name__)
-            return None
-        return name
-
     def _cancel(self, work: _SeriesWork) -> None:
         for w in work.instances.values():
             w.task.cancel()
@@ -500,18 +414,6 @@ class Pipeline:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._work.clear()
-
-
-def _shown_label(result: SeriesResult) -> LabelResult | None:
-    """The label whose heat map a viewer is shown: the highest-scoring positive one, else the highest."""
-    with_maps = [r for r in result.labels if r.heatmap is not None]
-    return max(with_maps, key=lambda r: (r.positive, r.score)) if with_maps else None
-
-
-def _write_heatmap(path: Path, heatmap: np.ndarray, height: int, width: int) -> None:
-    grey = np.clip(resize(np.asarray(heatmap, dtype=np.float32), height, width), 0.0, 1.0)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_png(path, np.round(grey * 255).astype(np.uint8))
 
 
 def _retrieve(task: asyncio.Task[Any]) -> None:
