@@ -42,6 +42,12 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check-config", help="validate a config file and the models it names; exit 3 if invalid")
     c.add_argument("file", type=Path, nargs="?", default=DEFAULT_CONFIG_PATH)
 
+    rq = sub.add_parser(
+        "requeue-rejected",
+        help="give findings the broker rejected (too large, not permitted) another try, once the cause is fixed",
+    )
+    rq.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH, help="YAML config (default: %(default)s)")
+
     snd = sub.add_parser("send", help="send DICOM files or folders to a DICOM SCP (C-STORE)")
     snd.add_argument("paths", type=Path, nargs="+")
     snd.add_argument("--host", default="127.0.0.1")
@@ -159,6 +165,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except EdgeAgentError as exc:
         logger.error("edge-agent stopped: %s", exc)
         return EXIT_FAILURE
+    return EXIT_OK
+
+
+def cmd_requeue_rejected(args: argparse.Namespace) -> int:
+    """Move every rejected outbox row back to pending; a running daemon publishes them at its next poll."""
+    from edge_agent.journal import Journal
+
+    config = _load_or_report(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    path = config.state_dir / "journal.sqlite3"
+    if not path.exists():
+        print(f"no journal at {path}", file=sys.stderr)
+        return EXIT_FAILURE
+    try:
+        journal = Journal(path)  # SQLite in WAL mode: safe beside the running daemon
+        try:
+            count = journal.outbox.requeue_rejected()
+        finally:
+            journal.close()
+    except EdgeAgentError as exc:
+        print(f"cannot re-queue: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"{count} rejected finding(s) queued again")
     return EXIT_OK
 
 
@@ -330,6 +360,7 @@ COMMANDS = {
     "serve": cmd_serve,
     "check-config": cmd_check_config,
     "send": cmd_send,
+    "requeue-rejected": cmd_requeue_rejected,
     "tail": cmd_tail,
     "build-engine": cmd_build_engine,
     "verify-engine": cmd_verify_engine,

@@ -340,3 +340,24 @@ def test_concurrent_association_threads_each_commit(journal: Journal) -> None:
         t.join()
     counts = journal.counts()
     assert counts.spool_files == 300 and counts.by_series_state == {"open": 3}
+
+
+def test_the_requeue_command_gives_rejected_findings_another_try(tmp_path: Path) -> None:
+    import yaml
+
+    from edge_agent.cli import main
+    from edge_agent.config import DEFAULT_CONFIG_PATH
+
+    raw = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
+    raw["state_dir"] = str(tmp_path / "state")
+    raw["model_repository"] = str(DEFAULT_CONFIG_PATH.parent.parent / "engines")
+    config = tmp_path / "agent.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    j = Journal(tmp_path / "state" / "journal.sqlite3")
+    r = j.record_instance(meta("1"), "f1", 1)
+    close(j, r.series_id)
+    j.outbox.enqueue(r.series_id, 0, "m", "id", "s", b"{}")
+    j.outbox.reject(j.outbox.pending()[0].id, "too_large")
+    assert main(["requeue-rejected", "--config", str(config)]) == 0  # beside an open connection, as a daemon's
+    assert [row.msg_id for row in j.outbox.pending()] == ["id"]
+    j.close()
