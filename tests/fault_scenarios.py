@@ -15,26 +15,15 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from nats.js.api import DiscardPolicy
 from pydicom.uid import generate_uid
 
 from tests.dicomfiles import fill, tmpfs
-from tests.faults import (
-    FaultProxy,
-    Item,
-    Outcome,
-    Rig,
-    dcmtk_store,
-    immutable,
-    is_success,
-    make_stream,
-    model_repository,
-    read_only_bind,
-    stream_messages,
-    update_stream,
-)
+from tests.fault_tools import FaultProxy, immutable, model_repository, read_only_bind
+from tests.faults import Item, Outcome, Rig, dcmtk_store, is_success, make_stream, stream_messages, update_stream
 from tests.natsutil import NatsServer
 
 # The CT route completes a series after this long without a new slice (write_config's overrides).
@@ -43,8 +32,8 @@ FINDING_TIMEOUT_SECONDS = 90.0
 
 
 @contextlib.contextmanager
-def rig(work: Path, **kwargs: object) -> Iterator[Rig]:
-    r = Rig(work, **kwargs)  # type: ignore[arg-type]
+def rig(work: Path, **kwargs: Any) -> Iterator[Rig]:
+    r = Rig(work, **kwargs)
     try:
         yield r
     finally:
@@ -59,11 +48,11 @@ def _expect_finding(r: Rig, items: list[Item], what: str, timeout_seconds: float
     return False
 
 
-def _send(r: Rig, items: list[Item], what: str) -> bool:
-    left = r.send(items)
+def _send(r: Rig, items: list[Item], what: str, timeout_seconds: float = 180.0) -> bool:
+    left = r.send(items, timeout_seconds)
     if left:
-        r.problems.append(f"{what}: {len(left)} of {len(items)} instance(s) never got Success "
-                          f"(refusals {dict(r.ledger.refused)}, {r.ledger.no_response} without a response)")
+        r.problems.append(f"{what}: {len(left)} of {len(items)} instance(s) never got Success (all sends so far: "
+                          f"refusals {dict(r.ledger.refused)}, {r.ledger.no_response} without a response)")
     return not left
 
 
@@ -107,6 +96,8 @@ def plan_workload(r: Rig, instances: int, rng: random.Random) -> list[SeriesPlan
         plans.append(plan)
         total += len(plan.items) + len(plan.late)
     # Every run has at least one of each kind, whatever the dice said.
+    if all(len(p.items) > 1 for p in plans):
+        plans.insert(0, SeriesPlan(r.cr()))
     cts = [p for p in plans if len(p.items) > 1] or plans
     if not any(p.late for p in plans):
         cts[0].late.append(_late_slice(cts[0]))
@@ -283,9 +274,8 @@ def sigkill(work: Path, *, kills: int = 3, instances: int = 60, seed: int = 1, s
             r.start_daemon()
         r.settle(settle_seconds)
         injected = "SIGKILL " + ", ".join(f"{n}x {m}" for m, n in sorted(moments.items())) + "; restarted each time"
-        out = r.outcome("SIGKILL at random moments", injected, kills)
-        r.terminate()
-        out.problems += load.failures + [p for p in r.problems if p not in out.problems]
+        out = r.finish("SIGKILL at random moments", injected, kills)
+        out.problems += load.failures
         crs = sum(1 for p in plans if len(p.items) == 1)
         resends = sum((p.resend_open is not None) + (p.resend_after is not None) for p in plans)
         out.notes.append(f"{len(plans)} series ({crs} CR, {len(plans) - crs} CT), {sum(bool(p.late) for p in plans)} "
@@ -329,15 +319,13 @@ def sigterm_slow_engine(work: Path, *, slices: int = 16, seconds_per_image: floa
             r.terminate()
             r.start_daemon()
         r.settle(FINDING_TIMEOUT_SECONDS)
-        out = r.outcome(
+        out = r.finish(
             "SIGTERM during completion, slow engine",
             f"SIGTERM after the last slice's Success while a {measured:.2f} s/slice model ran "
             f"(drain timeout 1 s); restarted",
             rounds,
         )
         out.notes.append(f"slices inferred when SIGTERM came: {at_term} of {slices}")
-        r.terminate()
-        out.problems += [p for p in r.problems if p not in out.problems]
         return out
 
 
@@ -367,9 +355,8 @@ def broker_killed_mid_publish(work: Path, *, rounds: int = 1, crs: int = 4, ct_s
         if _send(r, later, "after the broker came back"):
             _expect_finding(r, later, "a finding after the broker came back")
         r.settle(FINDING_TIMEOUT_SECONDS)
-        out = r.outcome("broker killed mid-publish", "SIGKILL nats-server when the first finding of a burst lands; "
+        out = r.finish("broker killed mid-publish", "SIGKILL nats-server when the first finding of a burst lands; "
                         "restarted on its storage", rounds)
-        r.terminate()
         return out
 
 
@@ -394,9 +381,8 @@ def broker_down_at_start(work: Path, *, crs: int = 3, ct_slices: int = 6) -> Out
         if _send(r, later, "after the broker came up"):
             _expect_finding(r, later, "a finding after the broker came up")
         r.settle(FINDING_TIMEOUT_SECONDS)
-        out = r.outcome("broker down at start", "nats-server not running when the daemon starts and while "
+        out = r.finish("broker down at start", "nats-server not running when the daemon starts and while "
                         f"{len(series)} series arrive by storescu; then started", 1)
-        r.terminate()
         return out
 
 
@@ -434,18 +420,17 @@ def broker_down_past_duplicate_window(work: Path, *, window_seconds: float = 2.0
             if _send(r, later, "after the outage"):
                 _expect_finding(r, later, "a finding after the outage")
             r.settle(FINDING_TIMEOUT_SECONDS)
-            out = r.outcome(
+            out = r.finish(
                 "broker down longer than the duplicate window",
                 f"TCP proxy swallows the PubAck of a stored finding, then refuses connections for longer than the "
                 f"{window_seconds:.0f} s duplicate window",
                 1,
                 duplicate_ids_allowed=True,
             )
-            copies = sum(1 for m in stream_messages(nats_server.url)
-                         if m.finding.get("series_instance_uid") == ambiguous[0].series_uid)
-            out.notes.append(f"the ambiguous finding is in the stream {copies} time(s) (a re-publish after the window "
-                             "is stored again: consumers de-duplicate by finding_id)")
-            r.terminate()
+            copies = Counter(str(m.finding.get("series_instance_uid")) for m in stream_messages(nats_server.url))
+            repeated = ", ".join(f"{r.names.get(uid, uid)} {n} times" for uid, n in copies.items() if n > 1)
+            out.notes.append(f"in the stream more than once: {repeated or 'none'} (a re-publish after the duplicate "
+                             "window is stored again: consumers de-duplicate by finding_id)")
             return out
     finally:
         proxy.close()
@@ -464,6 +449,7 @@ def stream_refuses_writes(work: Path) -> Outcome:
             size = max(len(m.data) for m in stream_messages(nats_server.url))
             # A CR finding fits, a 30-slice CT's (30 SOP Instance UIDs) does not: one poison row in the outbox.
             update_stream(nats_server.url, max_msg_size=size + 400)
+            r.notes.append(f"stream max_msg_size {size + 400} bytes (the probe's finding is {size})")
         big = r.ct(30, label="CT too large for the stream")
         _send(r, big, "the large series")
         behind = [r.cr("CR behind the refused one") for _ in range(2)]
@@ -474,14 +460,14 @@ def stream_refuses_writes(work: Path) -> Outcome:
         count = len(stream_messages(nats_server.url))
         update_stream(nats_server.url, max_msgs=count, discard=DiscardPolicy.NEW)
         refused = r.cr("CR into a full stream")
+        errors = r.scrape("edge_agent_publish_errors_total") or 0.0
         _send(r, refused, "into a full stream")
-        if not r.wait_scrape("edge_agent_outbox_pending", lambda v: v >= 2, FINDING_TIMEOUT_SECONDS):
-            r.notes.append("edge_agent_outbox_pending did not show both refused findings waiting")
+        if not r.wait_scrape("edge_agent_publish_errors_total", lambda v: v > errors, FINDING_TIMEOUT_SECONDS):
+            r.notes.append("no publish error counted while the stream was full")
         update_stream(nats_server.url, max_msgs=-1, max_msg_size=-1)
         r.settle(FINDING_TIMEOUT_SECONDS)
-        out = r.outcome("stream refuses writes", "max_msg_size below one finding (later ones must pass it), then "
+        out = r.finish("stream refuses writes", "max_msg_size below one finding (later ones must pass it), then "
                         "max_msgs reached with discard=new; then both lifted", 2)
-        r.terminate()
         return out
 
 
@@ -519,24 +505,29 @@ def disk_full_mid_write(work: Path, *, free_mib: int = 3) -> Outcome:
         fill(disk, leave_bytes=free_mib << 20)  # above the 1 MiB watermark, below one CR
         since = r.log_offset()
         cr = r.cr("CR that does not fit")
-        _, answered = r.scu().store(cr)
+        # A modality waits a while for the response, then gives up on the association and keeps the study.
+        _, answered = r.scu(dimse_timeout_seconds=10).store(cr)
         status = answered[0][1] if answered else None
         if status is not None and is_success(status):
             r.notes.append("the radiograph that could not fit got Success")
         else:
             r.notes.append(f"the radiograph that could not fit got {'no response' if status is None else hex(status)}")
         _says(r, since, "ENOSPC mid-write", ("No space left", "ENOSPC", "is full", "disk full", "free space"))
+        leftovers = [p for p in (disk / "state" / "spool" / "tmp").glob("*") if p.is_file()]
+        st = os.statvfs(disk)
+        r.notes.append(f"after the failed transfer: {st.f_bavail * st.f_frsize} bytes free, spool/tmp holds "
+                       f"{len(leftovers)} file(s) of {sum(p.stat().st_size for p in leftovers)} bytes")
         small = r.ct(5, label="CT while the disk is nearly full")
-        if _send(r, small, "while the disk is nearly full"):
+        # A healthy daemon answers at once (Success, or 0xA700 while it has no room): retry for 20 s, not longer.
+        if _send(r, small, "while the disk is nearly full", timeout_seconds=20):
             _expect_finding(r, small, "a small series while the disk is nearly full")
         (disk / "filler").unlink()
         if _send(r, cr, "after space was freed"):  # the modality re-sends it
             _expect_finding(r, cr, "the radiograph re-sent after space was freed")
         _keeps_serving(r, "the disk filled up")
         r.settle(FINDING_TIMEOUT_SECONDS)
-        out = r.outcome("disk full mid-write", f"tmpfs filled to {free_mib} MiB free (above the watermark) while a "
+        out = r.finish("disk full mid-write", f"tmpfs filled to {free_mib} MiB free (above the watermark) while a "
                         "7 MB CR arrives; then freed", 1)
-        r.terminate()
         return out
 
 
@@ -556,10 +547,8 @@ def unremovable_spool_file(work: Path, *, retain_seconds: float = 2.0) -> Outcom
                 if r.alive:
                     _keeps_serving(r, "a spool file could not be removed")
         r.settle(FINDING_TIMEOUT_SECONDS)
-        out = r.outcome("unremovable spool file", f"chattr +i on a series' spool files before its release "
+        out = r.finish("unremovable spool file", f"chattr +i on a series' spool files before its release "
                         f"(retain_seconds {retain_seconds:.0f})", 1)
-        if r.alive:
-            r.terminate()
         return out
 
 
@@ -587,10 +576,8 @@ def read_only_heatmaps(work: Path) -> Outcome:
         if r.alive:
             _keeps_serving(r, "heat maps could not be written or swept")
         r.settle(FINDING_TIMEOUT_SECONDS)
-        out = r.outcome("read-only heat-map folder", "state/heatmaps bind-mounted read-only, with an expired PNG for "
+        out = r.finish("read-only heat-map folder", "state/heatmaps bind-mounted read-only, with an expired PNG for "
                         "the sweep", 1)
-        if r.alive:
-            r.terminate()
         return out
 
 
@@ -605,7 +592,7 @@ def late_and_resend(work: Path, *, slices: int = 6) -> Outcome:
         items = r.ct(slices + 1)
         first, late = items[:slices], items[slices:]
         if not (_send(r, first, "the series") and _expect_finding(r, first, "the series")):
-            return r.outcome("late instance and identical re-sends", "", 0)
+            return r.finish("late instance and identical re-sends", "", 0)
         _send(r, [first[2]], "an identical re-send of a finished series")
         _barrier(r, "after the identical re-send")
         _send(r, late, "the late slice")
@@ -615,9 +602,8 @@ def late_and_resend(work: Path, *, slices: int = 6) -> Outcome:
         else:
             r.problems.append("the late slice made no new revision")
         r.settle(FINDING_TIMEOUT_SECONDS)
-        out = r.outcome("late instance and identical re-sends", "one slice sent after the series' finding; identical "
+        out = r.finish("late instance and identical re-sends", "one slice sent after the series' finding; identical "
                         "re-sends of a slice before and after it", 3, latest_revision={first[0].series_uid: 1})
-        r.terminate()
         return out
 
 

@@ -3,7 +3,7 @@
 Everything is real: the daemon is a subprocess (tests/daemon.py), the broker a real nats-server
 (tests/natsutil.py), the senders a pynetdicom SCU and dcmtk's storescu, the disk faults a real tmpfs,
 ``chattr +i`` and a read-only bind mount, the network fault a TCP proxy between the daemon and the broker.
-The scenarios themselves are in tests/fault_scenarios.py.
+The scenarios are in tests/fault_scenarios.py, the means of injection in tests/fault_tools.py.
 
 What is checked is the finding contract (schema 1.2), from the outside (``check_findings``):
 
@@ -25,33 +25,32 @@ than the duplicate window) and deadlines after which a wait gives up and the che
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import json
 import re
+import ssl
 import subprocess
 import threading
 import time
 import urllib.error
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import nats
-import numpy as np
 import pydicom
-import yaml
 from nats.js.api import DeliverPolicy, StreamConfig
 from nats.js.errors import NotFoundError
 from pydicom.uid import generate_uid
 from pynetdicom import AE
+from pynetdicom.association import Association
+from pynetdicom.transport import AddressInformation, AssociationSocket
 
-from tests.daemon import REPO, Daemon, write_config
+from tests.daemon import Daemon, write_config
 from tests.dicomfiles import CT_SMALL, DATA_STORE, make_ct_series
 from tests.natsutil import NatsServer
-from tests.netutil import free_port
 
 CR_CHEST = DATA_STORE / "RG1_UNCR.dcm"  # a real CR chest radiograph (pydicom-data), 7.2 MB: route cxr-nodule
 STREAM = "EDGE_FINDINGS"
@@ -59,17 +58,18 @@ SUBJECTS = "edge.findings.>"
 CALLING_AET = "FAULTS"
 DEFAULT_MAX_AGE_SECONDS = 14 * 86_400.0  # bus.max_age_days' default: a stream made here matches the daemon's
 DEFAULT_DUPLICATE_WINDOW_SECONDS = 600.0  # bus.duplicate_window_seconds' default
+# A daemon that holds nothing in flight and publishes nothing for this long has nothing more to publish.
+IDLE_GIVE_UP_SECONDS = 10.0
+# A modality's pause before it re-sends what got no response (the daemon is up but did not answer).
+RESEND_BACKOFF_SECONDS = 0.5
 POLL_SECONDS = 0.05  # between two scrapes of /metrics (or reads of the log) while waiting on a value
 # An instance refused this often with a failure status (not cut off by a dead daemon) is given up, as a
 # modality's retry policy would; it is then not acknowledged, and no finding has to cover it.
 MAX_REFUSALS_PER_INSTANCE = 5
 REQUIRED_FIELDS = ("finding_id", "series_instance_uid", "revision", "sop_instance_uids", "instances_received",
                    "instances_inferred", "instances_failed")
-_LOG_PROBLEM = re.compile(r" (WARNING|ERROR|CRITICAL) ")
-
-
-class CannotInject(Exception):
-    """This machine cannot inject the fault (not root, no chattr, no mount): the scenario does not run."""
+# A line the daemon itself logged at WARNING or above (not a library's traceback that happened to land in its log).
+_LOG_PROBLEM = re.compile(r" (WARNING|ERROR|CRITICAL) edge_agent[.:]")
 
 
 def is_success(status: int) -> bool:
@@ -169,20 +169,56 @@ class Ledger:
             return sum(len(s) for s in self.acked.values())
 
 
+class _ClosingSocket(AssociationSocket):
+    def _shutdown_socket(self) -> None:
+        # pynetdicom 3.0 calls shutdown() then close() in one try: on a refused connect the socket is not
+        # connected, shutdown() raises ENOTCONN, and the socket is never closed (a ResourceWarning later). The
+        # senders here connect while the daemon restarts, so that happens.
+        sock = self.socket
+        super()._shutdown_socket()
+        if sock is not None:
+            sock.close()
+
+
+class _ClosingAE(AE):
+    def _create_socket(self, assoc: Association, address: AddressInformation,
+                       tls_args: tuple[ssl.SSLContext, str] | None) -> AssociationSocket:
+        sock = _ClosingSocket(assoc, address=address)
+        sock.tls_args = tls_args
+        return sock
+
+
+def _wake_when_aborted(assoc: Association, stop: threading.Event) -> None:
+    """Wake a C-STORE that waits for a response on an association the peer has reset.
+
+    pynetdicom 3.0 notices the reset (the association is no longer established, its socket is closed) but does
+    not wake the request waiting for its response, which then waits out the whole DIMSE timeout: after every
+    SIGKILL of the daemon, each sender would stall for it. An empty message is what pynetdicom's own abort
+    handling puts on the queue (fsm.AA_4); the C-STORE then returns without a status.
+    """
+    while not stop.wait(0.05):
+        if not assoc.is_established:
+            assoc.dimse.msg_queue.put((None, None))
+            return
+
+
 class Scu:
     """A modality: pynetdicom C-STOREs, one association per call, every response recorded in the ledger."""
 
-    def __init__(self, port: int, ledger: Ledger, *, aet: str = CALLING_AET) -> None:
+    def __init__(self, port: int, ledger: Ledger, *, aet: str = CALLING_AET,
+                 dimse_timeout_seconds: float = 60.0) -> None:
         self.port = port
         self.ledger = ledger
         self.aet = aet
+        # How long a C-STORE waits for its response before the association is aborted (a modality's setting).
+        self.dimse_timeout_seconds = dimse_timeout_seconds
         self.on_success: Callable[[Item], None] | None = None
 
     def store(self, items: Sequence[Item]) -> tuple[bool, list[tuple[Item, int | None]]]:
         """Send ``items`` in order over one association: (associated, [(item, status or None)])."""
-        ae = AE(ae_title=self.aet)
+        ae = _ClosingAE(ae_title=self.aet)
         ae.acse_timeout = 30
-        ae.dimse_timeout = 60
+        ae.dimse_timeout = self.dimse_timeout_seconds
         ae.network_timeout = 60
         for sop_class, syntax in dict.fromkeys((i.sop_class, i.syntax) for i in items):
             ae.add_requested_context(sop_class, syntax)
@@ -193,6 +229,8 @@ class Scu:
         if not assoc.is_established:
             return False, []
         out: list[tuple[Item, int | None]] = []
+        stop = threading.Event()
+        threading.Thread(target=_wake_when_aborted, args=(assoc, stop), daemon=True).start()
         try:
             for item in items:
                 if not assoc.is_established:
@@ -207,6 +245,7 @@ class Scu:
                 if status is not None and is_success(status) and self.on_success is not None:
                     self.on_success(item)
         finally:
+            stop.set()
             if assoc.is_established:
                 assoc.release()
         return True, out
@@ -224,12 +263,6 @@ class Scu:
             if not up.wait(timeout=max(0.0, deadline - time.monotonic())):
                 break
             associated, results = self.store(todo)
-            if not associated:
-                # The daemon is down or not listening yet; the killer clears ``up`` until it is back. A short
-                # back-off keeps a refusing port from being hammered in the meantime.
-                up.wait(timeout=0.1)
-                time.sleep(0.1)
-                continue
             acked = {i.sop_uid for i, s in results if s is not None and is_success(s)}
             refused = {i.sop_uid for i, s in results if s is not None and not is_success(s)}
             left = []
@@ -243,6 +276,11 @@ class Scu:
                         continue
                 left.append(item)
             todo = left
+            if todo:
+                # A modality's re-send interval (not a synchronisation): after a kill the killer has cleared ``up``
+                # and the next round waits for the restart; otherwise a refusing or hung daemon is not hammered.
+                up.wait(timeout=0.1)
+                time.sleep(RESEND_BACKOFF_SECONDS if associated else 0.1)
         for item in given_up:
             self.ledger.given_up.add(item.sop_uid)
         return given_up + todo
@@ -558,199 +596,6 @@ class Outcome:
         return "\n".join(lines)
 
 
-# -- fault tools ----------------------------------------------------------------------------------------
-
-
-class FaultProxy:
-    """A TCP proxy between the daemon and nats-server that can swallow the broker's replies, or vanish.
-
-    ``drop_replies()``: bytes from the broker are dropped (a PubAck never arrives, so a publish that the stream
-    stored times out: an ambiguous publish). ``cut()``: every connection is reset and the port refuses
-    (the broker is gone, from the daemon's side). ``restore()``: back to a plain pipe on the same port.
-    """
-
-    def __init__(self, upstream_port: int) -> None:
-        self.upstream_port = upstream_port
-        self.port = free_port()
-        self._drop = False
-        self._loop = asyncio.new_event_loop()
-        self._server: asyncio.AbstractServer | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="fault-proxy", daemon=True)
-        self._thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
-
-    def _call(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=15)
-
-    def start(self) -> FaultProxy:
-        self._call(self._listen())
-        return self
-
-    async def _listen(self) -> None:
-        self._drop = False
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
-        except OSError:
-            writer.close()
-            return
-        self._writers |= {writer, up_writer}
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, from_broker: bool) -> None:
-            try:
-                while data := await src.read(65536):
-                    if from_broker and self._drop:
-                        continue
-                    dst.write(data)
-                    await dst.drain()
-            except (OSError, ConnectionError):
-                pass
-            finally:
-                dst.close()
-
-        await asyncio.gather(pipe(reader, up_writer, False), pipe(up_reader, writer, True))
-        self._writers -= {writer, up_writer}
-
-    def drop_replies(self) -> None:
-        self._loop.call_soon_threadsafe(setattr, self, "_drop", True)
-
-    def cut(self) -> None:
-        self._call(self._cut())
-
-    async def _cut(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            self._server = None
-        for w in list(self._writers):
-            w.transport.abort()
-        self._writers.clear()
-
-    def restore(self) -> None:
-        self._call(self._listen())
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.cut()
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
-        if not self._thread.is_alive():
-            self._loop.close()
-
-
-def _run(*cmd: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(cmd), capture_output=True, text=True, check=False)
-
-
-@contextlib.contextmanager
-def immutable(*paths: Path) -> Iterator[None]:
-    """``chattr +i``: files that not even root can remove (EPERM) until the context ends."""
-    done: list[Path] = []
-    try:
-        for p in paths:
-            res = _run("chattr", "+i", str(p))
-            if res.returncode != 0:
-                raise CannotInject(f"chattr +i failed (needs root and a file system with the immutable flag): "
-                                   f"{res.stderr.strip()}")
-            done.append(p)
-        yield
-    finally:
-        for p in done:
-            _run("chattr", "-i", str(p))
-
-
-@contextlib.contextmanager
-def read_only_bind(path: Path) -> Iterator[None]:
-    """Mount ``path`` over itself read-only: writes and unlinks in it fail with EROFS, even for root."""
-    res = _run("mount", "--bind", str(path), str(path))
-    if res.returncode != 0:
-        raise CannotInject(f"cannot bind-mount (needs root): {res.stderr.strip()}")
-    try:
-        res = _run("mount", "-o", "remount,bind,ro", str(path))
-        if res.returncode != 0:
-            raise CannotInject(f"cannot remount read-only: {res.stderr.strip()}")
-        yield
-    finally:
-        _run("umount", "-l", str(path))
-
-
-def build_slow_model(folder: Path, seconds_per_image: float, *, name: str = "ct-slow") -> float:
-    """A real ONNX model that takes about ``seconds_per_image`` per slice, as a card beside ct-demo's.
-
-    A chain of 1024x1024 MatMuls (an orthogonal matrix, so values stay bounded) over the 256x256 input, then
-    a sigmoid of the mean as the one label's score. The chain's length is calibrated on this machine. Returns
-    the measured seconds per image.
-    """
-    import onnx
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(0)
-    q, _ = np.linalg.qr(rng.standard_normal((1024, 1024)))
-
-    def model(links: int) -> bytes:
-        nodes = [helper.make_node("Reshape", ["image", "shape"], ["h0"])]
-        nodes += [helper.make_node("MatMul", [f"h{i}", "w"], [f"h{i + 1}"]) for i in range(links)]
-        nodes += [
-            helper.make_node("ReduceMean", [f"h{links}"], ["mean"], axes=[1, 2], keepdims=0),
-            helper.make_node("Sigmoid", ["mean"], ["score"]),
-            helper.make_node("Unsqueeze", ["score", "axis"], ["scores"]),
-        ]
-        graph = helper.make_graph(
-            nodes, name,
-            [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, 256, 256])],
-            [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 1])],
-            [numpy_helper.from_array(q.astype(np.float32), "w"),
-             numpy_helper.from_array(np.array([0, 64, 1024], dtype=np.int64), "shape"),
-             numpy_helper.from_array(np.array([1], dtype=np.int64), "axis")],
-        )
-        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-        m.ir_version = 8
-        onnx.checker.check_model(m)
-        return bytes(m.SerializeToString())
-
-    def seconds(data: bytes) -> float:
-        session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-        x = np.zeros((2, 1, 256, 256), dtype=np.float32)
-        session.run(None, {"image": x})
-        started = time.perf_counter()
-        session.run(None, {"image": x})
-        return (time.perf_counter() - started) / 2
-
-    probe = 16
-    links = max(probe, min(4000, round(probe * seconds_per_image / max(seconds(model(probe)), 1e-4))))
-    data = model(links)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "model.onnx").write_bytes(data)
-    import hashlib
-
-    card = yaml.safe_load((REPO / "engines" / "ct-demo" / "model.yaml").read_text())
-    card.update(
-        name=name,
-        version=f"0.0.{links}-slow",
-        description="A deliberately slow model for fault-injection tests: a chain of MatMuls; meaningless scores.",
-        intended_use="Fault-injection tests only.",
-        sha256=hashlib.sha256(data).hexdigest(),
-        outputs={"scores": "scores"},
-    )
-    (folder / "model.yaml").write_text(yaml.safe_dump(card, sort_keys=False))
-    return seconds(data)
-
-
-def model_repository(root: Path, seconds_per_image: float) -> tuple[Path, float]:
-    """The bundled models (linked) plus ``ct-slow``: a repository for a daemon with a slow CT engine."""
-    root.mkdir(parents=True, exist_ok=True)
-    for bundled in sorted((REPO / "engines").iterdir()):
-        if (bundled / "model.yaml").exists() and not (root / bundled.name).exists():
-            (root / bundled.name).symlink_to(bundled, target_is_directory=True)
-    return root, build_slow_model(root / "ct-slow", seconds_per_image)
-
-
 # -- the rig: a broker, a daemon, a modality, the stream ---------------------------------------------------
 
 
@@ -879,8 +724,8 @@ class Rig:
         self.names[items[0].series_uid] = f"{label} #{len(self.names) + 1} ({slices} slices)"
         return items
 
-    def scu(self) -> Scu:
-        return Scu(self.daemon.dicom_port, self.ledger)
+    def scu(self, dimse_timeout_seconds: float = 60.0) -> Scu:
+        return Scu(self.daemon.dicom_port, self.ledger, dimse_timeout_seconds=dimse_timeout_seconds)
 
     def send(self, items: Sequence[Item], timeout_seconds: float = 180.0) -> list[Item]:
         """Send until every item got Success (retrying across restarts); returns what never did."""
@@ -917,28 +762,43 @@ class Rig:
                 return False
         return True
 
-    def settle(self, timeout_seconds: float = 120.0) -> bool:
-        """Wait until every acknowledged instance is covered in the stream and the daemon is idle."""
+    def settle(self, timeout_seconds: float = 120.0, *, give_up_idle_seconds: float = IDLE_GIVE_UP_SECONDS) -> bool:
+        """Wait until every acknowledged instance is covered in the stream and the daemon is idle.
+
+        On the failure path it gives up early: once the daemon has held nothing in flight (no open series, an
+        empty outbox) and no finding has arrived for ``give_up_idle_seconds``, nothing more is coming.
+        """
         assert self.watcher is not None
         deadline = time.monotonic() + timeout_seconds
+        idle_since: float | None = None
+        last_count = -1
         while True:
             if not self.check_alive("while settling"):
                 return False
-            if self.satisfied() and self.idle():
+            idle = self.idle()
+            if idle and self.satisfied():
                 self.scrape_duplicates()
                 return True
-            if time.monotonic() > deadline:
+            count = self.watcher.count()
+            now = time.monotonic()
+            idle_since = (idle_since or now) if idle and count == last_count else None
+            last_count = count
+            stuck = idle_since is not None and now - idle_since > give_up_idle_seconds
+            if now > deadline or stuck:
                 self.scrape_duplicates()
-                self.notes.append(f"not settled after {timeout_seconds:.0f} s: outbox_pending="
-                                  f"{self.scrape('edge_agent_outbox_pending')}, open_series="
-                                  f"{self.scrape('edge_agent_open_series')}")
+                self.notes.append(
+                    f"not settled: {'idle with nothing new' if stuck else 'still busy'} after "
+                    f"{timeout_seconds - max(0.0, deadline - now):.0f} s (outbox_pending="
+                    f"{self.scrape('edge_agent_outbox_pending')}, open_series={self.scrape('edge_agent_open_series')})")
                 return False
-            watcher, count = self.watcher, self.watcher.count()
+            watcher = self.watcher
             watcher.wait(lambda: watcher.count() > count, 0.25)  # noqa: B023 (called before the loop moves on)
 
-    def outcome(self, fault: str, injected: str, times: int, *, duplicate_ids_allowed: bool = False,
-                latest_revision: Mapping[str, int] | None = None) -> Outcome:
-        """Read the whole stream and check it against the ledger."""
+    def finish(self, fault: str, injected: str, times: int, *, duplicate_ids_allowed: bool = False,
+               latest_revision: Mapping[str, int] | None = None) -> Outcome:
+        """Stop the daemon (SIGTERM: it must exit 0), then read the whole stream and check it against the ledger."""
+        if self.alive:
+            self.terminate()
         messages = stream_messages(self.nats.url) if self.nats.running else []
         verdict = check_findings(self.ledger.expected(), messages, names=self.names,
                                  duplicate_ids_allowed=duplicate_ids_allowed, latest_revision=latest_revision)
