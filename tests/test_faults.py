@@ -60,12 +60,6 @@ def test_a_stream_that_refuses_writes(tmp_path: Path) -> None:
     run(scenarios.stream_refuses_writes, tmp_path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ENOSPC while pynetdicom streams a dataset into spool/tmp kills that association's thread (no response, "
-    "the association hangs) and leaves the partial temp file behind, so the disk stays full and nothing more is "
-    "stored until space is freed from outside",
-)
 def test_disk_full_mid_write(tmp_path: Path) -> None:
     run(scenarios.disk_full_mid_write, tmp_path)
 

@@ -352,6 +352,24 @@ def test_a_real_enospc_in_the_spool_answers_out_of_resources_and_leaves_nothing(
         assert h.journal.counts().spool_files == 1
 
 
+def test_a_disk_that_fills_during_a_transfer_answers_out_of_resources_and_serves_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ENOSPC inside pynetdicom's chunked write used to end the association's thread: no response, a hang,
+    and the partial temp file keeping the disk full. Now: 0xA700, nothing left behind, the next one lands."""
+    with tmpfs("24m") as mnt, running_receiver(tmp_path, spool_root=mnt / "spool", min_free_bytes=1) as h:
+        monkeypatch.setattr(tempfile, "tempdir", str(h.spool.tmp_dir))  # as the agent does
+        fill(mnt, leave_bytes=3 * 1024 * 1024)
+        assert h.spool.has_room(1)  # above the watermark: only the write itself can find the disk full
+        assert _store_one(h.port, RG1_UNCR) == status.OUT_OF_RESOURCES  # 7 MB into 3 MB
+        assert h.instances("out_of_resources") == 1
+        assert list(h.spool.tmp_dir.iterdir()) == [] and h.spool_files() == []
+        assert _store_one(h.port, CT_SMALL) == status.SUCCESS  # the same receiver goes on
+        (mnt / "filler").unlink()
+        assert _store_one(h.port, RG1_UNCR) == status.SUCCESS
+        assert h.journal.counts().spool_files == 2
+
+
 def test_a_full_journal_disk_answers_out_of_resources_and_removes_the_spool_file(tmp_path: Path) -> None:
     with tmpfs("2m") as mnt, running_receiver(tmp_path, journal_path=mnt / "journal.db") as h:
         fill(mnt)

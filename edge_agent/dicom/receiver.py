@@ -12,8 +12,10 @@ same file system; elsewhere it is a copy, and /tmp may be RAM.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
+import os
 import socket
 import threading
 import time
@@ -57,7 +59,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from edge_agent.config import DicomConfig
-from edge_agent.dicom import status
+from edge_agent.dicom import chunked, status
 from edge_agent.dicom.header import check_sop_class, read_meta
 from edge_agent.dicom.spool import Spool
 from edge_agent.errors import EdgeAgentError
@@ -114,6 +116,7 @@ def _configure_pynetdicom() -> None:
     # max_associations of them arrive at once. The file is a Part 10 file (preamble, File Meta with
     # the negotiated transfer syntax, the dataset bytes as received), ready for the spool.
     _config.STORE_RECV_CHUNKED_DATASET = True
+    chunked.install()
     # pynetdicom's standard PDU/DIMSE log handlers print AE titles and UIDs; we log our own lines.
     _config.LOG_HANDLER_LEVEL = "none"
 
@@ -294,6 +297,12 @@ class Receiver:
         committed = False
         try:
             src = Path(event.dataset_path)
+            write_errno = chunked.take_write_error(str(src))
+            if write_errno is not None:
+                # The dataset never reached the disk (chunked.py): refuse it, the sender keeps it and retries.
+                logger.warning("instance refused: receiving it failed (%s)", os.strerror(write_errno))
+                full = write_errno in (errno.ENOSPC, errno.EDQUOT)
+                return self._count(status.SPOOL_FULL if full else status.RECEIVE_FAILED)
             size_bytes = src.stat().st_size
             self._metrics.spool_free_bytes.set(self._spool.free_bytes())
             # The instance must fit above the watermark (if it already lies on the spool's file
