@@ -172,6 +172,7 @@ class Housekeeping:
     def _update_gauges(self) -> None:
         counts = self._journal.counts()
         self._metrics.outbox_pending.set(counts.outbox_pending)
+        self._metrics.outbox_rejected_rows.set(counts.outbox_rejected)
         self._metrics.spool_bytes.set(counts.spool_bytes)
         self._metrics.spool_free_bytes.set(self._spool.free_bytes())
 

@@ -225,14 +225,14 @@ class Journal:
         )
         return [self._series(r) for r in rows]
 
+    _HELD_INSTANCES = (
+        f"SELECT {_INSTANCE_COLS} FROM instances WHERE series_id=? AND released=0"
+        " ORDER BY COALESCE(instance_number, 0), id"
+    )
+
     def instances(self, series_id: int) -> list[InstanceRow]:
         """The instances a series holds (not released), in instance-number order."""
-        rows = self.read(
-            f"SELECT {self._INSTANCE_COLS} FROM instances WHERE series_id=? AND released=0"
-            " ORDER BY COALESCE(instance_number, 0), id",
-            (series_id,),
-        )
-        return [InstanceRow(*r) for r in rows]
+        return [InstanceRow(*r) for r in self.read(self._HELD_INSTANCES, (series_id,))]
 
     def snapshot(self, series_id: int) -> tuple[SeriesRow, list[InstanceRow]]:
         """A series and the instances it holds, read together (one read transaction)."""
@@ -242,11 +242,7 @@ class Journal:
                 try:
                     srow = self._db.execute(f"SELECT {self._SERIES_COLS} FROM series s WHERE s.id=?",
                                             (series_id,)).fetchone()
-                    irows = self._db.execute(
-                        f"SELECT {self._INSTANCE_COLS} FROM instances WHERE series_id=? AND released=0"
-                        " ORDER BY COALESCE(instance_number, 0), id",
-                        (series_id,),
-                    ).fetchall()
+                    irows = self._db.execute(self._HELD_INSTANCES, (series_id,)).fetchall()
                 finally:
                     self._db.execute("COMMIT")
             except sqlite3.Error as exc:
@@ -271,14 +267,7 @@ class Journal:
             series = self._series(srow)
             if series.state is not SeriesState.OPEN or series.revision != revision:
                 return None
-            instances = [
-                InstanceRow(*r)
-                for r in db.execute(
-                    f"SELECT {self._INSTANCE_COLS} FROM instances WHERE series_id=? AND released=0"
-                    " ORDER BY COALESCE(instance_number, 0), id",
-                    (series_id,),
-                )
-            ]
+            instances = [InstanceRow(*r) for r in db.execute(self._HELD_INSTANCES, (series_id,))]
             decided = decide(series, instances)
             if decided is None:
                 state = transition(series.state, Event.CLOSED_UNROUTED)

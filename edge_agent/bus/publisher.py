@@ -186,8 +186,8 @@ class _Backoff:
         self._tries = 0
 
     def next(self) -> float:
-        delay = min(self._max, self._first * 2.0 ** min(self._tries, 30))
         self._tries += 1
+        delay = row_backoff_seconds(self._tries, self._first, self._max)
         # Jitter, so that boxes restarted together do not retry in step.
         return delay * random.uniform(0.8, 1.0)
 
@@ -400,7 +400,9 @@ class Publisher:
                 if not await self._publish(js, row):
                     await self._update_backlog()
                     return False
-            await self._update_backlog()
+            if rows:
+                # An idle poll changes nothing: the housekeeping tick keeps the gauges fresh meanwhile.
+                await self._update_backlog()
             if len(rows) < BATCH_ROWS:
                 return True
 
