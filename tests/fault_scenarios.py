@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -437,7 +439,10 @@ def broker_down_past_duplicate_window(work: Path, *, window_seconds: float = 2.0
 
 
 def stream_refuses_writes(work: Path) -> Outcome:
-    """A stream that refuses a finding too large for it (later ones must pass), then refuses everything; then fixed."""
+    """A stream refuses a finding too large for it (later ones must pass), then refuses everything; then fixed.
+
+    The too-large finding is parked as rejected until an operator runs ``edge-agent requeue-rejected``.
+    """
     nats_server = NatsServer(work / "nats")
     nats_server.start()
     make_stream(nats_server.url)
@@ -451,7 +456,10 @@ def stream_refuses_writes(work: Path) -> Outcome:
             update_stream(nats_server.url, max_msg_size=size + 400)
             r.notes.append(f"stream max_msg_size {size + 400} bytes (the probe's finding is {size})")
         big = r.ct(30, label="CT too large for the stream")
-        _send(r, big, "the large series")
+        rejected_before = r.scrape("edge_agent_outbox_rejected_rows") or 0.0
+        if _send(r, big, "the large series") and not r.wait_scrape(
+                "edge_agent_outbox_rejected_rows", lambda v: v > rejected_before, FINDING_TIMEOUT_SECONDS):
+            r.problems.append("the finding too large for the stream was not parked as rejected")
         behind = [r.cr("CR behind the refused one") for _ in range(2)]
         for items in behind:
             if _send(r, items, "behind the refused one"):
@@ -465,9 +473,15 @@ def stream_refuses_writes(work: Path) -> Outcome:
         if not r.wait_scrape("edge_agent_publish_errors_total", lambda v: v > errors, FINDING_TIMEOUT_SECONDS):
             r.notes.append("no publish error counted while the stream was full")
         update_stream(nats_server.url, max_msgs=-1, max_msg_size=-1)
+        # The refused-for-good finding waits for an operator; the full stream's finding is retried on its own.
+        requeue = subprocess.run(
+            [sys.executable, "-m", "edge_agent", "requeue-rejected", "--config", str(r.daemon.config_path)],
+            capture_output=True, text=True, timeout=60, check=False)
+        if requeue.returncode != 0 or "queued again" not in requeue.stdout:
+            r.problems.append(f"requeue-rejected: exit {requeue.returncode}: {(requeue.stdout + requeue.stderr)[-300:]}")
         r.settle(FINDING_TIMEOUT_SECONDS)
         out = r.finish("stream refuses writes", "max_msg_size below one finding (later ones must pass it), then "
-                        "max_msgs reached with discard=new; then both lifted", 2)
+                        "max_msgs reached with discard=new; then both lifted, the rejected finding re-queued", 2)
         return out
 
 
