@@ -478,7 +478,8 @@ def stream_refuses_writes(work: Path) -> Outcome:
             [sys.executable, "-m", "edge_agent", "requeue-rejected", "--config", str(r.daemon.config_path)],
             capture_output=True, text=True, timeout=60, check=False)
         if requeue.returncode != 0 or "queued again" not in requeue.stdout:
-            r.problems.append(f"requeue-rejected: exit {requeue.returncode}: {(requeue.stdout + requeue.stderr)[-300:]}")
+            said = (requeue.stdout + requeue.stderr)[-300:]
+            r.problems.append(f"requeue-rejected: exit {requeue.returncode}: {said}")
         r.settle(FINDING_TIMEOUT_SECONDS)
         out = r.finish("stream refuses writes", "max_msg_size below one finding (later ones must pass it), then "
                         "max_msgs reached with discard=new; then both lifted, the rejected finding re-queued", 2)
