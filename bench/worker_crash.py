@@ -29,7 +29,7 @@ CT_SOURCE = Path(pydicom.data.__file__).parent.parent.parent / "data_store" / "d
 def decode(path: str, card: ModelCard, crash: bool) -> int:
     if crash:
         ctypes.string_at(0)  # read address 0: the worker dies of SIGSEGV
-    from edge_agent.dicom.pixels import load_instance
+    from edge_agent.inference.preprocess import load_instance
 
     return len(load_instance(Path(path), card))
 

@@ -8,16 +8,16 @@ import fcntl
 import logging
 import os
 import signal
-import tempfile
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
 from edge_agent.bus.publisher import Publisher
 from edge_agent.config import AgentConfig, ModelDeployment, PoolKind, Retention
-from edge_agent.dicom.receiver import Receiver
+from edge_agent.dicom.header import InstanceMeta
+from edge_agent.dicom.scp import Receiver
 from edge_agent.dicom.spool import Spool
 from edge_agent.errors import EdgeAgentError, EngineError, StateDirLockedError
 from edge_agent.gpu_metrics import GpuMetrics
@@ -28,7 +28,7 @@ from edge_agent.inference.card import ModelCard, load_card
 from edge_agent.inference.engine import Engine, create_engine, resolve_precision
 from edge_agent.inference.plan_cache import PlanUnavailable
 from edge_agent.inference.verify import DEFAULT_TOLERANCE, synthetic_inputs, verify_engine
-from edge_agent.journal import InstanceMeta, Journal, Recorded, SeriesState
+from edge_agent.journal import Journal, Recorded, SeriesState
 from edge_agent.metrics import Metrics
 from edge_agent.pipeline import LoadedModel, Pipeline
 from edge_agent.systemd import Notifier
@@ -151,11 +151,8 @@ class Agent:
             logger.info("resumed %d open and %d complete series from the journal", resumed_open, resumed_complete)
         self.http = HttpServer(cfg.http.host, cfg.http.port, self.metrics.registry, self.health, self.readiness)
         await self.http.start()
-        # pynetdicom streams each incoming dataset to a temp file in the process' temp folder. On the spool's
-        # file system, storing it is a rename, not a copy (and /tmp may be RAM); a dataset left by an aborted
-        # association is then found by the orphan sweep at the next start.
-        tempfile.tempdir = str(spool.tmp_dir)
-        self.receiver = Receiver(cfg.dicom, spool, self.journal, self.metrics, self._stored_from_thread)
+        self.receiver = Receiver(cfg.dicom, spool, self.journal, self.metrics, self._stored_from_thread,
+                                 admission=self.pipeline.admission, on_released=self._released_from_thread)
         self.receiver.start()
         self._spool_writable = spool.writable()
         self.housekeeping.update_gauges()
@@ -328,6 +325,8 @@ class Agent:
             reasons.append("spool not writable")
         elif self.spool is not None and not self.spool.has_room():
             reasons.append("spool below its free-space watermark (spool.min_free_bytes)")
+        if self.pipeline is not None and (refusing := self.pipeline.admission()) is not None:
+            reasons.append(refusing)  # back-pressure: new instances get 0xA700
         if self.should_exit.is_set():
             reasons.append("shutting down")
         self._ready = not reasons
@@ -400,6 +399,22 @@ class Agent:
     def _on_stored(self, meta: InstanceMeta, recorded: Recorded) -> None:
         if self.pipeline is not None and not self.force_exit.is_set():
             self.pipeline.on_stored(meta, recorded)
+
+    def _released_from_thread(self, series_ids: Iterable[int]) -> None:
+        """The receiver calls this when an association is released normally; from any thread.
+
+        Scheduled after the association's last on_stored (one thread, first in first out), so the pipeline
+        knows every series named here.
+        """
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return  # the quiet time completes the series at the next start
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(self._on_released, frozenset(series_ids))
+
+    def _on_released(self, series_ids: frozenset[int]) -> None:
+        if self.pipeline is not None and not self.force_exit.is_set():
+            self.pipeline.on_released(series_ids)
 
     async def _on_acked(self, series_id: int) -> None:
         row = await asyncio.to_thread(self.journal.series, series_id) if self.journal is not None else None

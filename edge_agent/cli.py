@@ -228,6 +228,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
                 user=config.bus.user,
                 password=config.bus.password,
                 credentials_file=config.bus.credentials_file,
+                tls=config.bus.tls,
             )
         )
     except KeyboardInterrupt:

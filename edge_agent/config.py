@@ -9,15 +9,26 @@ from __future__ import annotations
 import difflib
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from edge_agent.errors import ConfigError
+from edge_agent import tlsutil
+from edge_agent.dicom.hosts import is_host_name, parse_host_entry, peer_address
+from edge_agent.errors import ConfigError, TLSFileError
 
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "agent.yaml"
 
@@ -54,20 +65,75 @@ def _check_ae(value: str) -> str:
     return value
 
 
+def _check_host_entry(value: str) -> str:
+    parse_host_entry(value)  # raises ValueError naming what is wrong
+    return value
+
+
+# One entry of dicom.calling_aet_hosts: an address, a network or a host name (see edge_agent.dicom.hosts).
+HostEntryText = Annotated[str, AfterValidator(_check_host_entry)]
+
+
+class DicomTLSConfig(_Strict):
+    """DICOM TLS (PS3.15 B.12/B.13): TLS 1.2 or later on its own port. PEM files, absolute paths."""
+
+    port: Annotated[int, Field(ge=1, le=65535)] = 2762
+    cert_file: Path
+    key_file: Path
+    # The CA that client certificates must chain to; with require_client_cert, a peer without one is refused.
+    ca_file: Path | None = None
+    require_client_cert: StrictBool = False
+    # Serve TLS only: the plain port is not opened.
+    only: StrictBool = False
+
+    @field_validator("ca_file", "cert_file", "key_file", mode="before")
+    @classmethod
+    def _absolute(cls, v: Any) -> Any:
+        return _tls_path(v)
+
+    @model_validator(mode="after")
+    def _loads(self) -> DicomTLSConfig:
+        if self.require_client_cert and self.ca_file is None:
+            raise ValueError("require_client_cert needs ca_file (the CA client certificates must chain to)")
+        try:
+            tlsutil.server_context(self.cert_file, self.key_file, self.ca_file, self.require_client_cert)
+        except TLSFileError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+
 class DicomConfig(_Strict):
     host: str = "0.0.0.0"
     port: Annotated[int, Field(ge=1, le=65535)] = 11112
     ae_title: str = "EDGE_AGENT"
     allowed_calling_aets: list[str] = Field(default_factory=list)
     # Optional: AE title -> the hosts it may call from. An AE not listed here may call from any host.
-    calling_aet_hosts: dict[str, list[str]] = Field(default_factory=dict)
+    # Entries: IP addresses, networks (10.1.2.0/24) or host names (resolved at start, then every minute).
+    calling_aet_hosts: dict[str, list[HostEntryText]] = Field(default_factory=dict)
     max_associations: Annotated[int, Field(ge=1, le=1024)] = 16
-    max_pdu_bytes: Annotated[int, Field(ge=0, le=2**32 - 1)] = 0
-    # A bare TCP connect (a load balancer's health check, a port scan) holds an association slot until
-    # this runs out, so keep it short.
+    # The largest P-DATA PDU a peer may send (announced as Maximum Length Received); a longer declared
+    # PDU aborts the association at its header. Data is streamed to disk, never buffered per PDU.
+    max_pdu_bytes: Annotated[int, Field(ge=4096, le=64 * 2**20)] = 2**20
+    # The largest dataset one C-STORE may carry (as received); above it the rest is read and dropped and
+    # the answer is 0xA700. Also the cap on a Deflated dataset once inflated.
+    max_dataset_bytes: Annotated[int, Field(ge=2**20, le=2**40)] = 2 * 2**30
+    # Accept Deflated Explicit VR Little Endian (inflated in a stream, capped at max_dataset_bytes).
+    accept_deflate: StrictBool = True
+    # Storage SOP Class UIDs accepted; empty: every storage SOP class (a forwarding PACS sends whole studies:
+    # what no route wants is recorded and released).
+    sop_classes: list[str] = Field(default_factory=list)
+    # Connections from one address at a time (associated or not): one host cannot take every slot.
+    max_connections_per_host: Annotated[int, Field(ge=1, le=1024)] = 8
+    # Connections that have not yet completed association negotiation, from all hosts together.
+    max_pending_connections: Annotated[int, Field(ge=1, le=4096)] = 32
+    # A connection must complete its A-ASSOCIATE-RQ within this (the ARTIM timer): a bare TCP connect (a
+    # health check, a port scan, a slow-loris) holds no association slot and not for long.
     acse_timeout_seconds: Annotated[float, Field(gt=0)] = 10.0
+    # Kept for configs that set it; the receiver has no DIMSE wait of its own (see network_timeout_seconds).
     dimse_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
+    # An association that sends nothing for this long is aborted.
     network_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
+    tls: DicomTLSConfig | None = None
 
     @field_validator("ae_title")
     @classmethod
@@ -78,6 +144,14 @@ class DicomConfig(_Strict):
     @classmethod
     def _aes(cls, v: list[str]) -> list[str]:
         return [_check_ae(x) for x in v]
+
+    @field_validator("sop_classes")
+    @classmethod
+    def _uids(cls, v: list[str]) -> list[str]:
+        for uid in v:
+            if not re.fullmatch(r"[0-9]+(\.[0-9]+)*", uid) or len(uid) > 64:
+                raise ValueError(f"{uid!r} is not a UID (digits and dots, at most 64 characters)")
+        return v
 
     @model_validator(mode="after")
     def _hosts_need_aet(self) -> DicomConfig:
@@ -107,6 +181,75 @@ class SpoolConfig(_Strict):
         return _enum_value(Retention, v)
 
 
+def _tls_path(v: Any) -> Any:
+    path = Path(v) if isinstance(v, str) else v
+    if isinstance(path, Path) and not path.is_absolute():
+        raise ValueError("must be an absolute path")
+    return path
+
+
+def _tls_file(check: Callable[[Path], None], path: Path | None) -> Path | None:
+    if path is not None:
+        try:
+            check(path)
+        except TLSFileError as exc:
+            raise ValueError(exc.message) from None
+    return path
+
+
+class BusTLSConfig(_Strict):
+    """TLS to the NATS server; mutual TLS when cert_file and key_file are given. PEM files, absolute paths."""
+
+    # The CA the server's certificate must chain to; unset: the system's CA store.
+    ca_file: Path | None = None
+    # The client certificate (and its chain) and its unencrypted key, for a server with `verify: true`.
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    # The name the server's certificate must carry, when it is not the host in bus.url (an IP address, say).
+    server_name: str | None = None
+    # TLS from the first byte (nats-server `tls { handshake_first: true }`), instead of after the server's
+    # plain-text INFO: a server that does not speak TLS then fails the handshake instead of being talked to in
+    # clear (nats-py upgrades only when the server's INFO asks for TLS).
+    handshake_first: StrictBool = False
+
+    @field_validator("ca_file", "cert_file", "key_file", mode="before")
+    @classmethod
+    def _absolute(cls, v: Any) -> Any:
+        return _tls_path(v)
+
+    @field_validator("ca_file")
+    @classmethod
+    def _ca(cls, v: Path | None) -> Path | None:
+        return _tls_file(tlsutil.check_certificate_file, v)
+
+    @field_validator("cert_file")
+    @classmethod
+    def _cert(cls, v: Path | None) -> Path | None:
+        return _tls_file(tlsutil.check_certificate_file, v)
+
+    @field_validator("key_file")
+    @classmethod
+    def _key(cls, v: Path | None) -> Path | None:
+        return _tls_file(tlsutil.check_key_file, v)
+
+    @field_validator("server_name")
+    @classmethod
+    def _server_name(cls, v: str | None) -> str | None:
+        if v is not None and not is_host_name(v) and peer_address(v) is None:
+            raise ValueError(f"{v!r} is neither a host name nor an IP address")
+        return v
+
+    @model_validator(mode="after")
+    def _loads(self) -> BusTLSConfig:
+        # The files are readable and hold PEM (checked above); here OpenSSL loads them together, which also
+        # finds a key that is not the certificate's and an encrypted key.
+        try:
+            tlsutil.client_context(self.ca_file, self.cert_file, self.key_file)
+        except TLSFileError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+
 class BusConfig(_Strict):
     url: str = "nats://127.0.0.1:4222"
     stream: str = "EDGE_FINDINGS"
@@ -124,6 +267,7 @@ class BusConfig(_Strict):
     user: str | None = None
     password: str | None = None
     credentials_file: str | None = None
+    tls: BusTLSConfig | None = None
 
     @model_validator(mode="after")
     def _republish_inside_duplicate_window(self) -> BusConfig:
@@ -162,6 +306,12 @@ class BusConfig(_Strict):
             raise ValueError("user and password go together")
         return self
 
+    @model_validator(mode="after")
+    def _tls_needs_tcp(self) -> BusConfig:
+        if self.tls is not None and any(u.strip().startswith("ws://") for u in self.url.split(",")):
+            raise ValueError("bus.tls is set but bus.url uses ws://, which nats-py never encrypts; use wss://")
+        return self
+
 
 class HttpConfig(_Strict):
     host: str = "127.0.0.1"
@@ -181,6 +331,10 @@ class PipelineConfig(_Strict):
     drain_timeout_seconds: Annotated[float, Field(ge=0)] = 30.0
     # A series whose quiet time has passed is complete; a route may override this.
     default_quiet_seconds: Annotated[float, Field(ge=0)] = 5.0
+    # Back-pressure (issue 9): instances received and not yet inferred wait on the spool, not in memory. Above
+    # this many the receiver answers C-STORE with 0xA700 (Out of Resources) and /readyz says why; it accepts
+    # again once half of them have been inferred.
+    max_pending_instances: Annotated[int, Field(ge=2, le=1_000_000)] = 2000
 
     @field_validator("preprocess_pool", mode="before")
     @classmethod
@@ -289,6 +443,9 @@ class Route(_Strict):
     model: str
     priority: Priority = Priority.ROUTINE
     quiet_seconds: Annotated[float | None, Field(ge=0)] = None
+    # For senders that send one series per association: the association's release (A-RELEASE, not an abort)
+    # ends the series it carried, without waiting for the quiet time.
+    complete_on_release: bool = False
 
     @field_validator("priority", mode="before")
     @classmethod

@@ -51,5 +51,14 @@ class BusError(EdgeAgentError, ConnectionError):
     """The message bus could not be reached or did not acknowledge."""
 
 
+class TLSFileError(EdgeAgentError, ValueError):
+    """A certificate, key or CA file cannot be used. ``option`` names it: ca_file, cert_file or key_file."""
+
+    def __init__(self, option: str, message: str) -> None:
+        self.option = option
+        self.message = message
+        super().__init__(f"{option}: {message}")
+
+
 class StateDirLockedError(EdgeAgentError):
     """Another edge-agent holds the state directory's lock (two daemons would sweep each other's spool)."""

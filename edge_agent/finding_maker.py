@@ -12,8 +12,8 @@ import numpy as np
 
 from edge_agent.bus import finding as findings
 from edge_agent.config import AgentConfig
-from edge_agent.dicom.pixels import resize
 from edge_agent.inference.card import ModelCard
+from edge_agent.inference.preprocess import resize
 from edge_agent.metrics import Metrics
 from edge_agent.png import write_png
 from edge_agent.records import SeriesRow

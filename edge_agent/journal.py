@@ -17,14 +17,15 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from edge_agent.dicom.header import InstanceMeta
 from edge_agent.errors import JournalError
 from edge_agent.journal_schema import INDEXES, SCHEMA, SCHEMA_VERSION, migrate_from_1
-from edge_agent.records import Closing, Counts, InstanceMeta, InstanceRow, Recorded, SeriesRow
+from edge_agent.records import Closing, Counts, InstanceRow, Recorded, SeriesRow
 from edge_agent.series import (
     RELEASABLE_STATES,
     Event,
@@ -34,6 +35,7 @@ from edge_agent.series import (
     transition,
 )
 
+# InstanceMeta lives in dicom/header.py; re-exported while importers move there.
 __all__ = ["Closing", "Counts", "InstanceMeta", "InstanceRow", "Journal", "Recorded", "SeriesRow", "SeriesState"]
 
 # decide(series, instances) -> (route name, model name), or None when no route matches.
@@ -111,67 +113,82 @@ class Journal:
         """
         now = time.time() if now is None else now
         with self.transaction("record an instance") as db:
-            row = db.execute("SELECT id, state, revision FROM series WHERE series_uid=?", (meta.series_uid,)).fetchone()
-            old = None
-            if row is not None:
-                old = db.execute(
-                    "SELECT id, spool_name, released, content_sha256 FROM instances"
-                    " WHERE series_id=? AND sop_instance_uid=?",
-                    (int(row[0]), meta.sop_instance_uid),
-                ).fetchone()
-            state = None if row is None else SeriesState(row[1])
-            decision = on_arrival(
-                state, 0 if row is None else int(row[2]), None if old is None else str(old[3]), meta.content_sha256
-            )
-            if row is not None and old is not None and not decision.changes_series:
-                return Recorded(int(row[0]), int(old[0]), decision.revision, False, None, False, spool_name,
-                                decision.arrival)
-            if row is None:
-                series_id = self._insert_series(db, meta, now)
-            else:
-                series_id = int(row[0])
-                if decision.reopens:
-                    db.execute(
-                        "UPDATE series SET state=?, revision=?, route=NULL, model=NULL, note=NULL, attempts=0,"
-                        " retry_at=NULL, first_received=?, last_received=?, updated_at=?,"
-                        " expected_count=? WHERE id=?",
-                        (SeriesState.OPEN, decision.revision, now, now, now, meta.expected_count, series_id),
-                    )
-                else:
-                    db.execute(
-                        "UPDATE series SET last_received=?, updated_at=?,"
-                        " expected_count=COALESCE(?, expected_count) WHERE id=?",
-                        (now, now, meta.expected_count, series_id),
-                    )
-            fields = (
-                meta.sop_class_uid,
-                meta.transfer_syntax_uid,
-                meta.instance_number,
-                spool_name,
-                size_bytes,
-                now,
-                meta.content_sha256,
-                meta.expected_count,
-                meta.acquisition_number,
-            )
-            replaced = None
-            if old is not None:
-                replaced = None if int(old[2]) else str(old[1])
+            return self._record(db, meta, spool_name, size_bytes, now)
+
+    def record_instances(
+        self, stored: Sequence[tuple[InstanceMeta, str, int]], now: float | None = None
+    ) -> list[Recorded]:
+        """``record_instance`` for each ``(meta, spool_name, size_bytes)``, all in one transaction (one commit).
+
+        The receiver groups the instances that finished arriving together, across associations.
+        """
+        now = time.time() if now is None else now
+        with self.transaction("record instances") as db:
+            return [self._record(db, meta, name, size, now) for meta, name, size in stored]
+
+    def _record(self, db: sqlite3.Connection, meta: InstanceMeta, spool_name: str, size_bytes: int,
+                now: float) -> Recorded:
+        row = db.execute("SELECT id, state, revision FROM series WHERE series_uid=?", (meta.series_uid,)).fetchone()
+        old = None
+        if row is not None:
+            old = db.execute(
+                "SELECT id, spool_name, released, content_sha256 FROM instances"
+                " WHERE series_id=? AND sop_instance_uid=?",
+                (int(row[0]), meta.sop_instance_uid),
+            ).fetchone()
+        state = None if row is None else SeriesState(row[1])
+        decision = on_arrival(
+            state, 0 if row is None else int(row[2]), None if old is None else str(old[3]), meta.content_sha256
+        )
+        if row is not None and old is not None and not decision.changes_series:
+            return Recorded(int(row[0]), int(old[0]), decision.revision, False, None, False, spool_name,
+                            decision.arrival)
+        if row is None:
+            series_id = self._insert_series(db, meta, now)
+        else:
+            series_id = int(row[0])
+            if decision.reopens:
                 db.execute(
-                    "UPDATE instances SET sop_class_uid=?, transfer_syntax_uid=?, instance_number=?, spool_name=?,"
-                    " size_bytes=?, received_at=?, content_sha256=?, expected_count=?, acquisition_number=?,"
-                    " released=0, released_at=NULL WHERE id=?",
-                    (*fields, int(old[0])),
+                    "UPDATE series SET state=?, revision=?, route=NULL, model=NULL, note=NULL, attempts=0,"
+                    " retry_at=NULL, first_received=?, last_received=?, updated_at=?,"
+                    " expected_count=? WHERE id=?",
+                    (SeriesState.OPEN, decision.revision, now, now, now, meta.expected_count, series_id),
                 )
-                instance_id = int(old[0])
             else:
-                cur = db.execute(
-                    "INSERT INTO instances(sop_class_uid, transfer_syntax_uid, instance_number, spool_name,"
-                    " size_bytes, received_at, content_sha256, expected_count, acquisition_number, series_id,"
-                    " sop_instance_uid) VALUES(?,?,?,?,?,?,?,?,?,?,?)",
-                    (*fields, series_id, meta.sop_instance_uid),
+                db.execute(
+                    "UPDATE series SET last_received=?, updated_at=?,"
+                    " expected_count=COALESCE(?, expected_count) WHERE id=?",
+                    (now, now, meta.expected_count, series_id),
                 )
-                instance_id = int(cur.lastrowid or 0)
+        fields = (
+            meta.sop_class_uid,
+            meta.transfer_syntax_uid,
+            meta.instance_number,
+            spool_name,
+            size_bytes,
+            now,
+            meta.content_sha256,
+            meta.expected_count,
+            meta.acquisition_number,
+        )
+        replaced = None
+        if old is not None:
+            replaced = None if int(old[2]) else str(old[1])
+            db.execute(
+                "UPDATE instances SET sop_class_uid=?, transfer_syntax_uid=?, instance_number=?, spool_name=?,"
+                " size_bytes=?, received_at=?, content_sha256=?, expected_count=?, acquisition_number=?,"
+                " released=0, released_at=NULL WHERE id=?",
+                (*fields, int(old[0])),
+            )
+            instance_id = int(old[0])
+        else:
+            cur = db.execute(
+                "INSERT INTO instances(sop_class_uid, transfer_syntax_uid, instance_number, spool_name,"
+                " size_bytes, received_at, content_sha256, expected_count, acquisition_number, series_id,"
+                " sop_instance_uid) VALUES(?,?,?,?,?,?,?,?,?,?,?)",
+                (*fields, series_id, meta.sop_instance_uid),
+            )
+            instance_id = int(cur.lastrowid or 0)
         return Recorded(
             series_id, instance_id, decision.revision, row is None, replaced, decision.reopens, spool_name,
             decision.arrival,

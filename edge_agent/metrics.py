@@ -21,6 +21,7 @@ INSTANCE_OUTCOMES = (
     "duplicate",
     "replaced",
     "out_of_resources",
+    "backpressure",
     "cannot_understand",
     "processing_failure",
     "decode_failed",
@@ -79,8 +80,8 @@ class Metrics:
         )
         self.instances = Counter(
             "edge_agent_instances_total",
-            "DICOM instances by outcome (stored, duplicate, out_of_resources, cannot_understand, "
-            "processing_failure, decode_failed, inferred)",
+            "DICOM instances by outcome (stored, duplicate, replaced, out_of_resources, backpressure, "
+            "cannot_understand, processing_failure, decode_failed, inferred)",
             ["outcome"],
             registry=r,
         )
@@ -119,6 +120,18 @@ class Metrics:
             "edge_agent_queue_depth", "Items waiting per queue (preprocess, and batch:<model>)", ["queue"], registry=r
         )
         self.open_series = Gauge("edge_agent_open_series", "Series still receiving instances", registry=r)
+        self.pending_instances = Gauge(
+            "edge_agent_pending_instances",
+            "Instances received and not yet inferred; at pipeline.max_pending_instances new ones get 0xA700",
+            registry=r,
+        )
+        self.decoded_instances = Gauge(
+            "edge_agent_decoded_instances",
+            "Instances decoded (or being decoded) and held in memory for the model's engine; the rest wait on "
+            "the spool",
+            ["model"],
+            registry=r,
+        )
         self.outbox_pending = Gauge(
             "edge_agent_outbox_pending", "Findings in the durable outbox not yet acknowledged by JetStream", registry=r
         )
@@ -211,3 +224,4 @@ class Metrics:
             self.findings.labels(model=model, outcome=outcome)
         for priority in ("urgent", "routine"):
             self.triage.labels(model=model, priority=priority)
+        self.decoded_instances.labels(model=model)

@@ -9,6 +9,10 @@ The pipeline is the one owner of a series' in-flight work (issue 8): it holds ev
 every completion task, ``drain()`` awaits them all, and ``close()`` cancels what is left. A cancelled
 completion is not a failure: the series stays COMPLETE (or OPEN) in the journal and the next start
 finishes it. Journal calls run in threads, off the event loop.
+
+It also owns the back-pressure (issue 9, backpressure.py): it counts the instances received and not yet
+inferred, which ``admission()`` turns into the receiver's answer, and it decodes an instance only when a slot
+of its model is free, so that a slow engine leaves the backlog on the spool rather than in memory.
 """
 
 from __future__ import annotations
@@ -17,21 +21,23 @@ import asyncio
 import logging
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from edge_agent.backpressure import Admission, Slots
 from edge_agent.bus import finding as findings
 from edge_agent.config import AgentConfig, Route
 from edge_agent.dicom.assembler import Assembler
-from edge_agent.dicom.pixels import load_instance_shaped
+from edge_agent.dicom.header import InstanceMeta
 from edge_agent.errors import DecodeError, EngineError
 from edge_agent.finding_maker import finding_input, shown_label, store_heatmap
 from edge_agent.inference.batcher import Batcher
 from edge_agent.inference.card import ModelCard
 from edge_agent.inference.engine import SliceResult
-from edge_agent.journal import InstanceMeta, InstanceRow, Journal, Recorded, SeriesRow, SeriesState
+from edge_agent.inference.preprocess import load_instance_shaped
+from edge_agent.journal import InstanceRow, Journal, Recorded, SeriesRow, SeriesState
 from edge_agent.metrics import Metrics
 from edge_agent.routing import SeriesFacts, candidate_routes, match_route
 from edge_agent.series import count_says_complete, retry_delay_seconds
@@ -68,6 +74,7 @@ class _SeriesWork:
     model: str | None  # the model streaming runs on, from the first candidate route
     quiet_seconds: float
     urgent: bool
+    complete_on_release: bool  # the route's: an association's release ends the series
     instances: dict[int, _InstanceWork] = field(default_factory=dict)
     # instance id -> (Images in Acquisition, Acquisition Number), for the count rule
     seen: dict[int, tuple[int | None, int | None]] = field(default_factory=dict)
@@ -110,12 +117,48 @@ class Pipeline:
         # Wall-clock time, so that a series resumed from the journal keeps the quiet time it already waited.
         self._assembler = Assembler(self._due, clock=time.time)
         self._host = socket.gethostname()
+        self._admission = Admission(config.pipeline.max_pending_instances)
+        self._pending = 0  # instance tasks not yet ended: received and not yet inferred
+        # Decoded instances held per model: the ones being decoded, one batch in the engine and one filling.
+        self._slots = {
+            name: Slots(config.pipeline.preprocess_workers + 2 * loaded.batcher.max_batch)
+            for name, loaded in models.items()
+        }
         self.finished_series = 0
         self.interrupted_series = 0
 
     async def _db(self, fn: Callable[..., T], *args: Any) -> T:
         """A journal call, in a thread: its fsyncs must not stall the loop (issue 8, defect 10)."""
         return await asyncio.to_thread(fn, *args)
+
+    # -- admission (issue 9) -------------------------------------------------------------------------
+
+    def admission(self) -> str | None:
+        """None when a new instance may be accepted; else why not (no patient data). Safe from any thread.
+
+        The receiver asks before it accepts each instance, and answers 0xA700 when refused. Cheap: it reads
+        one attribute that the loop keeps up to date. The count it follows moves on the loop, after the
+        receiver hands an instance over, so it may pass the bound by up to one instance per association.
+        """
+        return self._admission.reason
+
+    @property
+    def pending_instances(self) -> int:
+        """Instances received (or resumed) and not yet inferred."""
+        return self._pending
+
+    def decoded_instances(self, model: str) -> int:
+        """Instances of ``model`` decoded (or being decoded) and held in memory for inference."""
+        return self._slots[model].held
+
+    def _pending_changed(self, delta: int) -> None:
+        self._pending += delta
+        self._metrics.pending_instances.set(self._pending)
+        if self._admission.update(self._pending):
+            if self._admission.reason is not None:
+                logger.warning("refusing new instances: %s", self._admission.reason)
+            else:
+                logger.info("accepting instances again: %d wait for inference", self._pending)
 
     # -- arrival ---------------------------------------------------------------------------------
 
@@ -164,6 +207,7 @@ class Pipeline:
             model=first.model if first is not None and first.model in self._models else None,
             quiet_seconds=quiet,
             urgent=first is not None and first.priority == "urgent",
+            complete_on_release=first is not None and first.complete_on_release,
         )
         self._work[series_id] = work
         self._metrics.open_series.set(len(self._work))
@@ -180,9 +224,22 @@ class Pipeline:
         # The completion step gathers these results; a task dropped before that (a replaced instance, a
         # re-routed series) must not leave an unretrieved exception behind.
         task.add_done_callback(_retrieve)
+        task.add_done_callback(lambda _: self._pending_changed(-1))
         work.instances[row.id] = _InstanceWork(row, task)
+        self._pending_changed(+1)
 
     async def _infer_instance(self, model: str, urgent: bool, spool_name: str) -> list[Shaped]:
+        slots = self._slots[model]
+        decoded = self._metrics.decoded_instances.labels(model=model)
+        # Decode only when the model has room (issue 9): until then the instance waits on the spool, as a file.
+        try:
+            async with slots.hold(urgent):
+                decoded.set(slots.held)
+                return await self._decode_and_infer(model, urgent, spool_name)
+        finally:
+            decoded.set(slots.held)
+
+    async def _decode_and_infer(self, model: str, urgent: bool, spool_name: str) -> list[Shaped]:
         loaded = self._models[model]
         path = self._spool_path(spool_name)
         started = time.perf_counter()
@@ -202,6 +259,20 @@ class Pipeline:
         results = await asyncio.gather(*(loaded.batcher.submit(x, urgent=urgent) for x, _ in inputs))
         self._metrics.instances.labels(outcome="inferred").inc()
         return [(r, shape) for r, (_, shape) in zip(results, inputs, strict=True)]
+
+    def on_released(self, series_ids: Iterable[int]) -> None:
+        """Called on the loop when an association was released normally, with the series it stored into.
+
+        A series whose route has ``complete_on_release`` completes now instead of after its quiet time; the
+        others are left to their timers. An aborted association never comes here: the quiet time rules.
+        """
+        if self._closing:
+            return
+        for series_id in series_ids:
+            work = self._work.get(series_id)
+            if work is not None and work.complete_on_release:
+                # The path the quiet time would take (a completion already running looks again shortly).
+                self._assembler.arm(series_id, 0.0)
 
     # -- resuming after a restart ------------------------------------------------------------------
 

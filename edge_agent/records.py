@@ -8,29 +8,6 @@ from edge_agent.series import Arrival, SeriesState
 
 
 @dataclass(frozen=True)
-class InstanceMeta:
-    """What the receiver reads from a stored instance's header (no pixel data)."""
-
-    sop_instance_uid: str
-    sop_class_uid: str
-    series_uid: str
-    study_uid: str = ""
-    transfer_syntax_uid: str = ""
-    accession: str = ""
-    modality: str = ""
-    body_part: str = ""
-    image_type: str = ""  # backslash-joined, as in the data element
-    series_description: str = ""
-    manufacturer: str = ""
-    instance_number: int | None = None
-    expected_count: int | None = None  # Images in Acquisition, when the modality says
-    calling_aet: str = ""
-    called_aet: str = ""
-    acquisition_number: int | None = None
-    content_sha256: str = ""  # of the dataset as encoded (File Meta excluded): what a re-send is compared by
-
-
-@dataclass(frozen=True)
 class Recorded:
     series_id: int
     instance_id: int

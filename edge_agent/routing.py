@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from edge_agent.config import Route, RouteMatch
-from edge_agent.journal import InstanceMeta, SeriesRow
+from edge_agent.dicom.header import InstanceMeta
+from edge_agent.records import SeriesRow
 
 
 def _split_image_type(value: str) -> tuple[str, ...]:

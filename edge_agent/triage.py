@@ -16,9 +16,9 @@ import numpy as np
 import numpy.typing as npt
 
 from edge_agent.config import Priority
-from edge_agent.dicom.pixels import placement
 from edge_agent.inference.card import ModelCard
 from edge_agent.inference.engine import SliceResult
+from edge_agent.inference.preprocess import placement
 
 # The hottest region is the connected area around the peak that is at least this far up from the
 # map's minimum to its peak (half maximum above background), so it grows with the lesion, not the map.

@@ -28,10 +28,10 @@ import numpy.typing as npt
 import pydicom
 
 from edge_agent.config import ModelDeployment
-from edge_agent.dicom.pixels import load_instance
 from edge_agent.errors import DecodeError, EdgeAgentError
 from edge_agent.inference.card import ModelCard, load_card
 from edge_agent.inference.engine import create_engine
+from edge_agent.inference.preprocess import load_instance
 from edge_agent.png import encode_png
 
 logger = logging.getLogger(__name__)

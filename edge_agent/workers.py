@@ -106,7 +106,7 @@ def _tracked(call_id: int, fn: Callable[..., T], *args: Any) -> T:
 
 
 def _warm() -> int:
-    import edge_agent.dicom.pixels  # noqa: F401  (importing pydicom and numpy is the warm-up)
+    import edge_agent.inference.preprocess  # noqa: F401  (importing pydicom, numpy and OpenCV is the warm-up)
 
     return os.getpid()
 

@@ -9,6 +9,7 @@ import pytest
 
 from edge_agent.journal import Journal
 from edge_agent.metrics import Metrics
+from tests.certs import CertPaths, make_certs
 from tests.natsutil import NatsServer
 
 
@@ -21,6 +22,12 @@ def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def certs(tmp_path_factory: pytest.TempPathFactory) -> CertPaths:
+    """A fresh test CA with a server certificate for 127.0.0.1/localhost, a client certificate and an unrelated CA."""
+    return make_certs(tmp_path_factory.mktemp("certs"))
 
 
 @pytest.fixture

@@ -174,10 +174,14 @@ class ReceiverHarness:
 
 @contextlib.contextmanager
 def running_receiver(tmp: Path, *, spool_root: Path | None = None, journal_path: Path | None = None,
-                     min_free_bytes: int = 0, **dicom: Any) -> Iterator[ReceiverHarness]:
-    """A started Receiver on a free loopback port with its own Journal, Spool and Metrics."""
+                     min_free_bytes: int = 0, admission: Any = None, on_released: Any = None,
+                     **dicom: Any) -> Iterator[ReceiverHarness]:
+    """A started Receiver on a free loopback port with its own Journal, Spool and Metrics.
+
+    ``admission`` and ``on_released`` are the receiver's hooks.
+    """
     from edge_agent.config import DicomConfig
-    from edge_agent.dicom.receiver import Receiver
+    from edge_agent.dicom.scp import Receiver
     from edge_agent.dicom.spool import Spool
     from edge_agent.journal import Journal
     from edge_agent.metrics import Metrics
@@ -188,7 +192,8 @@ def running_receiver(tmp: Path, *, spool_root: Path | None = None, journal_path:
     spool = Spool(spool_root or tmp / "spool", min_free_bytes)
     metrics = Metrics()
     stored = StoredLog()
-    receiver = Receiver(DicomConfig(**dicom), spool, journal, metrics, stored)
+    receiver = Receiver(DicomConfig(**dicom), spool, journal, metrics, stored, admission=admission,
+                        on_released=on_released)
     receiver.start()
     try:
         yield ReceiverHarness(receiver, spool, journal, metrics, stored)

@@ -39,6 +39,16 @@ def test_no_silent_coercion_of_wrong_types() -> None:
     assert set(problems) == {"dicom.port", "http.port"}
 
 
+def test_back_pressure_and_complete_on_release_are_checked() -> None:
+    config = load_config(DEFAULT_CONFIG_PATH, env={})
+    assert config.pipeline.max_pending_instances == 2000
+    assert [r.complete_on_release for r in config.routes] == [False, False]
+    route = {"name": "ct", "model": "ct-demo", "complete_on_release": "yes"}
+    problems = _problems({"site": "a", "state_dir": "/s", "pipeline": {"max_pending_instances": 1},
+                          "routes": [route]})
+    assert set(problems) == {"pipeline.max_pending_instances", "routes[0].complete_on_release"}
+
+
 def test_every_error_is_reported_at_once_with_list_indices() -> None:
     raw = {
         "state_dir": "/s",

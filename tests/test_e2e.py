@@ -13,7 +13,8 @@ from typing import Any
 import jsonschema
 import pydicom
 import pytest
-from pydicom.uid import generate_uid
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 
 from tests.daemon import Daemon, read_findings, storescu, stream_count, write_config
@@ -191,16 +192,30 @@ def test_wrong_calling_aet_is_rejected(daemon: Any, tmp_path: Path) -> None:
     assert ok.returncode == 0, ok.stderr
 
 
-def test_unknown_sop_class_gets_no_context(daemon: Any) -> None:
+def test_a_study_as_a_pacs_forwards_it_is_taken_whole(daemon: Any, tmp_path: Path) -> None:
+    # An RT structure set and a structured report beside the images: accepted (a refused context is a failed
+    # transfer to a forwarding PACS, which retries for ever), recorded, left unrouted, released.
     d = daemon().start()
+    sent = []
+    for name in ("rtstruct.dcm", "test-SR.dcm"):
+        ds = pydicom.dcmread(PYDICOM_FILES / name, force=True)
+        ds.SOPInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+        implicit = ds.original_encoding[0]
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+        sent.append(ds)
     ae = AE(ae_title="PYNETDICOM")
-    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.481.3")  # RT Structure Set Storage: not for us
-    ae.add_requested_context("1.2.840.10008.1.1")
+    for ds in sent:
+        ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
     assoc = ae.associate("127.0.0.1", d.dicom_port, ae_title="EDGE_AGENT")
     assert assoc.is_established
-    accepted = {cx.abstract_syntax for cx in assoc.accepted_contexts}
-    assoc.release()
-    assert accepted == {"1.2.840.10008.1.1"}
+    try:
+        for ds in sent:
+            assert int(assoc.send_c_store(ds).Status) == 0
+    finally:
+        assoc.release()
+    d.wait_metric("edge_agent_series_total", 2, outcome="unrouted")
+    d.wait_metric("edge_agent_instances_total", 2, outcome="stored")
 
 
 def test_undecodable_pixels_fail_the_series_and_the_daemon_keeps_serving(

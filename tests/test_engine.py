@@ -14,11 +14,11 @@ import pytest
 import yaml
 
 from edge_agent.config import ModelDeployment
-from edge_agent.dicom.pixels import load_instance
 from edge_agent.errors import ConfigError, EngineError
 from edge_agent.inference.card import ModelCard, load_card
 from edge_agent.inference.engine import Engine, EngineOutput, check_output, create_engine
 from edge_agent.inference.onnxruntime import OnnxRuntimeEngine
+from edge_agent.inference.preprocess import load_instance
 
 ENGINES = Path(__file__).resolve().parent.parent / "engines"
 CT_SMALL = Path(pydicom.data.__file__).parent / "test_files" / "CT_small.dcm"

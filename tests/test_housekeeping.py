@@ -21,6 +21,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from edge_agent.config import AgentConfig, parse_config
+from edge_agent.dicom.header import InstanceMeta
 from edge_agent.dicom.spool import Spool
 from edge_agent.housekeeping import (
     HEATMAP_SWEEP_SECONDS,
@@ -29,7 +30,7 @@ from edge_agent.housekeeping import (
     Housekeeping,
     describe_error,
 )
-from edge_agent.journal import InstanceMeta, Journal, SeriesState
+from edge_agent.journal import Journal, SeriesState
 from edge_agent.metrics import HOUSEKEEPING_STEPS, Metrics
 
 CR = "1.2.840.10008.5.1.4.1.1.1"

@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 
+from edge_agent.dicom.header import InstanceMeta
 from edge_agent.errors import JournalError
-from edge_agent.journal import Closing, InstanceMeta, Journal, SeriesRow, SeriesState
+from edge_agent.journal import Closing, Journal, SeriesRow, SeriesState
 from edge_agent.series import Arrival
 
 CR = "1.2.840.10008.5.1.4.1.1.1"

@@ -10,6 +10,7 @@ import asyncio
 import itertools
 import json
 import threading
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
@@ -17,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+import pytest
 import yaml
 
+import edge_agent.pipeline as pipeline_module
 from edge_agent.config import DEFAULT_CONFIG_PATH, parse_config
 from edge_agent.dicom.header import read_meta
 from edge_agent.dicom.spool import Spool
@@ -49,11 +52,15 @@ async def until(condition: Callable[[], bool]) -> None:
 
 
 class Harness:
-    def __init__(self, tmp: Path, quiet_seconds: float = 0.2) -> None:
+    def __init__(self, tmp: Path, quiet_seconds: float = 0.2, complete_on_release: bool = False,
+                 max_pending_instances: int | None = None) -> None:
         raw = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
         raw["state_dir"] = str(tmp / "state")
         raw["model_repository"] = str(ENGINES)
         raw["routes"][1]["quiet_seconds"] = quiet_seconds
+        raw["routes"][1]["complete_on_release"] = complete_on_release
+        if max_pending_instances is not None:
+            raw["pipeline"]["max_pending_instances"] = max_pending_instances
         raw["models"] = {"ct-demo": raw["models"]["ct-demo"]}
         raw["routes"] = [raw["routes"][1]]
         self.config = parse_config(raw)
@@ -303,4 +310,104 @@ def test_resume_after_a_crash_mid_series(tmp_path: Path) -> None:
             assert f["instances_inferred"] == 3
 
     with harness(tmp_path) as h:
+        asyncio.run(main(h))
+
+
+# -- back-pressure and complete_on_release (issue 9) -------------------------------------------------------
+
+
+def test_a_flood_past_the_bound_is_refused_waits_on_the_spool_and_is_all_inferred_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the engine held, decoded arrays stop at the model's slots; admission refuses above the bound."""
+    slices = make_ct_series(tmp_path / "ct", 40, images_in_acquisition=True)
+    uids = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in slices]
+    decoded: list[weakref.ref[Any]] = []
+    peak = 0
+    lock = threading.Lock()
+
+    decode = pipeline_module.load_instance_shaped
+
+    def counting_decode(*args: Any) -> Any:
+        nonlocal peak
+        inputs = decode(*args)
+        with lock:
+            decoded.extend(weakref.ref(x) for x, _ in inputs)
+            peak = max(peak, sum(r() is not None for r in decoded))
+        return inputs
+
+    monkeypatch.setattr(pipeline_module, "load_instance_shaped", counting_decode)
+
+    async def main(h: Harness) -> None:
+        h.engine.gate = gate = threading.Event()
+        async with h.pipeline() as pipe:
+            slots = h.config.pipeline.preprocess_workers + 2 * 8  # the harness' batcher takes 8
+            refused = []
+            for path in slices:  # what the receiver does: ask before each instance
+                if pipe.admission() is None:
+                    h.store(pipe, path)
+                else:
+                    refused.append(path)
+            assert len(refused) == 10 and pipe.pending_instances == 30
+            reason = pipe.admission()
+            assert reason is not None and "max_pending_instances" in reason
+            assert h.metrics.registry.get_sample_value("edge_agent_pending_instances") == 30
+
+            # The engine holds its first batch; the slots fill, and the other instances stay files.
+            await until(lambda: len(decoded) >= slots)
+            assert pipe.decoded_instances("ct-demo") == slots and len(decoded) == slots
+
+            gate.set()
+            await until(lambda: pipe.admission() is None)
+            assert pipe.pending_instances <= 15  # accepting again at half the bound
+            for path in refused:  # the sender's retry
+                assert pipe.admission() is None
+                h.store(pipe, path)
+            [f] = await h.wait_findings(1)
+            assert sorted(f["sop_instance_uids"]) == sorted(uids) and f["instances_failed"] == 0
+            await until(lambda: pipe.pending_instances == 0)
+            assert h.metrics.registry.get_sample_value("edge_agent_pending_instances") == 0
+
+        assert peak <= slots, f"{peak} decoded arrays were alive at once; the bound is {slots}"
+
+    with harness(tmp_path, quiet_seconds=3600.0, max_pending_instances=30) as h:
+        asyncio.run(main(h))
+
+
+def test_the_release_of_an_association_completes_its_series_without_the_quiet_time(tmp_path: Path) -> None:
+    released = make_ct_series(tmp_path / "released", 3)
+    still_open = make_ct_series(tmp_path / "open", 2)
+
+    async def main(h: Harness) -> None:
+        async with h.pipeline() as pipe:
+            for path in still_open:  # another association, not released (aborted, or still sending)
+                h.store(pipe, path)
+            ids = {h.store(pipe, path).series_id for path in released}
+            pipe.on_released(ids)
+            [f] = await h.wait_findings(1)  # the quiet time is an hour: only the release can have ended it
+            assert f["instances_inferred"] == 3
+            assert f["series_instance_uid"] == pydicom.dcmread(released[0]).SeriesInstanceUID
+            assert await pipe.drain(5.0) == 0
+            assert pipe.open_count() == 1 and len(h.journal.series_in(SeriesState.OPEN)) == 1
+
+    with harness(tmp_path, quiet_seconds=3600.0, complete_on_release=True) as h:
+        asyncio.run(main(h))
+
+
+def test_a_release_leaves_series_of_routes_without_complete_on_release_to_their_quiet_time(tmp_path: Path) -> None:
+    released = make_ct_series(tmp_path / "released", 2)
+    counted = make_ct_series(tmp_path / "counted", 2, images_in_acquisition=True)
+
+    async def main(h: Harness) -> None:
+        async with h.pipeline() as pipe:
+            ids = {h.store(pipe, path).series_id for path in released}
+            pipe.on_released(ids)
+            for path in counted:  # completes on its count, after the release was handed over
+                h.store(pipe, path)
+            [f] = await h.wait_findings(1)
+            assert f["series_instance_uid"] == pydicom.dcmread(counted[0]).SeriesInstanceUID
+            assert await pipe.drain(5.0) == 0
+            assert len(h.findings()) == 1 and pipe.open_count() == 1
+
+    with harness(tmp_path, quiet_seconds=3600.0) as h:
         asyncio.run(main(h))

@@ -22,8 +22,9 @@ from edge_agent.bus.finding import SCHEMA_VERSION, build_finding, decode, encode
 from edge_agent.bus.publisher import Publisher, describe_error, redact, row_backoff_seconds, subject_covers
 from edge_agent.bus.tail import tail
 from edge_agent.config import BusConfig
+from edge_agent.dicom.header import InstanceMeta
 from edge_agent.errors import BusError
-from edge_agent.journal import InstanceMeta, Journal, SeriesState
+from edge_agent.journal import Journal, SeriesState
 from edge_agent.metrics import STREAM_SETTINGS, Metrics
 from tests.natsutil import NatsServer
 from tests.test_finding import make_input

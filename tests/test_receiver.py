@@ -23,7 +23,7 @@ from pynetdicom.sop_class import CTImageStorage, MRImageStorage, RTDoseStorage, 
 from edge_agent.config import DicomConfig
 from edge_agent.dicom import status
 from edge_agent.dicom.header import SopClassMismatchError, read_meta
-from edge_agent.dicom.receiver import Receiver
+from edge_agent.dicom.scp import Receiver
 from edge_agent.dicom.spool import Spool, SpoolFullError
 from edge_agent.errors import DecodeError, EdgeAgentError, JournalError
 from edge_agent.metrics import Metrics
@@ -263,7 +263,8 @@ def test_wrong_calling_aet_is_rejected_and_counted(tmp_path: Path, caplog: pytes
         assert len(h.spool_files()) == 1
     receiver_lines = [r.getMessage() for r in caplog.records if r.name.startswith("edge_agent")]
     assert any("calling AE not allowed" in line for line in receiver_lines)
-    assert not any("INTRUDER" in r.getMessage() for r in caplog.records)
+    # The test's own SCU (pynetdicom) logs its AE title; the receiver must not.
+    assert not any("INTRUDER" in r.getMessage() for r in caplog.records if r.name.startswith("edge_agent"))
 
 
 def test_calling_aet_host_rule(tmp_path: Path) -> None:
@@ -276,8 +277,25 @@ def test_calling_aet_host_rule(tmp_path: Path) -> None:
         assert len(h.spool_files()) == 2
 
 
-def test_unknown_sop_class_gets_no_context(tmp_path: Path) -> None:
+def test_every_storage_sop_class_is_accepted_by_default(tmp_path: Path) -> None:
+    # A forwarding PACS sends whole studies: an RT dose beside the CT must not fail the transfer.
     with running_receiver(tmp_path) as h:
+        ae = _scu()
+        ae.add_requested_context(RTDoseStorage)
+        ae.add_requested_context(CTImageStorage)
+        ae.add_requested_context("1.2.840.10008.5.1.4.1.2.2.1")  # Study Root Q/R FIND: not storage
+        assoc = ae.associate("127.0.0.1", h.port, ae_title="EDGE_AGENT")
+        assert assoc.is_established
+        try:
+            assert sorted(str(cx.abstract_syntax) for cx in assoc.accepted_contexts) == sorted(
+                [RTDoseStorage, CTImageStorage])
+            assert [str(cx.abstract_syntax) for cx in assoc.rejected_contexts] == ["1.2.840.10008.5.1.4.1.2.2.1"]
+        finally:
+            assoc.release()
+
+
+def test_an_allow_list_of_sop_classes_refuses_the_others_at_negotiation(tmp_path: Path) -> None:
+    with running_receiver(tmp_path, sop_classes=[str(CTImageStorage)]) as h:
         ae = _scu()
         ae.add_requested_context(RTDoseStorage)
         ae.add_requested_context(CTImageStorage)
@@ -355,10 +373,8 @@ def test_a_real_enospc_in_the_spool_answers_out_of_resources_and_leaves_nothing(
 def test_a_disk_that_fills_during_a_transfer_answers_out_of_resources_and_serves_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """ENOSPC inside pynetdicom's chunked write used to end the association's thread: no response, a hang,
-    and the partial temp file keeping the disk full. Now: 0xA700, nothing left behind, the next one lands."""
+    """ENOSPC while a dataset is arriving: 0xA700, nothing left behind, the association goes on."""
     with tmpfs("24m") as mnt, running_receiver(tmp_path, spool_root=mnt / "spool", min_free_bytes=1) as h:
-        monkeypatch.setattr(tempfile, "tempdir", str(h.spool.tmp_dir))  # as the agent does
         fill(mnt, leave_bytes=3 * 1024 * 1024)
         assert h.spool.has_room(1)  # above the watermark: only the write itself can find the disk full
         assert _store_one(h.port, RG1_UNCR) == status.OUT_OF_RESOURCES  # 7 MB into 3 MB
@@ -512,6 +528,84 @@ def test_no_patient_data_or_peer_names_in_logs(tmp_path: Path, caplog: pytest.Lo
         assert secret not in text
 
 
+# -- the pipeline's hooks: admission (back-pressure) and on_released (complete_on_release), issue 9 --------
+
+# Both receivers take the same hooks: the asyncio one (the harness' default) and the pynetdicom one.
+
+
+def test_a_refusing_admission_answers_out_of_resources_and_stores_nothing(tmp_path: Path) -> None:
+    refusing: list[str] = ["inference is behind"]
+    asked = threading.Event()
+
+    def admission() -> str | None:
+        asked.set()
+        return refusing[0] if refusing else None
+
+    first, second = make_ct_series(tmp_path / "ct", 2)
+    with running_receiver(tmp_path, admission=admission) as h:
+        assert _store_one(h.port, first) == status.OUT_OF_RESOURCES
+        assert storescu(h.port, [second]).returncode != 0  # dcmtk reports the refusal in its exit code
+        assert asked.is_set() and h.instances("backpressure") >= 2
+        assert h.instances("stored") == 0 and h.stored.calls == []
+        assert h.spool_files() == [] and h.journal.counts().spool_files == 0
+        assert list(h.spool.tmp_dir.iterdir()) == []
+
+        refusing.clear()  # inference caught up: the sender's retry lands
+        assert _store_one(h.port, first) == status.SUCCESS
+        assert storescu(h.port, [second]).returncode == 0
+        assert h.instances("stored") == 2 and len(h.stored.wait_for(2)) == 2
+
+
+def _send(port: int, paths: list[Path], *, abort: bool = False) -> list[int]:
+    """One association carrying ``paths``, ended by a release (or an abort); the statuses."""
+    ae = _scu()
+    for path in paths:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title="EDGE_AGENT")
+    assert assoc.is_established
+    try:
+        return [int(assoc.send_c_store(path).Status) for path in paths]
+    finally:
+        if abort:
+            assoc.abort()
+        else:
+            assoc.release()
+
+
+def test_a_release_names_the_series_the_association_stored_into_and_an_abort_names_none(tmp_path: Path) -> None:
+    a = make_ct_series(tmp_path / "a", 2)
+    b = make_ct_series(tmp_path / "b", 1)
+    aborted = make_ct_series(tmp_path / "aborted", 2)
+    last = make_ct_series(tmp_path / "last", 1)
+    released: list[set[int]] = []
+    cond = threading.Condition()
+
+    def on_released(series_ids: Any) -> None:
+        with cond:
+            released.append(set(series_ids))
+            cond.notify_all()
+
+    def wait_released(count: int) -> list[set[int]]:
+        with cond:
+            assert cond.wait_for(lambda: len(released) >= count, 30), released
+            return list(released)
+
+    with running_receiver(tmp_path, on_released=on_released) as h:
+        assert _send(h.port, [*a, *b]) == [status.SUCCESS] * 3
+        calls = h.stored.wait_for(3)
+        series = {path: recorded.series_id for path, (_, recorded) in zip([*a, *b], calls, strict=True)}
+        assert wait_released(1) == [{series[a[0]], series[b[0]]}]
+
+        assert _send(h.port, [a[0]]) == [status.SUCCESS]  # an identical re-send: no new data, nothing to end
+        assert _send(h.port, aborted, abort=True) == [status.SUCCESS] * 2
+        _wait(lambda: h.receiver.active_associations() == 0)  # the abort has been handled
+        assert _send(h.port, last) == [status.SUCCESS]
+        calls = h.stored.wait_for(5)
+        assert wait_released(2)[1:] == [{calls[-1][1].series_id}]  # neither the re-send nor the abort
+        assert len(released) == 2
+
+
 def _journal(tmp_path: Path) -> Any:
     from edge_agent.journal import Journal
 
@@ -604,3 +698,21 @@ def test_read_meta_refuses_without_patient_data(tmp_path: Path) -> None:
     truncated.write_bytes(CT_SMALL.read_bytes()[:600])
     with pytest.raises(DecodeError):
         read_meta(truncated, "", "")
+
+
+def test_read_meta_head_reads_from_the_bytes_held_or_says_it_cannot(tmp_path: Path) -> None:
+    from edge_agent.dicom.header import dataset_offset, read_meta, read_meta_head
+
+    raw = CT_SMALL.read_bytes()
+    body = raw[dataset_offset(raw[:65536]):]
+    syntax = str(pydicom.dcmread(CT_SMALL).file_meta.TransferSyntaxUID)
+    whole = read_meta_head(body, syntax, "A", "B", "x", whole=True)
+    assert whole == read_meta(CT_SMALL, "A", "B", "x")
+    # Cut past every element it reads (the pixel data starts late in the file): the same answer.
+    assert read_meta_head(body[: len(body) // 2], syntax, "A", "B", "x", whole=False) == whole
+    # Cut before the Series Instance UID: the caller must read the file.
+    assert read_meta_head(body[:300], syntax, "A", "B", "x", whole=False) is None
+    with pytest.raises(DecodeError):
+        read_meta_head(body[:300], syntax, "A", "B", "x", whole=True)
+    with pytest.raises(DecodeError):
+        read_meta_head(b"\xff" * 64, syntax, "A", "B", "x", whole=True)

@@ -17,8 +17,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from edge_agent.dicom.pixels import load_instance
 from edge_agent.inference.card import load_card
+from edge_agent.inference.preprocess import load_instance
 
 REPO = Path(__file__).resolve().parent.parent
 SIMULATE = REPO / "engines" / "cxr-nodule" / "recipe" / "simulate.py"

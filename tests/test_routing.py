@@ -7,7 +7,8 @@ from typing import Any
 import pytest
 
 from edge_agent.config import Route, parse_config
-from edge_agent.journal import InstanceMeta, SeriesRow, SeriesState
+from edge_agent.dicom.header import InstanceMeta
+from edge_agent.journal import SeriesRow, SeriesState
 from edge_agent.routing import SeriesFacts, candidate_routes, match_route, route_fits
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"

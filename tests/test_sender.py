@@ -51,7 +51,9 @@ def test_sends_a_directory_tree_as_is_and_skips_what_is_not_dicom(tmp_path: Path
 
 
 def test_files_the_peer_refuses_are_counted_failed_with_their_status(tmp_path: Path) -> None:
-    with running_receiver(tmp_path) as h:
+    # A receiver that takes CT and secondary capture only: the RT dose gets no presentation context.
+    ct_and_sc = ["1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.7"]
+    with running_receiver(tmp_path, sop_classes=ct_and_sc) as h:
         report = send_files([RT_DOSE, SC_JPEG_LS_NEAR_LOSSLESS, CT_SMALL, tmp_path / "missing.dcm"],
                             "127.0.0.1", h.port, "EDGE_AGENT")
         by_name = {r.path.name: r for r in report.results}

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 
 from edge_agent.config import ModelDeployment
-from edge_agent.dicom.pixels import load_instance
 from edge_agent.errors import ModelError
 from edge_agent.inference.card import load_card
 from edge_agent.inference.engine import create_engine
+from edge_agent.inference.preprocess import load_instance
 from edge_agent.validate import (
     ValidationInputError,
     bootstrap_estimates,

@@ -15,6 +15,7 @@ import inspect
 import logging
 import random
 import re
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
@@ -26,6 +27,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import StorageType, StreamConfig
 
+from edge_agent.bus.tls import PLAIN_SERVER_MESSAGE, connection_uses_tls, expects_tls, tls_hint, tls_options
 from edge_agent.config import BusConfig
 from edge_agent.errors import BusError, JournalError
 from edge_agent.journal import Journal
@@ -54,10 +56,11 @@ def redact(text: str) -> str:
     return _URL_USERINFO.sub("//***@", text)
 
 
-def describe_error(exc: BaseException) -> str:
-    """One line for a log: the error's type and message, with URL credentials removed."""
+def describe_error(exc: BaseException, tls_configured: bool = False) -> str:
+    """One line for a log: the error's type and message, with URL credentials removed, and for what looks
+    like a failed TLS handshake the setting most likely wrong (see ``tls_hint``)."""
     text = str(exc).strip()
-    return redact(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
+    return redact(f"{type(exc).__name__}: {text}" if text else type(exc).__name__) + tls_hint(exc, tls_configured)
 
 
 def error_reason(exc: BaseException) -> str:
@@ -212,6 +215,7 @@ class Publisher:
         self._stream_ready = False
         self._last_logged: dict[str, float] = {}
         self._denied_subjects: set[str] = set()
+        self._tls: dict[str, Any] = {}
 
     @property
     def connected(self) -> bool:
@@ -222,6 +226,7 @@ class Publisher:
         if self._task is not None:
             raise RuntimeError("publisher already started")
         check_credentials_file(self._config.credentials_file)
+        self._tls = tls_options(self._config.tls)  # once: nats-py keeps the context for its reconnects
         self._metrics.broker_connected.set(0)
         self._task = asyncio.create_task(self._run(), name="publisher")
 
@@ -277,6 +282,12 @@ class Publisher:
                 # nats-py reconnects on its own; its callbacks wake us when it is back.
                 await self._sleep_unless_woken(POLL_SECONDS)
                 continue
+            if not self._encrypted_as_configured(nc):
+                # nats-py reconnected to a server that did not ask for TLS: drop it, connect again.
+                await self._drop_plain_connection(nc)
+                nc = await self._connect()
+                js = nc.jetstream(timeout=self._config.publish_timeout_seconds)
+                continue
             try:
                 if not self._stream_ready:
                     await self._ensure_stream(js)
@@ -311,6 +322,7 @@ class Publisher:
                     **connect_options(self._config.url, token=self._config.token, user=self._config.user,
                                       password=self._config.password,
                                       credentials_file=self._config.credentials_file),
+                    **self._tls,
                     name="edge-agent",
                     allow_reconnect=True,
                     max_reconnect_attempts=-1,
@@ -329,10 +341,23 @@ class Publisher:
                     await nc.close()
                 await asyncio.sleep(backoff.next())
                 continue
+            if not self._encrypted_as_configured(nc):
+                await self._drop_plain_connection(nc)
+                await asyncio.sleep(backoff.next())
+                continue
             self._last_logged.clear()
             self._metrics.broker_connected.set(1)
             logger.info("connected to the NATS server at %s", self._server_name())
             return nc
+
+    def _encrypted_as_configured(self, nc: NATS) -> bool:
+        return not expects_tls(self._config.url, self._config.tls) or connection_uses_tls(nc)
+
+    async def _drop_plain_connection(self, nc: NATS) -> None:
+        self._log_repeated("plain", "%s; findings wait in the outbox", PLAIN_SERVER_MESSAGE)
+        self._metrics.broker_connected.set(0)
+        with suppress(Exception):
+            await asyncio.wait_for(nc.close(), CLOSE_TIMEOUT_SECONDS)
 
     async def _ensure_stream(self, js: JetStreamContext) -> None:
         """Create the findings stream if it is missing. An existing stream is compared, never changed.
@@ -515,7 +540,12 @@ class Publisher:
             # The server refuses this subject to our credentials: its publishes only ever time out. Remember
             # it, so that those rows are parked as rejected instead of retried for ever.
             self._denied_subjects.add(denied.group(1).lower())
-        self._log_repeated("nats", "NATS connection problem: %s", describe_error(exc))
+        if isinstance(exc, ssl.SSLError):
+            # Logged under its own key: a refused handshake also shows up as resets and broken pipes on
+            # other attempts, and the warning should name the TLS reason, not whichever came first.
+            self._log_repeated("tls", "NATS TLS handshake failed: %s", describe_error(exc))
+            return
+        self._log_repeated("nats", "NATS connection problem: %s", describe_error(exc, self._config.tls is not None))
 
     async def _on_disconnected(self) -> None:
         self._metrics.broker_connected.set(0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import sys
 from typing import TextIO
 
@@ -24,6 +25,8 @@ from edge_agent.bus.publisher import (
     describe_error,
     redact,
 )
+from edge_agent.bus.tls import PLAIN_SERVER_MESSAGE, connection_uses_tls, expects_tls, tls_options
+from edge_agent.config import BusTLSConfig
 from edge_agent.errors import BusError
 
 logger = logging.getLogger(__name__)
@@ -31,14 +34,22 @@ logger = logging.getLogger(__name__)
 DEFAULT_CONNECT_TIMEOUT_SECONDS = 5.0
 
 
-def _last_error(nc: NATS) -> str:
-    err = nc.last_error
-    return f": {describe_error(err)}" if err is not None else ""
+class _Errors:
+    """nats-py's error callback: every failed (re)connect attempt, kept quiet; the time-out says it once."""
 
+    def __init__(self, tls_configured: bool) -> None:
+        self.tls: ssl.SSLError | None = None
+        self._tls_configured = tls_configured
 
-async def _quiet(exc: Exception) -> None:
-    # nats-py reports every failed (re)connect attempt; the timeout below says it once, clearly.
-    logger.debug("NATS: %s", describe_error(exc))
+    async def record(self, exc: Exception) -> None:
+        logger.debug("NATS: %s", describe_error(exc))
+        if isinstance(exc, ssl.SSLError):
+            self.tls = exc
+
+    def describe(self, nc: NATS) -> str:
+        # A refused handshake alternates with resets and broken pipes: the TLS reason is the one to show.
+        err = self.tls if self.tls is not None else nc.last_error
+        return f": {describe_error(err, self._tls_configured)}" if err is not None else ""
 
 
 async def tail(
@@ -54,6 +65,7 @@ async def tail(
     user: str | None = None,
     password: str | None = None,
     credentials_file: str | None = None,
+    tls: BusTLSConfig | None = None,
     connect_timeout_seconds: float = DEFAULT_CONNECT_TIMEOUT_SECONDS,
 ) -> int:
     """Print findings from ``stream`` until ``max_messages`` or ``timeout_seconds`` (total). Returns the count.
@@ -63,15 +75,18 @@ async def tail(
     out of ``asyncio.run``) cancels it; the connection, and with it the consumer, is closed on the way out.
     """
     check_credentials_file(credentials_file)
+    tls_kwargs = tls_options(tls)
     loop = asyncio.get_running_loop()
     deadline = None if timeout_seconds is None else loop.time() + timeout_seconds
     nc = NATS()
+    errors = _Errors(tls_configured=tls is not None)
     connecting = asyncio.create_task(nc.connect(
         **connect_options(url, token=token, user=user, password=password, credentials_file=credentials_file),
+        **tls_kwargs,
         name="edge-agent-tail",
         allow_reconnect=True,
         max_reconnect_attempts=-1,
-        error_cb=_quiet,
+        error_cb=errors.record,
     ))
     try:
         # Not asyncio.wait_for: on Python 3.11 its cancellation of nats-py's connect can be lost
@@ -80,11 +95,14 @@ async def tail(
         if not connecting.done():
             await cancel_and_wait(connecting)
             raise BusError(f"cannot connect to the NATS server at {redact(url)} within {connect_timeout_seconds:g} s"
-                           f"{_last_error(nc)}")
+                           f"{errors.describe(nc)}")
         try:
             connecting.result()
         except (nats.errors.Error, OSError) as exc:
-            raise BusError(f"cannot connect to the NATS server at {redact(url)}: {describe_error(exc)}") from None
+            raise BusError(f"cannot connect to the NATS server at {redact(url)}: "
+                           f"{describe_error(exc, tls is not None)}") from None
+        if expects_tls(url, tls) and not connection_uses_tls(nc):
+            raise BusError(f"{redact(url)}: {PLAIN_SERVER_MESSAGE}")
         js = nc.jetstream()
         try:
             sub = await js.subscribe(subject_filter, stream=stream, ordered_consumer=True,

@@ -5,27 +5,53 @@ from __future__ import annotations
 import hashlib
 import logging
 import struct
+from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_dataset
 from pydicom.multival import MultiValue
 
+from edge_agent.dicom import fastheader
 from edge_agent.errors import DecodeError
-from edge_agent.journal import InstanceMeta
 
 logger = logging.getLogger(__name__)
 
 _REQUIRED = ("SOPInstanceUID", "SeriesInstanceUID", "SOPClassUID")
 
 
+@dataclass(frozen=True)
+class InstanceMeta:
+    """What the receiver reads from a stored instance's header (no pixel data)."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    series_uid: str
+    study_uid: str = ""
+    transfer_syntax_uid: str = ""
+    accession: str = ""
+    modality: str = ""
+    body_part: str = ""
+    image_type: str = ""  # backslash-joined, as in the data element
+    series_description: str = ""
+    manufacturer: str = ""
+    instance_number: int | None = None
+    expected_count: int | None = None  # Images in Acquisition, when the modality says
+    calling_aet: str = ""
+    called_aet: str = ""
+    acquisition_number: int | None = None
+    content_sha256: str = ""  # of the dataset as encoded (File Meta excluded): what a re-send is compared by
+
+
 class SopClassMismatchError(DecodeError):
     """The dataset's SOP Class UID is not the one its C-STORE request named."""
 
 
-def _text(ds: Dataset, keyword: str) -> str:
+def _text(ds: Dataset | fastheader.RawHeader, keyword: str) -> str:
     value = ds.get(keyword)
     if value is None:
         return ""
@@ -34,7 +60,7 @@ def _text(ds: Dataset, keyword: str) -> str:
     return str(value).strip()
 
 
-def _int(ds: Dataset, keyword: str) -> int | None:
+def _int(ds: Dataset | fastheader.RawHeader, keyword: str) -> int | None:
     value: Any = ds.get(keyword)
     if value is None or value == "":
         return None
@@ -84,7 +110,7 @@ def content_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_meta(path: Path, calling_aet: str, called_aet: str) -> InstanceMeta:
+def read_meta(path: Path, calling_aet: str, called_aet: str, content_sha: str | None = None) -> InstanceMeta:
     """Read an instance's header (pixel data is not read). Raises DecodeError without patient data."""
     try:
         ds = dcmread(path, stop_before_pixels=True)
@@ -93,18 +119,60 @@ def read_meta(path: Path, calling_aet: str, called_aet: str) -> InstanceMeta:
     except Exception as exc:
         # pydicom's messages may quote element values; only the exception type is safe to repeat.
         raise DecodeError(f"unreadable DICOM header ({type(exc).__name__})") from None
+    file_meta = getattr(ds, "file_meta", None)
+    syntax = _text(file_meta, "TransferSyntaxUID") if file_meta is not None else ""
+    return meta_from_dataset(ds, syntax, calling_aet, called_aet,
+                             content_sha if content_sha is not None else content_sha256(path))
+
+
+# The last element meta_from_dataset reads: a dataset read up to a later tag holds everything it needs.
+LAST_TAG_READ = 0x00201002
+
+
+def read_meta_head(head: bytes, transfer_syntax_uid: str, calling_aet: str, called_aet: str,
+                   content_sha: str, *, whole: bool) -> InstanceMeta | None:
+    """The header from the first bytes of a dataset (no File Meta; Explicit or Implicit VR as negotiated).
+
+    ``whole`` says ``head`` is the entire dataset. Otherwise None when the bytes held end before every
+    element needed was read (the caller reads the file instead). Raises DecodeError for a bad header.
+    """
+    implicit = transfer_syntax_uid == "1.2.840.10008.1.2"
+    little = transfer_syntax_uid != "1.2.840.10008.1.2.2"
+    if little:
+        raw = fastheader.read(head, not implicit, whole=whole)
+        if raw is not None:
+            return meta_from_dataset(raw, transfer_syntax_uid, calling_aet, called_aet, content_sha)
+    try:
+        ds = read_dataset(BytesIO(head), implicit, little, stop_when=_at_pixel_data)
+    except Exception as exc:
+        if not whole:
+            return None
+        raise DecodeError(f"unreadable DICOM header ({type(exc).__name__})") from None
+    if not whole:
+        tags = [int(t) for t in ds.keys()]  # noqa: SIM118 (iterating a Dataset yields its elements)
+        if not tags or max(tags) <= LAST_TAG_READ:
+            return None
+    return meta_from_dataset(ds, transfer_syntax_uid, calling_aet, called_aet, content_sha)
+
+
+def _at_pixel_data(tag: Any, vr: Any, length: Any) -> bool:
+    return int(tag) >= 0x7FE00010
+
+
+def meta_from_dataset(ds: Dataset | fastheader.RawHeader, transfer_syntax_uid: str, calling_aet: str, called_aet: str,
+                      content_sha: str) -> InstanceMeta:
+    """What the journal and the router need, from a dataset read without pixel data."""
     try:
         missing = [kw for kw in _REQUIRED if not _text(ds, kw)]
         if missing:
             raise DecodeError(f"DICOM header lacks {', '.join(missing)}")
         expected = _int(ds, "ImagesInAcquisition")
-        file_meta = getattr(ds, "file_meta", None)
         return InstanceMeta(
             sop_instance_uid=_text(ds, "SOPInstanceUID"),
             sop_class_uid=_text(ds, "SOPClassUID"),
             series_uid=_text(ds, "SeriesInstanceUID"),
             study_uid=_text(ds, "StudyInstanceUID"),
-            transfer_syntax_uid=_text(file_meta, "TransferSyntaxUID") if file_meta is not None else "",
+            transfer_syntax_uid=transfer_syntax_uid,
             accession=_text(ds, "AccessionNumber"),
             modality=_text(ds, "Modality").upper(),
             body_part=_text(ds, "BodyPartExamined").upper(),
@@ -116,7 +184,7 @@ def read_meta(path: Path, calling_aet: str, called_aet: str) -> InstanceMeta:
             calling_aet=calling_aet.strip(),
             called_aet=called_aet.strip(),
             acquisition_number=_int(ds, "AcquisitionNumber"),
-            content_sha256=content_sha256(path),
+            content_sha256=content_sha,
         )
     except DecodeError:
         raise

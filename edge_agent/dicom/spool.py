@@ -7,6 +7,7 @@ random, never derived from a UID: UIDs come from the peer and must not choose pa
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import errno
 import logging
@@ -28,6 +29,8 @@ _PARTIAL = re.compile(r"^\.[0-9a-f]{32}\.part$")
 _DAY = re.compile(r"^\d{8}$")
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 _COPY_CHUNK_BYTES = 1 << 20
+# fsyncs in flight at once when a group of received instances is placed.
+_SYNC_THREADS = 8
 
 
 class SpoolFullError(EdgeAgentError, OSError):
@@ -52,6 +55,7 @@ class Spool:
         self._tmp = root / "tmp"
         self._instances.mkdir(parents=True, exist_ok=True)
         self._tmp.mkdir(parents=True, exist_ok=True)
+        self._sync_pool: concurrent.futures.ThreadPoolExecutor | None = None
 
     @property
     def tmp_dir(self) -> Path:
@@ -94,6 +98,57 @@ class Spool:
                 raise SpoolFullError(exc.errno, "the spool's file system is full") from exc
             raise
         return name, size
+
+    def open_incoming(self) -> tuple[Path, int]:
+        """A new temp file in ``tmp/`` for an instance being received: ``(path, fd open for writing)``."""
+        path = self._tmp / f"in-{secrets.token_hex(16)}.dcm"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+        return path, fd
+
+    def place(self, incoming: list[tuple[Path, int]]) -> list[str]:
+        """Move received temp files into the spool durably and return their spool names, in order.
+
+        ``incoming`` holds ``(temp path, fd open on it)``. The files are renamed into today's folder, then
+        every file's data and the folder are fsynced at once, each on its own thread: the file system folds
+        concurrent fsyncs into one journal commit, so a group costs about one fsync, not one per file plus
+        one for the folder. A failure removes every file of the group (none was journalled yet) and raises;
+        ENOSPC/EDQUOT as SpoolFullError. The caller closes the fds.
+        """
+        day = time.strftime("%Y%m%d", time.gmtime())
+        day_dir = self._instances / day
+        placed: list[Path] = []
+        try:
+            if not day_dir.is_dir():
+                day_dir.mkdir(exist_ok=True)
+                _fsync_dir(self._instances)
+            for src, _ in incoming:
+                final = day_dir / f"{secrets.token_hex(16)}.dcm"
+                os.replace(src, final)
+                placed.append(final)
+            syncs = [self._syncer().submit(os.fdatasync, fd) for _, fd in incoming]
+            syncs.append(self._syncer().submit(_fsync_dir, day_dir))
+            for f in syncs:
+                f.result()
+        except OSError as exc:
+            for final in placed:
+                with contextlib.suppress(OSError):
+                    final.unlink()
+            if exc.errno in _FULL_ERRNOS:
+                raise SpoolFullError(exc.errno, "the spool's file system is full") from exc
+            raise
+        return [f"{day}/{final.name}" for final in placed]
+
+    def _syncer(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._sync_pool is None:
+            self._sync_pool = concurrent.futures.ThreadPoolExecutor(max_workers=_SYNC_THREADS,
+                                                                    thread_name_prefix="spool-fsync")
+        return self._sync_pool
+
+    def close(self) -> None:
+        """Stop the fsync threads (``place`` starts them again if called later)."""
+        pool, self._sync_pool = self._sync_pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
 
     @staticmethod
     def _rename_into(src: Path, final: Path) -> int:

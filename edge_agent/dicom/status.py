@@ -34,6 +34,7 @@ OUTCOME_STORED = "stored"
 OUTCOME_DUPLICATE = "duplicate"  # the same content as the instance held: nothing changed
 OUTCOME_REPLACED = "replaced"  # a known SOP instance with new content: the new content replaces it
 OUTCOME_OUT_OF_RESOURCES = "out_of_resources"
+OUTCOME_BACKPRESSURE = "backpressure"  # inference is behind: refused before storing (issue 9)
 OUTCOME_CANNOT_UNDERSTAND = "cannot_understand"
 OUTCOME_PROCESSING_FAILURE = "processing_failure"
 
@@ -52,6 +53,8 @@ STORED = Answer(SUCCESS, OUTCOME_STORED)
 STORED_DUPLICATE = Answer(SUCCESS, OUTCOME_DUPLICATE)
 STORED_REPLACED = Answer(SUCCESS, OUTCOME_REPLACED)
 SPOOL_FULL = Answer(OUT_OF_RESOURCES, OUTCOME_OUT_OF_RESOURCES)
+# PS3.4 B.2.3: 0xA7xx is a transient refusal; the sender keeps the instance and retries later.
+BACKPRESSURE = Answer(OUT_OF_RESOURCES, OUTCOME_BACKPRESSURE)
 RECEIVE_FAILED = Answer(PROCESSING_FAILURE, OUTCOME_PROCESSING_FAILURE)
 
 

@@ -165,11 +165,13 @@ class Batcher:
                     await asyncio.wait_for(self._wakeup.wait(), timeout=remaining)
                 except TimeoutError:
                     break
-            items = self._take()
-            if items:
-                await self._run_batch(items)
+            # Not kept in a local: a finished batch's images must not stay in memory while the next one fills
+            # (issue 9: the pipeline bounds the decoded images held per model, and they must really be gone).
+            await self._run_batch(self._take())
 
     async def _run_batch(self, items: list[_Item]) -> None:
+        if not items:
+            return
         if self._overdue_since is not None:
             # The engine is still in a call that missed its deadline. Engines need not take a second call
             # while one runs (a TensorRT execution context does not), and this one may never return: fail

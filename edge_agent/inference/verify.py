@@ -79,7 +79,7 @@ def synthetic_inputs(card: ModelCard, count: int, seed: int = 0) -> FloatArray:
 
 def dicom_inputs(card: ModelCard, paths: Sequence[Path], limit: int) -> FloatArray:
     """Up to ``limit`` frames from DICOM files, through the daemon's own preprocessing; files that fail are skipped."""
-    from edge_agent.dicom.pixels import load_instance
+    from edge_agent.inference.preprocess import load_instance
 
     frames: list[FloatArray] = []
     for path in paths:

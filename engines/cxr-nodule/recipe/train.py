@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edge_agent.dicom.pixels import load_instance
 from edge_agent.inference.card import ModelCard, parse_card
+from edge_agent.inference.preprocess import load_instance
 from edge_agent.validate import bootstrap_metrics, roc_auc, threshold_for_sensitivity
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -178,7 +178,7 @@ def nodule_positions(data: Path, rows: list[dict[str, str]]) -> np.ndarray[Any, 
     """[N, 3] nodule centre (row, col) and radius in model-input pixels (letterbox applied); NaN if none."""
     import pydicom
 
-    from edge_agent.dicom.pixels import placement
+    from edge_agent.inference.preprocess import placement
 
     prep = preprocessing_card().preprocessing
     out = np.full((len(rows), 3), np.nan, dtype=np.float32)

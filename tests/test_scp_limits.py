@@ -1,0 +1,451 @@
+"""What a hostile or broken peer can do to the receiver, each with a real socket (issue 9, hard limits).
+
+The peers here speak the DICOM Upper Layer byte by byte (``RawPeer``), so they can do what no well-behaved
+SCU would: declare huge PDUs, trickle, go silent, open many connections, send a Deflated bomb.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+import threading
+import time
+import tracemalloc
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+from pydicom.uid import (
+    CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    generate_uid,
+)
+from pynetdicom import AE
+from pynetdicom.pdu import A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import A_ASSOCIATE, ImplementationClassUIDNotification, MaximumLengthNotification
+from pynetdicom.presentation import PresentationContext
+
+from tests.dicomfiles import CT_SMALL, RG1_UNCR, SC_DEFLATED, running_receiver, storescu
+
+pytestmark = pytest.mark.timeout(120)
+
+GIB = 1 << 30
+
+
+def associate_rq(calling: str = "PEER", contexts: list[tuple[int, str, str]] | None = None) -> bytes:
+    """An A-ASSOCIATE-RQ PDU, encoded by pynetdicom's codec."""
+    prim = A_ASSOCIATE()
+    prim.application_context_name = "1.2.840.10008.3.1.1.1"
+    prim.calling_ae_title = calling
+    prim.called_ae_title = "EDGE_AGENT"
+    for cid, abstract, syntax in contexts or [(1, str(CTImageStorage), str(ExplicitVRLittleEndian))]:
+        pc = PresentationContext()
+        pc.context_id = cid
+        pc.abstract_syntax = abstract
+        pc.transfer_syntax = [syntax]
+        prim.presentation_context_definition_list.append(pc)
+    max_length = MaximumLengthNotification()
+    max_length.maximum_length_received = 16384
+    impl = ImplementationClassUIDNotification()
+    impl.implementation_class_uid = "1.2.826.0.1.3680043.9.9999.1"
+    prim.user_information = [max_length, impl]
+    return bytes(A_ASSOCIATE_RQ(prim).encode())
+
+
+def _el(elem: int, value: bytes) -> bytes:
+    if len(value) % 2:
+        value += b"\0"
+    return struct.pack("<HHI", 0, elem, len(value)) + value
+
+
+def store_command(sop_class: str, sop_instance: str, message_id: int = 1) -> bytes:
+    body = (_el(0x0002, sop_class.encode()) + _el(0x0100, struct.pack("<H", 1))
+            + _el(0x0110, struct.pack("<H", message_id)) + _el(0x0700, struct.pack("<H", 0))
+            + _el(0x0800, struct.pack("<H", 0)) + _el(0x1000, sop_instance.encode()))
+    return _el(0x0000, struct.pack("<I", len(body))) + body
+
+
+def pdata(context_id: int, control: int, data: bytes) -> bytes:
+    pdv = struct.pack(">IBB", len(data) + 2, context_id, control) + data
+    return struct.pack(">BBI", 0x04, 0, len(pdv)) + pdv
+
+
+class RawPeer:
+    """A TCP peer that speaks the Upper Layer by hand."""
+
+    def __init__(self, port: int, source: str = "127.0.0.1", timeout_seconds: float = 10.0) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout_seconds,
+                                             source_address=(source, 0))
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def read_pdu(self) -> tuple[int, bytes] | None:
+        """The next PDU, or None when the receiver closed the connection."""
+        head = self._read(6)
+        if head is None:
+            return None
+        length = struct.unpack(">I", head[2:6])[0]
+        body = self._read(length)
+        return (head[0], body) if body is not None else None
+
+    def _read(self, n: int) -> bytes | None:
+        out = b""
+        while len(out) < n:
+            try:
+                chunk = self.sock.recv(n - len(out))
+            except ConnectionResetError:
+                return None
+            if not chunk:
+                return None
+            out += chunk
+        return out
+
+    def associate(self, **kw: object) -> None:
+        self.send(associate_rq(**kw))  # type: ignore[arg-type]
+        pdu = self.read_pdu()
+        assert pdu is not None and pdu[0] == 0x02, pdu
+
+    def store(self, dataset: bytes, sop_class: str, sop_instance: str, context_id: int = 1,
+              fragment: int = 16000) -> int:
+        """C-STORE ``dataset`` (already encoded in the context's syntax); the response's status."""
+        self.send(pdata(context_id, 0x03, store_command(sop_class, sop_instance)))
+        for i in range(0, max(len(dataset), 1), fragment):
+            last = i + fragment >= len(dataset)
+            self.send(pdata(context_id, 0x02 if last else 0x00, dataset[i : i + fragment]))
+        pdu = self.read_pdu()
+        assert pdu is not None and pdu[0] == 0x04, pdu
+        command = pdu[1][6:]
+        pos = 0
+        while pos < len(command):
+            _, elem, length = struct.unpack_from("<HHI", command, pos)
+            if elem == 0x0900:
+                return int(struct.unpack_from("<H", command, pos + 8)[0])
+            pos += 8 + length
+        raise AssertionError("no Status in the response")
+
+    def closed_within(self, seconds: float) -> bool:
+        """True if the receiver closes the connection (after any PDUs it sends) within ``seconds``."""
+        self.sock.settimeout(seconds)
+        try:
+            while True:
+                if self.read_pdu() is None:
+                    return True
+        except TimeoutError:
+            return False
+
+
+@pytest.fixture
+def peers() -> Iterator[list[RawPeer]]:
+    opened: list[RawPeer] = []
+    yield opened
+    for p in opened:
+        p.close()
+
+
+def _ct_dataset(syntax: str = str(ExplicitVRLittleEndian)) -> tuple[bytes, str, str]:
+    ds = pydicom.dcmread(CT_SMALL)
+    ds.SOPInstanceUID = generate_uid()
+    buf = DicomBytesIO()
+    buf.is_little_endian, buf.is_implicit_VR = True, syntax == str(ImplicitVRLittleEndian)
+    write_dataset(buf, ds)
+    return buf.getvalue(), str(ds.SOPClassUID), str(ds.SOPInstanceUID)
+
+
+def _pynetdicom_store(port: int, path: Path, bind: str = "127.0.0.1") -> int | None:
+    ds = pydicom.dcmread(path)
+    ae = AE(ae_title="MODALITY")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title="EDGE_AGENT", bind_address=(bind, 0))
+    if not assoc.is_established:
+        return None
+    try:
+        answer = assoc.send_c_store(ds)
+        return int(answer.Status) if "Status" in answer else None
+    finally:
+        assoc.release()
+
+
+# -- PDU lengths -------------------------------------------------------------------------------------------
+
+
+def test_a_huge_pdu_declared_before_any_association_is_cut_at_its_header(tmp_path: Path) -> None:
+    with running_receiver(tmp_path) as h:
+        peer = RawPeer(h.port)
+        sent = 0
+        chunk = b"\0" * (1 << 20)
+        try:
+            peer.send(struct.pack(">BBI", 0x01, 0, int(1.5 * GIB)))
+            while sent < 600 * (1 << 20):
+                peer.send(chunk)
+                sent += len(chunk)
+        except OSError:
+            pass  # the receiver closed the connection
+        finally:
+            peer.close()
+        # Only what the kernels' socket buffers hold went out before the reset: nothing was buffered for it.
+        assert sent < 64 * (1 << 20), f"{sent >> 20} MiB accepted after a 1.5 GiB A-ASSOCIATE-RQ header"
+        assert storescu(h.port, [CT_SMALL]).returncode == 0
+
+
+def test_a_p_data_pdu_over_max_pdu_bytes_is_aborted_at_its_header(tmp_path: Path, peers: list[RawPeer]) -> None:
+    with running_receiver(tmp_path, max_pdu_bytes=65536) as h:
+        peer = RawPeer(h.port)
+        peers.append(peer)
+        peer.associate()
+        peer.send(struct.pack(">BBI", 0x04, 0, int(1.5 * GIB)))
+        pdu = peer.read_pdu()
+        assert pdu is not None and pdu[0] == 0x07  # A-ABORT
+        assert peer.closed_within(5)
+        assert h.associations("aborted") == 1
+        assert h.spool_files() == []
+        assert storescu(h.port, [CT_SMALL]).returncode == 0
+
+
+def test_the_announced_maximum_is_max_pdu_bytes_and_a_pdu_of_that_size_is_taken(tmp_path: Path) -> None:
+    with running_receiver(tmp_path, max_pdu_bytes=65536) as h:
+        cr = pydicom.dcmread(RG1_UNCR)
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(cr.SOPClassUID, ExplicitVRLittleEndian)
+        ae.maximum_pdu_size = 0
+        assoc = ae.associate("127.0.0.1", h.port, ae_title="EDGE_AGENT")
+        assert assoc.is_established
+        try:
+            assert assoc.acceptor.maximum_length == 65536
+            assert int(assoc.send_c_store(cr).Status) == 0  # 7 MB in 64 KiB PDUs
+        finally:
+            assoc.release()
+
+
+# -- dataset sizes ---------------------------------------------------------------------------------------
+
+
+def test_a_dataset_over_max_dataset_bytes_is_refused_and_nothing_is_kept(tmp_path: Path) -> None:
+    with running_receiver(tmp_path, max_dataset_bytes=1 << 20) as h:
+        assert _pynetdicom_store(h.port, RG1_UNCR) == 0xA700  # 7.2 MB
+        assert h.spool_files() == []
+        assert list((h.spool.root / "tmp").iterdir()) == []
+        assert _pynetdicom_store(h.port, CT_SMALL) == 0
+        assert len(h.spool_files()) == 1
+
+
+def _deflate_bomb(inflated_bytes: int) -> tuple[bytes, str, str]:
+    """A valid header, then an OB element of zeros: deflated, a few kilobytes that inflate to ``inflated_bytes``."""
+    ds = Dataset()
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality = "CT"
+    buf = DicomBytesIO()
+    buf.is_little_endian, buf.is_implicit_VR = True, False
+    write_dataset(buf, ds)
+    head = buf.getvalue() + struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OB", 0, inflated_bytes)
+    z = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    out = z.compress(head)
+    zeros = b"\0" * (1 << 20)
+    for _ in range(inflated_bytes >> 20):
+        out += z.compress(zeros)
+    out += z.flush()
+    return out, str(ds.SOPClassUID), str(ds.SOPInstanceUID)
+
+
+def test_a_deflate_bomb_is_refused_without_inflating_it_in_memory(tmp_path: Path, peers: list[RawPeer]) -> None:
+    bomb, sop_class, sop_instance = _deflate_bomb(256 << 20)
+    assert len(bomb) < 1 << 20
+    with running_receiver(tmp_path, max_dataset_bytes=16 << 20) as h:
+        peer = RawPeer(h.port)
+        peers.append(peer)
+        peer.associate(contexts=[(1, str(CTImageStorage), str(DeflatedExplicitVRLittleEndian))])
+        tracemalloc.start()
+        try:
+            status = peer.store(bomb, sop_class, sop_instance)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert status == 0xA700
+        assert peak < 24 << 20, f"peak {peak >> 20} MiB while refusing a 256 MiB bomb"
+        assert h.spool_files() == []
+        assert h.instances("out_of_resources") == 1
+
+
+def test_a_real_deflated_instance_is_stored_as_received(tmp_path: Path) -> None:
+    with running_receiver(tmp_path) as h:
+        assert storescu(h.port, [SC_DEFLATED], extra=("-xd",)).returncode == 0
+        (stored,) = h.spool_files()
+        ds = pydicom.dcmread(stored)
+        assert ds.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian
+        assert ds.SOPInstanceUID == pydicom.dcmread(SC_DEFLATED).SOPInstanceUID
+        ((meta, _),) = h.stored.calls
+        assert meta.transfer_syntax_uid == DeflatedExplicitVRLittleEndian
+
+
+def test_deflate_can_be_refused_at_negotiation(tmp_path: Path, peers: list[RawPeer]) -> None:
+    with running_receiver(tmp_path, accept_deflate=False) as h:
+        peer = RawPeer(h.port)
+        peers.append(peer)
+        peer.send(associate_rq(contexts=[(1, str(CTImageStorage), str(DeflatedExplicitVRLittleEndian))]))
+        pdu = peer.read_pdu()
+        assert pdu is not None and pdu[0] == 0x02
+        # The AC's presentation context item: result 4, transfer syntaxes not supported.
+        at = pdu[1].index(b"\x21\x00")
+        assert pdu[1][at + 4] == 1 and pdu[1][at + 6] == 0x04
+
+
+# -- connections and time ------------------------------------------------------------------------------
+
+
+def test_silent_connections_do_not_lock_out_an_allowed_sender(tmp_path: Path, peers: list[RawPeer]) -> None:
+    with running_receiver(tmp_path, max_pending_connections=8, max_connections_per_host=4,
+                          max_associations=2, acse_timeout_seconds=60) as h:
+        for _ in range(40):
+            with contextlib.suppress(OSError):  # refused at once, or reset
+                peers.append(RawPeer(h.port, source="127.0.0.2"))
+        time.sleep(0.5)
+        assert h.sample("edge_agent_associations_total", outcome="refused_connection") >= 36
+        assert _pynetdicom_store(h.port, CT_SMALL) == 0
+
+
+def test_one_host_cannot_take_every_pending_slot(tmp_path: Path, peers: list[RawPeer]) -> None:
+    with running_receiver(tmp_path, max_pending_connections=8, max_connections_per_host=4,
+                          acse_timeout_seconds=60) as h:
+        for source in ("127.0.0.2", "127.0.0.3"):
+            for _ in range(10):
+                peers.append(RawPeer(h.port, source=source))
+        time.sleep(0.5)
+        # Each host got its 4; the pending pool (8) is then full, yet the next host is refused only for that.
+        assert h.sample("edge_agent_associations_total", outcome="refused_connection") == 12
+        for p in peers[:4]:
+            p.close()
+        time.sleep(0.3)
+        assert _pynetdicom_store(h.port, CT_SMALL) == 0
+
+
+def test_a_connection_that_trickles_its_request_is_closed_at_the_artim_timeout(
+        tmp_path: Path, peers: list[RawPeer]) -> None:
+    with running_receiver(tmp_path, acse_timeout_seconds=1.0) as h:
+        peer = RawPeer(h.port)
+        peers.append(peer)
+        rq = associate_rq()
+        started = time.monotonic()
+        closed = False
+        for b in rq:  # one byte every 0.2 s: the whole request would take a minute
+            try:
+                peer.send(bytes([b]))
+            except OSError:
+                closed = True
+                break
+            if peer.closed_within(0.2):
+                closed = True
+                break
+        assert closed and time.monotonic() - started < 10
+        assert h.associations("timed_out") == 1
+        assert h.associations("accepted") == 0
+
+
+def test_a_silent_association_is_aborted(tmp_path: Path, peers: list[RawPeer]) -> None:
+    with running_receiver(tmp_path, network_timeout_seconds=1.0) as h:
+        peer = RawPeer(h.port)
+        peers.append(peer)
+        peer.associate()
+        peer.sock.settimeout(10)
+        pdu = peer.read_pdu()
+        assert pdu is not None and pdu[0] == 0x07
+        assert h.associations("timed_out") == 1
+
+
+def test_garbage_before_association_and_unknown_pdus_are_aborted(tmp_path: Path, peers: list[RawPeer]) -> None:
+    with running_receiver(tmp_path) as h:
+        peer = RawPeer(h.port)
+        peers.append(peer)
+        peer.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert peer.closed_within(5)
+        peer = RawPeer(h.port)
+        peers.append(peer)
+        peer.associate()
+        peer.send(struct.pack(">BBI", 0x09, 0, 4) + b"\0\0\0\0")
+        pdu = peer.read_pdu()
+        assert pdu is not None and pdu[0] == 0x07
+        assert storescu(h.port, [CT_SMALL]).returncode == 0
+
+
+def test_a_raw_store_and_release(tmp_path: Path, peers: list[RawPeer]) -> None:
+    released: list[frozenset[int]] = []
+    with running_receiver(tmp_path, on_released=released.append) as h:
+        peer = RawPeer(h.port)
+        peers.append(peer)
+        peer.associate()
+        data, sop_class, sop_instance = _ct_dataset()
+        assert peer.store(data, sop_class, sop_instance, fragment=1000) == 0
+        peer.send(struct.pack(">BBI", 0x05, 0, 4) + b"\0\0\0\0")
+        pdu = peer.read_pdu()
+        assert pdu is not None and pdu[0] == 0x06
+        peer.close()
+        _until(lambda: h.associations("released") == 1)
+        ((_, recorded),) = h.stored.calls
+        assert released == [frozenset({recorded.series_id})]
+        assert pydicom.dcmread(h.spool_files()[0]).SOPInstanceUID == sop_instance
+
+
+def test_an_aborted_association_reports_no_release(tmp_path: Path, peers: list[RawPeer]) -> None:
+    released: list[frozenset[int]] = []
+    with running_receiver(tmp_path, on_released=released.append) as h:
+        peer = RawPeer(h.port)
+        peers.append(peer)
+        peer.associate()
+        data, sop_class, sop_instance = _ct_dataset()
+        assert peer.store(data, sop_class, sop_instance) == 0
+        peer.send(struct.pack(">BBI", 0x07, 0, 4) + b"\0\0\0\0")
+        assert peer.closed_within(5)
+        assert len(h.stored.calls) == 1 and released == []
+
+
+def test_a_dataset_cut_by_a_closed_connection_leaves_nothing(tmp_path: Path) -> None:
+    with running_receiver(tmp_path) as h:
+        peer = RawPeer(h.port)
+        peer.associate()
+        data, sop_class, sop_instance = _ct_dataset()
+        peer.send(pdata(1, 0x03, store_command(sop_class, sop_instance)))
+        peer.send(pdata(1, 0x00, data[: len(data) // 2]))
+        peer.close()
+        _until(lambda: h.associations("aborted") == 1)
+        assert h.spool_files() == [] and list((h.spool.root / "tmp").iterdir()) == []
+        assert h.stored.calls == []
+
+
+# -- back-pressure ---------------------------------------------------------------------------------------
+
+
+def test_back_pressure_answers_out_of_resources_then_resumes(tmp_path: Path) -> None:
+    behind = threading.Event()
+    behind.set()
+
+    def admission() -> str | None:
+        return "1000 instances wait for inference (pipeline.max_pending_instances 1000)" if behind.is_set() else None
+
+    with running_receiver(tmp_path, admission=admission) as h:
+        assert _pynetdicom_store(h.port, CT_SMALL) == 0xA700
+        assert h.instances("backpressure") == 1
+        assert h.spool_files() == []
+        behind.clear()
+        assert _pynetdicom_store(h.port, CT_SMALL) == 0
+        assert len(h.spool_files()) == 1
+
+
+def _until(cond: object, timeout_seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_seconds
+    while not cond():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.01)
