@@ -1,13 +1,12 @@
 """What a hostile or broken peer can do to the receiver, each with a real socket (issue 9, hard limits).
 
-The peers here speak the DICOM Upper Layer byte by byte (``RawPeer``), so they can do what no well-behaved
-SCU would: declare huge PDUs, trickle, go silent, open many connections, send a Deflated bomb.
+The peers here speak the DICOM Upper Layer byte by byte (``RawPeer``, tests/ul.py), so they can do what no
+well-behaved SCU would: declare huge PDUs, trickle, go silent, open many connections, send a Deflated bomb.
 """
 
 from __future__ import annotations
 
 import contextlib
-import socket
 import struct
 import threading
 import time
@@ -29,121 +28,13 @@ from pydicom.uid import (
     generate_uid,
 )
 from pynetdicom import AE
-from pynetdicom.pdu import A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import A_ASSOCIATE, ImplementationClassUIDNotification, MaximumLengthNotification
-from pynetdicom.presentation import PresentationContext
 
 from tests.dicomfiles import CT_SMALL, RG1_UNCR, SC_DEFLATED, running_receiver, storescu
+from tests.ul import RawPeer, associate_rq, pdata, store_command
 
 pytestmark = pytest.mark.timeout(120)
 
 GIB = 1 << 30
-
-
-def associate_rq(calling: str = "PEER", contexts: list[tuple[int, str, str]] | None = None) -> bytes:
-    """An A-ASSOCIATE-RQ PDU, encoded by pynetdicom's codec."""
-    prim = A_ASSOCIATE()
-    prim.application_context_name = "1.2.840.10008.3.1.1.1"
-    prim.calling_ae_title = calling
-    prim.called_ae_title = "EDGE_AGENT"
-    for cid, abstract, syntax in contexts or [(1, str(CTImageStorage), str(ExplicitVRLittleEndian))]:
-        pc = PresentationContext()
-        pc.context_id = cid
-        pc.abstract_syntax = abstract
-        pc.transfer_syntax = [syntax]
-        prim.presentation_context_definition_list.append(pc)
-    max_length = MaximumLengthNotification()
-    max_length.maximum_length_received = 16384
-    impl = ImplementationClassUIDNotification()
-    impl.implementation_class_uid = "1.2.826.0.1.3680043.9.9999.1"
-    prim.user_information = [max_length, impl]
-    return bytes(A_ASSOCIATE_RQ(prim).encode())
-
-
-def _el(elem: int, value: bytes) -> bytes:
-    if len(value) % 2:
-        value += b"\0"
-    return struct.pack("<HHI", 0, elem, len(value)) + value
-
-
-def store_command(sop_class: str, sop_instance: str, message_id: int = 1) -> bytes:
-    body = (_el(0x0002, sop_class.encode()) + _el(0x0100, struct.pack("<H", 1))
-            + _el(0x0110, struct.pack("<H", message_id)) + _el(0x0700, struct.pack("<H", 0))
-            + _el(0x0800, struct.pack("<H", 0)) + _el(0x1000, sop_instance.encode()))
-    return _el(0x0000, struct.pack("<I", len(body))) + body
-
-
-def pdata(context_id: int, control: int, data: bytes) -> bytes:
-    pdv = struct.pack(">IBB", len(data) + 2, context_id, control) + data
-    return struct.pack(">BBI", 0x04, 0, len(pdv)) + pdv
-
-
-class RawPeer:
-    """A TCP peer that speaks the Upper Layer by hand."""
-
-    def __init__(self, port: int, source: str = "127.0.0.1", timeout_seconds: float = 10.0) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout_seconds,
-                                             source_address=(source, 0))
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def read_pdu(self) -> tuple[int, bytes] | None:
-        """The next PDU, or None when the receiver closed the connection."""
-        head = self._read(6)
-        if head is None:
-            return None
-        length = struct.unpack(">I", head[2:6])[0]
-        body = self._read(length)
-        return (head[0], body) if body is not None else None
-
-    def _read(self, n: int) -> bytes | None:
-        out = b""
-        while len(out) < n:
-            try:
-                chunk = self.sock.recv(n - len(out))
-            except ConnectionResetError:
-                return None
-            if not chunk:
-                return None
-            out += chunk
-        return out
-
-    def associate(self, **kw: object) -> None:
-        self.send(associate_rq(**kw))  # type: ignore[arg-type]
-        pdu = self.read_pdu()
-        assert pdu is not None and pdu[0] == 0x02, pdu
-
-    def store(self, dataset: bytes, sop_class: str, sop_instance: str, context_id: int = 1,
-              fragment: int = 16000) -> int:
-        """C-STORE ``dataset`` (already encoded in the context's syntax); the response's status."""
-        self.send(pdata(context_id, 0x03, store_command(sop_class, sop_instance)))
-        for i in range(0, max(len(dataset), 1), fragment):
-            last = i + fragment >= len(dataset)
-            self.send(pdata(context_id, 0x02 if last else 0x00, dataset[i : i + fragment]))
-        pdu = self.read_pdu()
-        assert pdu is not None and pdu[0] == 0x04, pdu
-        command = pdu[1][6:]
-        pos = 0
-        while pos < len(command):
-            _, elem, length = struct.unpack_from("<HHI", command, pos)
-            if elem == 0x0900:
-                return int(struct.unpack_from("<H", command, pos + 8)[0])
-            pos += 8 + length
-        raise AssertionError("no Status in the response")
-
-    def closed_within(self, seconds: float) -> bool:
-        """True if the receiver closes the connection (after any PDUs it sends) within ``seconds``."""
-        self.sock.settimeout(seconds)
-        try:
-            while True:
-                if self.read_pdu() is None:
-                    return True
-        except TimeoutError:
-            return False
 
 
 @pytest.fixture
@@ -422,6 +313,21 @@ def test_a_dataset_cut_by_a_closed_connection_leaves_nothing(tmp_path: Path) -> 
         _until(lambda: h.associations("aborted") == 1)
         assert h.spool_files() == [] and list((h.spool.root / "tmp").iterdir()) == []
         assert h.stored.calls == []
+
+
+def test_a_new_command_inside_a_dataset_is_aborted_and_leaves_nothing(tmp_path: Path, peers: list[RawPeer]) -> None:
+    with running_receiver(tmp_path) as h:
+        peer = RawPeer(h.port)
+        peers.append(peer)
+        peer.associate()
+        data, sop_class, sop_instance = _ct_dataset()
+        peer.send(pdata(1, 0x03, store_command(sop_class, sop_instance)))
+        peer.send(pdata(1, 0x00, data[:1000]))
+        peer.send(pdata(1, 0x03, store_command(sop_class, generate_uid(), 2)))
+        pdu = peer.read_pdu()
+        assert pdu is not None and pdu[0] == 0x07
+        assert peer.closed_within(5)
+        assert list((h.spool.root / "tmp").iterdir()) == [] and h.spool_files() == []
 
 
 # -- back-pressure ---------------------------------------------------------------------------------------

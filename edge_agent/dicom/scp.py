@@ -617,6 +617,8 @@ class _Connection(asyncio.Protocol):
                 raise ProtocolError("a PDV names a presentation context that was not accepted")
             self._pdv_left = item_length - 2
             if self._pdv_ctrl & 0x01:
+                if self._store is not None:
+                    raise ProtocolError("a command fragment before the dataset of the last C-STORE ended")
                 if len(self._command) + self._pdv_left > _MAX_COMMAND_BYTES:
                     raise ProtocolError("a command set longer than 64 KiB")
                 self._expect(_COMMAND, self._pdv_left)
