@@ -17,6 +17,8 @@ class Recorded:
     reopened: bool  # the series had been closed and is open again under a new revision
     spool_name: str
     arrival: Arrival = Arrival.NEW
+    # Seconds from the C-STORE's command to the instance durable on disk (the receive stage); set by the receiver.
+    receive_seconds: float | None = None
 
     @property
     def identical(self) -> bool:

@@ -36,7 +36,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -761,10 +761,6 @@ class _Connection(asyncio.Protocol):
     # -- DIMSE --
 
     def _on_command(self, context_id: int, cmd: dict[int, bytes]) -> None:
-        if self._store is not None:
-            # No asynchronous operations are negotiated (PS3.7 D.3.3.3): a request before the running C-STORE's
-            # dataset has ended is a protocol error, and taking it would orphan that dataset's temp file and fd.
-            raise ProtocolError("a command in the middle of a dataset", _ABORT_UNEXPECTED)
         field_ = _cmd_int(cmd, 0x0100)
         message_id = _cmd_int(cmd, 0x0110)
         has_dataset = _cmd_int(cmd, 0x0800) != _NO_DATASET
@@ -872,6 +868,31 @@ class _Connection(asyncio.Protocol):
 _LOG_REPEAT_SECONDS = 60.0
 
 
+class _NotFromTheReceiver(logging.Filter):
+    """Drops pynetdicom's own records logged on the receiver's thread.
+
+    The receiver uses pynetdicom's codecs only to decode A-ASSOCIATE-RQs; for a malformed one (a null or
+    non-ASCII AE title) they log ERROR lines, with a traceback and the peer's AE title, before the receiver
+    rejects it. Any peer could write those at will. The receiver logs its own line, rate-limited, instead.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.threadName != _THREAD_NAME
+
+
+_THREAD_NAME = "dicom-receiver"
+
+
+def _quiet_pynetdicom() -> None:
+    import pynetdicom  # noqa: F401  (its modules' loggers exist once it is imported)
+
+    names = [n for n in logging.root.manager.loggerDict if n == "pynetdicom" or n.startswith("pynetdicom.")]
+    for name in names:
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _NotFromTheReceiver) for f in log.filters):
+            log.addFilter(_NotFromTheReceiver())
+
+
 class Receiver:
     """The Storage SCP. ``start()`` binds and serves on a loop of its own; ``stop()`` drains.
 
@@ -914,8 +935,9 @@ class Receiver:
         """Bind and serve. Raises EdgeAgentError if a port cannot be bound."""
         if self._loop is not None:
             raise EdgeAgentError("the DICOM receiver is already running")
+        _quiet_pynetdicom()
         loop = asyncio.new_event_loop()
-        thread = threading.Thread(target=loop.run_forever, name="dicom-receiver", daemon=True)
+        thread = threading.Thread(target=loop.run_forever, name=_THREAD_NAME, daemon=True)
         thread.start()
         self._loop, self._thread = loop, thread
         try:
@@ -1147,12 +1169,14 @@ class Receiver:
     def _stored(self, store: _Store, result: _Result) -> None:
         assert result.meta is not None and result.recorded is not None
         self._metrics.received_bytes.inc(store.meta_bytes + store.size)
-        self._metrics.stage_seconds.labels(stage="receive").observe(time.perf_counter() - store.started)
+        receive_seconds = time.perf_counter() - store.started
+        self._metrics.stage_seconds.labels(stage="receive").observe(receive_seconds)
         logger.debug("stored instance as %s (%d bytes)", result.recorded.spool_name, store.meta_bytes + store.size)
         if result.answer is status.STORED_DUPLICATE:
             return
         try:
-            self._on_stored(result.meta, result.recorded)
+            # The receive figure travels with the instance into its finding (timings.stage_seconds).
+            self._on_stored(result.meta, replace(result.recorded, receive_seconds=receive_seconds))
         except Exception as exc:
             # The instance is durable and journalled; only the hand-over failed. A failure status makes the
             # sender retry, and the retry replaces this same row.
