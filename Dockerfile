@@ -1,16 +1,17 @@
-# edge-agent in a container: the daemon only (no dcmtk, no nats-server; those are peers).
+# edge-agent in a container: the daemon and the bundled models (no dcmtk, no nats-server; those are peers).
 #
 #   docker build -t edge-agent .
-#   docker run --rm --stop-timeout 90 -p 11112:11112 -p 9108:9108 \
-#       -v /srv/edge-agent/agent.yaml:/etc/edge-agent/agent.yaml:ro \
-#       -v edge-agent-state:/var/lib/edge-agent \
-#       -e EDGE_AGENT_BUS_TOKEN=... edge-agent
+#   docker run -d --name edge-agent --stop-timeout 90 -p 11112:11112 -p 127.0.0.1:9108:9108 \
+#       --add-host nats:BROKER_ADDRESS -v edge-agent-state:/var/lib/edge-agent edge-agent
+#
+# The whole stack (nats-server, this image, Prometheus, Grafana): docker compose -f deploy/compose.yaml up -d
 #
 # --stop-timeout: docker's default 10 s is shorter than the drain (pipeline.drain_timeout_seconds,
 # 30 s by default); a SIGKILL mid-drain loses nothing (the journal resumes it) but delays findings.
-# The built-in /etc/edge-agent/agent.yaml is the repository's default with container paths and
-# 0.0.0.0 listeners; mount your own for a real site (bus.url must name a reachable NATS server).
-# GPU (TensorRT): run with --gpus all on an image whose base carries the CUDA runtime.
+# The built-in /etc/edge-agent/agent.yaml is deploy/agent.yaml: configs/agent.yaml with container paths,
+# 0.0.0.0 listeners and the broker at nats://nats:4222. Mount a folder of your own over /etc/edge-agent
+# for a real site. GPU (TensorRT): Dockerfile.tensorrt.
+# Checked in CI by hadolint and tests/test_container.py (README, "Docker").
 
 FROM python:3.11-slim-bookworm AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -18,7 +19,8 @@ WORKDIR /src
 # Only what the package build needs: the build context's .venv/state must not leak into the image.
 COPY pyproject.toml README.md ./
 COPY edge_agent ./edge_agent
-# Every dependency ships manylinux wheels for CPython 3.11, so no compiler is needed.
+# A regular (not editable) install into a venv that the next stage copies whole. Every dependency ships
+# manylinux wheels for CPython 3.11, so no compiler is needed.
 RUN python -m venv /opt/edge-agent \
  && /opt/edge-agent/bin/pip install . \
  && /opt/edge-agent/bin/pip check
@@ -30,7 +32,7 @@ LABEL org.opencontainers.image.title="edge-agent" \
 ENV PATH=/opt/edge-agent/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    EDGE_AGENT_HEALTHZ_URL=http://127.0.0.1:9108/healthz
+    EDGE_AGENT_READYZ_URL=http://127.0.0.1:9108/readyz
 # The same path as in the build stage: a venv's scripts name their interpreter by absolute path.
 COPY --from=build /opt/edge-agent /opt/edge-agent
 
@@ -41,28 +43,27 @@ RUN groupadd --system --gid 10001 edge-agent \
  && install -d -o edge-agent -g edge-agent -m 0750 /var/lib/edge-agent \
  && install -d -o root -g edge-agent -m 0750 /etc/edge-agent
 
+# The bundled models (cards and ONNX files) and the monitoring files, for reference.
 COPY engines /usr/share/edge-agent/engines
 COPY configs /usr/share/edge-agent/configs
-# The default config's relative paths point into a source checkout; rewrite them for the image and
-# listen on all interfaces (127.0.0.1 inside a container is unreachable from outside). check-config
-# fails the build if the result is not a valid configuration or a model it names is missing.
-RUN sed -e 's#^state_dir:.*#state_dir: /var/lib/edge-agent#' \
-        -e 's#^model_repository:.*#model_repository: /usr/share/edge-agent/engines#' \
-        -e 's#^\(  host:[[:space:]]*\)127\.0\.0\.1#\10.0.0.0#' \
-        /usr/share/edge-agent/configs/agent.yaml > /etc/edge-agent/agent.yaml \
- && chown root:edge-agent /etc/edge-agent/agent.yaml && chmod 0640 /etc/edge-agent/agent.yaml \
+# The container's configuration. check-config fails the build if it is not valid or a model it names is missing.
+COPY deploy/agent.yaml /etc/edge-agent/agent.yaml
+RUN chown root:edge-agent /etc/edge-agent/agent.yaml \
+ && chmod 0640 /etc/edge-agent/agent.yaml \
  && edge-agent check-config /etc/edge-agent/agent.yaml
 
 USER 10001:10001
 WORKDIR /var/lib/edge-agent
-VOLUME ["/var/lib/edge-agent"]
-# 11112: DICOM (C-STORE SCP); 9108: /metrics, /healthz, /readyz.
+# State (spool, journal, heat maps, plans) outlives the container; the config folder can be replaced whole.
+VOLUME ["/var/lib/edge-agent", "/etc/edge-agent"]
+# 11112: DICOM (C-STORE SCP); 9108: /metrics, /healthz, /readyz, /status (deploy/agent.yaml).
 EXPOSE 11112 9108
 
-# The slim image has no curl; the interpreter is there anyway. /healthz is answered by the event
-# loop, so a wedged loop fails the check. start-period covers engine loading and warm-up.
+# Healthy means ready: /readyz answers 200 only when the DICOM port is open, every engine is warm, the spool
+# is writable and inference keeps up (else 503 with the reasons, which `docker inspect` shows). The slim
+# image has no curl; the interpreter is there anyway. start-period covers engine loading and warm-up.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request as u; u.build_opener(u.ProxyHandler({})).open(os.environ['EDGE_AGENT_HEALTHZ_URL'], timeout=4)"]
+    CMD ["python", "-c", "import os, urllib.request as u; u.build_opener(u.ProxyHandler({})).open(os.environ['EDGE_AGENT_READYZ_URL'], timeout=4)"]
 
 ENTRYPOINT ["edge-agent"]
 CMD ["serve", "--config", "/etc/edge-agent/agent.yaml"]

@@ -19,6 +19,7 @@ from edge_agent.config import AgentConfig, ModelDeployment, PoolKind, Retention
 from edge_agent.dicom.header import InstanceMeta
 from edge_agent.dicom.scp import Receiver
 from edge_agent.dicom.spool import Spool
+from edge_agent.drift import Drift
 from edge_agent.errors import EdgeAgentError, EngineError, StateDirLockedError
 from edge_agent.gpu_metrics import GpuMetrics
 from edge_agent.housekeeping import Housekeeping
@@ -31,6 +32,7 @@ from edge_agent.inference.verify import DEFAULT_TOLERANCE, synthetic_inputs, ver
 from edge_agent.journal import Journal, Recorded, SeriesState
 from edge_agent.metrics import Metrics
 from edge_agent.pipeline import LoadedModel, Pipeline
+from edge_agent.status import DriftStatus, collect
 from edge_agent.systemd import Notifier
 from edge_agent.workers import WorkerPool
 
@@ -80,8 +82,14 @@ class Agent:
         self.receiver: Receiver | None = None
         self.publisher: Publisher | None = None
         self.pipeline: Pipeline | None = None
+        # Input and score drift per model (issue 10); ``drift.snapshot()`` is what /status shows.
+        self.drift: Drift | None = None
+        # What /status shows as each model's drift: a callable returning {model: {...}}, called on the loop.
+        self.drift_status: DriftStatus | None = None
         self.http: HttpServer | None = None
         self.housekeeping: Housekeeping | None = None
+        self.started_at = time.time()
+        self._started_monotonic = time.monotonic()
         self._state_dir_lock: int | None = None
         self.models: dict[str, LoadedModel] = {}
         self._engines: list[Engine] = []
@@ -143,13 +151,16 @@ class Agent:
         self.publisher = Publisher(cfg.bus, self.journal, self.metrics, on_acked=self._on_acked)
         await self.publisher.start()
         spool = self.spool
+        self.drift = Drift({name: loaded.card for name, loaded in self.models.items()}, cfg.drift, self.metrics)
+        self.drift_status = self.drift.snapshot
         self.pipeline = Pipeline(
-            cfg, self.journal, spool.path, self.metrics, self.models, self._pixel_pool, self.publisher.wake
+            cfg, self.journal, spool.path, self.metrics, self.models, self._pixel_pool, self.publisher.wake,
+            drift=self.drift,
         )
         resumed_open, resumed_complete = await self.pipeline.resume()
         if resumed_open or resumed_complete:
             logger.info("resumed %d open and %d complete series from the journal", resumed_open, resumed_complete)
-        self.http = HttpServer(cfg.http.host, cfg.http.port, self.metrics.registry, self.health, self.readiness)
+        self.http = self._http_server()
         await self.http.start()
         self.receiver = Receiver(cfg.dicom, spool, self.journal, self.metrics, self._stored_from_thread,
                                  admission=self.pipeline.admission, on_released=self._released_from_thread)
@@ -158,7 +169,7 @@ class Agent:
         self.housekeeping.update_gauges()
         ready, reasons = self.readiness()
         logger.info(
-            "edge-agent ready=%s: DICOM %s:%d AE %s, HTTP %s:%d, models %s",
+            "edge-agent ready=%s: DICOM %s:%d AE %s, HTTP %s:%d, models %s, findings %s",
             ready,
             cfg.dicom.host,
             cfg.dicom.port,
@@ -166,14 +177,14 @@ class Agent:
             cfg.http.host,
             self.http.port,
             ", ".join(self.models) or "none",
+            "pseudonymised (privacy.pseudonymise)" if cfg.privacy.pseudonymise else "with DICOM identifiers",
         )
         # READY=1 means start-up is over, whatever the readiness: a full disk at boot must not become a
         # start time-out and a restart loop. Readiness for traffic is /readyz (and the STATUS line).
         self.notifier.ready(self._status_line(ready, reasons))
 
     async def _serve_not_ready(self) -> None:
-        cfg = self.config
-        self.http = HttpServer(cfg.http.host, cfg.http.port, self.metrics.registry, self.health, self.readiness)
+        self.http = self._http_server()
         await self.http.start()
         self._spool_writable = self.spool is not None and self.spool.writable()
         if self.housekeeping is not None:
@@ -303,7 +314,19 @@ class Agent:
             return f"serving: {len(self.models)} models"
         return "not ready: " + "; ".join(reasons.get("reasons", []))
 
-    # -- health -----------------------------------------------------------------------------------
+    # -- health and status ------------------------------------------------------------------------
+
+    def _http_server(self) -> HttpServer:
+        cfg = self.config
+        return HttpServer(cfg.http.host, cfg.http.port, self.metrics.registry, self.health, self.readiness,
+                          status=self.status, heatmap_dir=cfg.state_dir / "heatmaps")
+
+    async def status(self) -> dict[str, Any]:
+        """The document GET /status answers (edge_agent/status.py)."""
+        return await collect(self)
+
+    def uptime_seconds(self) -> float:
+        return time.monotonic() - self._started_monotonic
 
     def health(self) -> tuple[bool, dict[str, Any]]:
         lag = time.monotonic() - self._last_tick

@@ -1,4 +1,4 @@
-"""The command line: serve, check-config, send, tail, build-engine, verify-engine, validate."""
+"""The command line: serve, check-config, status, send, tail, build-engine, verify-engine, validate."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edge_agent import __version__
-from edge_agent.config import DEFAULT_CONFIG_PATH, AgentConfig, ModelDeployment, check_models, load_config
+from edge_agent.config import DEFAULT_CONFIG_PATH, AgentConfig, ModelDeployment, load_config
 from edge_agent.errors import ConfigError, EdgeAgentError, ModelError, StateDirLockedError
 
 if TYPE_CHECKING:
@@ -38,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="run the daemon")
     s.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH, help="YAML config (default: %(default)s)")
+    s.add_argument("--log-format", choices=["text", "json"], default=None,
+                   help="text, or one JSON object per line for journald (default: logging.format of the config)")
 
     c = sub.add_parser("check-config", help="validate a config file and the models it names; exit 3 if invalid")
     c.add_argument("file", type=Path, nargs="?", default=DEFAULT_CONFIG_PATH)
@@ -55,13 +57,31 @@ def _parser() -> argparse.ArgumentParser:
     snd.add_argument("--called-aet", default="EDGE_AGENT")
     snd.add_argument("--calling-aet", default="EDGE_SEND")
 
+    st = sub.add_parser("status", help="ask the running daemon how it is doing (GET /status on its HTTP port)")
+    where = st.add_mutually_exclusive_group()
+    where.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH,
+                       help="the daemon's config, for its http.host and http.port (default: %(default)s)")
+    where.add_argument("--url", default=None, help="the daemon's HTTP address, e.g. http://127.0.0.1:9108")
+    st.add_argument("--json", action="store_true", help="print the status document as JSON, for scripts")
+    st.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer (default: %(default)s)")
+
     t = sub.add_parser("tail", help="print findings from the JetStream stream as they arrive (one JSON per line)")
     t.add_argument("--url", default=None, help="NATS URL (default: bus.url of --config)")
     t.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH)
-    t.add_argument("--subject", default=None, help="subject filter (default: <subject_prefix>.>)")
-    t.add_argument("--all", action="store_true", help="start from the first finding in the stream, not the next")
+    t.add_argument("--subject", default=None,
+                   help="NATS subject filter, e.g. 'edge.findings.*.CT.>' (default: <subject_prefix>.>)")
+    t.add_argument("--site", default=None, help="only this site's findings")
+    t.add_argument("--modality", default=None, help="only findings of this modality (CT, CR, ...)")
+    t.add_argument("--model", default=None, help="only this model's findings")
+    start = t.add_mutually_exclusive_group()
+    start.add_argument("--all", action="store_true", help="start from the first finding in the stream, not the next")
+    start.add_argument("--since", default=None,
+                       help="start from findings stored since a duration ago (10m, 2h, 1d) or a time "
+                            "(2026-01-31T12:00:00Z)")
     t.add_argument("--count", type=int, default=None, help="exit after this many findings")
     t.add_argument("--timeout", type=float, default=None, help="exit after this many seconds")
+    t.add_argument("--connect-timeout", type=float, default=10.0,
+                   help="give up when the NATS server cannot be reached at start for this long (default: %(default)s)")
 
     b = sub.add_parser("build-engine", help="build (or rebuild) the TensorRT plan of a model for this GPU")
     b.add_argument("model")
@@ -95,34 +115,25 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="a labels CSV column or DICOM keyword to break down by (repeatable; default: all)",
     )
+    val.add_argument(
+        "--drift-reference",
+        action="store_true",
+        help="also write the inputs' and scores' distributions into the model card as its drift_reference",
+    )
+    val.add_argument("--reference-data", default=None, help="what the data is, in words, for the drift reference")
     return p
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    # pynetdicom logs every PDU at INFO, including peer AE titles: keep it to warnings.
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+def _setup_logging(level: str, fmt: str = "text") -> None:
+    from edge_agent.logs import setup_logging
+
+    setup_logging(level, fmt)
 
 
 def _load_checked(path: Path) -> AgentConfig:
-    from edge_agent.inference.card import list_models, load_card
+    from edge_agent.configcheck import load_checked
 
-    config = load_config(path)
-    available = list_models(config.model_repository)
-    check_models(config, available)
-    problems = []
-    for name in config.model_names():
-        try:
-            load_card(config.model_repository / name)
-        except ModelError as exc:
-            problems.append((f"models.{name}", str(exc)))
-    if problems:
-        raise ConfigError(problems, str(path))
-    return config
+    return load_checked(path)
 
 
 def _load_or_report(path: Path) -> AgentConfig | None:
@@ -153,7 +164,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = _load_or_report(args.config)
     if config is None:
         return EXIT_CONFIG
-    _setup_logging(config.logging.level)
+    _setup_logging(config.logging.level, args.log_format or config.logging.format)
     # `kill -USR1 <pid>` prints every thread's stack to stderr (the journal): the first thing to ask
     # of a daemon that looks stuck.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
@@ -205,8 +216,33 @@ def cmd_send(args: argparse.Namespace) -> int:
     return EXIT_OK if report.failed == 0 else EXIT_FAILURE
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    """Exit 0 when the daemon answered (ready or not: the output says), 1 when it did not."""
+    import json
+
+    from edge_agent.status_client import StatusError, base_url, fetch_status, normalise_url, render
+
+    if args.url is not None:
+        url = normalise_url(args.url)
+    else:
+        try:
+            url = base_url(load_config(args.config).http)
+        except ConfigError as exc:
+            print(str(exc), file=sys.stderr)
+            return EXIT_CONFIG
+    try:
+        doc = fetch_status(url, args.timeout)
+    except StatusError as exc:
+        print(f"edge-agent status: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(json.dumps(doc, indent=2, sort_keys=True) if args.json else render(doc, url))
+    return EXIT_OK
+
+
 def cmd_tail(args: argparse.Namespace) -> int:
-    from edge_agent.bus.tail import tail
+    import time
+
+    from edge_agent.bus.tail import findings_subject, parse_since, tail
 
     try:
         config = load_config(args.config)
@@ -214,7 +250,17 @@ def cmd_tail(args: argparse.Namespace) -> int:
         print(str(exc), file=sys.stderr)
         return EXIT_CONFIG
     url = args.url or config.bus.url
-    subject = args.subject or f"{config.bus.subject_prefix}.>"
+    narrowed = args.site is not None or args.modality is not None or args.model is not None
+    if args.subject is not None and narrowed:
+        print("tail: give either --subject or --site/--modality/--model, not both", file=sys.stderr)
+        return EXIT_USAGE
+    subject = args.subject or findings_subject(config.bus.subject_prefix, site=args.site, modality=args.modality,
+                                               model=args.model)
+    try:
+        since = None if args.since is None else parse_since(args.since, time.time())
+    except ValueError as exc:
+        print(f"tail: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         asyncio.run(
             tail(
@@ -224,11 +270,14 @@ def cmd_tail(args: argparse.Namespace) -> int:
                 from_start=args.all,
                 max_messages=args.count,
                 timeout_seconds=args.timeout,
+                since=since,
+                notes=sys.stderr,
                 token=config.bus.token,
                 user=config.bus.user,
                 password=config.bus.password,
                 credentials_file=config.bus.credentials_file,
                 tls=config.bus.tls,
+                connect_timeout_seconds=args.connect_timeout,
             )
         )
     except KeyboardInterrupt:
@@ -334,7 +383,8 @@ def cmd_verify_engine(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from edge_agent.validate import markdown, validate
+    from edge_agent.validate.report import markdown
+    from edge_agent.validate.run import validate
 
     _setup_logging("INFO")
     model_dir = Path(args.model)
@@ -347,7 +397,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     labels = args.labels or args.data / "labels.csv"
     try:
         report = validate(
-            model_dir, args.data, labels, args.out, bootstrap=args.bootstrap, seed=args.seed, subgroups=args.subgroup
+            model_dir, args.data, labels, args.out, bootstrap=args.bootstrap, seed=args.seed, subgroups=args.subgroup,
+            drift_reference=args.drift_reference, reference_data=args.reference_data,
         )
     except EdgeAgentError as exc:
         print(f"validate: {exc}", file=sys.stderr)
@@ -362,6 +413,7 @@ COMMANDS = {
     "check-config": cmd_check_config,
     "send": cmd_send,
     "requeue-rejected": cmd_requeue_rejected,
+    "status": cmd_status,
     "tail": cmd_tail,
     "build-engine": cmd_build_engine,
     "verify-engine": cmd_verify_engine,

@@ -20,17 +20,23 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     StrictBool,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
-from edge_agent import tlsutil
+from edge_agent import privacy, tlsutil
 from edge_agent.dicom.hosts import is_host_name, parse_host_entry, peer_address
 from edge_agent.errors import ConfigError, TLSFileError
+from edge_agent.logs import LogFormat
 
-DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "agent.yaml"
+# The checkout's configs/agent.yaml when run from a clone; the box's config once installed (scripts/install).
+_CHECKOUT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "agent.yaml"
+BOX_CONFIG_PATH = Path("/etc/edge-agent/agent.yaml")
+DEFAULT_CONFIG_PATH = _CHECKOUT_CONFIG_PATH if _CHECKOUT_CONFIG_PATH.is_file() else BOX_CONFIG_PATH
 
 # Secrets come from the environment so that they never need to be written into a YAML file
 # that is world-readable or checked into configuration management.
@@ -74,8 +80,19 @@ def _check_host_entry(value: str) -> str:
 HostEntryText = Annotated[str, AfterValidator(_check_host_entry)]
 
 
+def _check_host(value: str) -> str:
+    # is_host_name refuses a last label of digits, so a mistyped address (127.0.0.1.5) is not taken for a name.
+    if peer_address(value) is None and not is_host_name(value):
+        raise ValueError(f"{value!r} is neither an IP address nor a host name")
+    return value
+
+
+# An address to listen on or connect to: an IP address (0.0.0.0 / :: for every interface) or a host name.
+HostText = Annotated[str, AfterValidator(_check_host)]
+
+
 class DicomTLSConfig(_Strict):
-    """DICOM TLS (PS3.15 B.12/B.13): TLS 1.2 or later on its own port. PEM files, absolute paths."""
+    """DICOM TLS (PS3.15 B.12/B.13): TLS 1.2 or later on its own port. PEM files (relative: to the config file)."""
 
     port: Annotated[int, Field(ge=1, le=65535)] = 2762
     cert_file: Path
@@ -88,8 +105,8 @@ class DicomTLSConfig(_Strict):
 
     @field_validator("ca_file", "cert_file", "key_file", mode="before")
     @classmethod
-    def _absolute(cls, v: Any) -> Any:
-        return _tls_path(v)
+    def _absolute(cls, v: Any, info: ValidationInfo) -> Any:
+        return _config_path(v, info)
 
     @model_validator(mode="after")
     def _loads(self) -> DicomTLSConfig:
@@ -103,7 +120,7 @@ class DicomTLSConfig(_Strict):
 
 
 class DicomConfig(_Strict):
-    host: str = "0.0.0.0"
+    host: HostText = "0.0.0.0"
     port: Annotated[int, Field(ge=1, le=65535)] = 11112
     ae_title: str = "EDGE_AGENT"
     allowed_calling_aets: list[str] = Field(default_factory=list)
@@ -181,11 +198,26 @@ class SpoolConfig(_Strict):
         return _enum_value(Retention, v)
 
 
-def _tls_path(v: Any) -> Any:
-    path = Path(v) if isinstance(v, str) else v
-    if isinstance(path, Path) and not path.is_absolute():
-        raise ValueError("must be an absolute path")
-    return path
+def resolve_config_path(v: Any, base_dir: Path | None) -> Any:
+    """A path from the config, made absolute: a relative one is relative to ``base_dir`` (the config file's
+    folder), or to the current folder for a config read from no file. Anything but a str or Path is left for
+    the field's type check.
+    """
+    if isinstance(v, str):
+        if not v.strip():
+            raise ValueError("must not be empty")
+        v = Path(v)
+    if isinstance(v, Path) and not v.is_absolute():
+        # abspath, not resolve(): '..' is folded but a symlink the operator chose is kept as written.
+        v = Path(os.path.abspath(base_dir / v if base_dir is not None else v))
+    return v
+
+
+def _config_path(v: Any, info: ValidationInfo | None = None) -> Any:
+    """resolve_config_path against the validation context's ``base_dir`` (set by load_config)."""
+    context = info.context if info is not None and isinstance(info.context, Mapping) else {}
+    base = context.get("base_dir")
+    return resolve_config_path(v, Path(base) if base is not None else None)
 
 
 def _tls_file(check: Callable[[Path], None], path: Path | None) -> Path | None:
@@ -198,7 +230,8 @@ def _tls_file(check: Callable[[Path], None], path: Path | None) -> Path | None:
 
 
 class BusTLSConfig(_Strict):
-    """TLS to the NATS server; mutual TLS when cert_file and key_file are given. PEM files, absolute paths."""
+    """TLS to the NATS server; mutual TLS when cert_file and key_file are given. PEM files (relative: to the config
+    file)."""
 
     # The CA the server's certificate must chain to; unset: the system's CA store.
     ca_file: Path | None = None
@@ -214,8 +247,8 @@ class BusTLSConfig(_Strict):
 
     @field_validator("ca_file", "cert_file", "key_file", mode="before")
     @classmethod
-    def _absolute(cls, v: Any) -> Any:
-        return _tls_path(v)
+    def _absolute(cls, v: Any, info: ValidationInfo) -> Any:
+        return _config_path(v, info)
 
     @field_validator("ca_file")
     @classmethod
@@ -269,6 +302,19 @@ class BusConfig(_Strict):
     credentials_file: str | None = None
     tls: BusTLSConfig | None = None
 
+    @field_validator("credentials_file", mode="before")
+    @classmethod
+    def _credentials_file(cls, v: Any, info: ValidationInfo) -> Any:
+        path = _config_path(v, info)
+        if not isinstance(path, Path):
+            return v
+        try:
+            with path.open("rb"):
+                pass
+        except OSError as exc:
+            raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+        return str(path)
+
     @model_validator(mode="after")
     def _republish_inside_duplicate_window(self) -> BusConfig:
         if self.republish_window_seconds > self.duplicate_window_seconds:
@@ -282,8 +328,17 @@ class BusConfig(_Strict):
     @classmethod
     def _url(cls, v: str) -> str:
         for part in v.split(","):
-            if not re.match(r"^(nats|tls|ws|wss)://[^\s/]+(:\d+)?/?$", part.strip()):
-                raise ValueError(f"{part!r} is not a NATS URL like nats://host:4222")
+            # A token or user:password in the URL stays out of the message (it is printed and logged).
+            shown = re.sub(r"//[^\s/@]*@", "//***@", part.strip())
+            found = re.match(r"^(nats|tls|ws|wss)://(?:[^\s/@]*@)?(\[[0-9A-Fa-f:.]+\]|[^\s/:@\[\]]+)(?::(\d+))?/?$",
+                             part.strip())
+            if not found:
+                raise ValueError(f"{shown!r} is not a NATS URL like nats://host:4222")
+            host, port = found.group(2).strip("[]"), found.group(3)
+            if peer_address(host) is None and not is_host_name(host):
+                raise ValueError(f"{shown!r}: {host!r} is neither an IP address nor a host name")
+            if port is not None and not 1 <= int(port) <= 65535:
+                raise ValueError(f"{shown!r}: port {port} is not between 1 and 65535")
         return v
 
     @field_validator("stream")
@@ -314,7 +369,7 @@ class BusConfig(_Strict):
 
 
 class HttpConfig(_Strict):
-    host: str = "127.0.0.1"
+    host: HostText = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 9108
 
 
@@ -382,10 +437,10 @@ class ModelDeployment(_Strict):
 
     @field_validator("calibration_dir", mode="before")
     @classmethod
-    def _calibration_dir(cls, v: Any) -> Any:
-        path = Path(v) if isinstance(v, str) else v
-        if isinstance(path, Path) and not path.is_absolute():
-            raise ValueError("must be an absolute path")
+    def _calibration_dir(cls, v: Any, info: ValidationInfo) -> Any:
+        path = _config_path(v, info)
+        if isinstance(path, Path) and not path.is_dir():
+            raise ValueError(f"{path}: no such folder")
         return path
 
 
@@ -459,6 +514,20 @@ class HeatmapConfig(_Strict):
     retain_days: Annotated[float, Field(gt=0)] = 30.0
 
 
+class DriftConfig(_Strict):
+    # Each model's inputs and scores against its card's drift_reference (edge_agent/drift.py, issue 10): the
+    # index is computed over the last window_images model inputs, once min_images of them are in.
+    enabled: StrictBool = True
+    window_images: Annotated[int, Field(ge=20, le=100_000)] = 500
+    min_images: Annotated[int, Field(ge=10)] = 200
+
+    @model_validator(mode="after")
+    def _min_within_window(self) -> DriftConfig:
+        if self.min_images > self.window_images:
+            raise ValueError(f"min_images ({self.min_images}) must not exceed window_images ({self.window_images})")
+        return self
+
+
 class JournalConfig(_Strict):
     # Housekeeping deletes the rows of released instances and series, and acknowledged findings' payloads,
     # once they are this old: the journal is an index of work in flight, not an archive.
@@ -467,6 +536,13 @@ class JournalConfig(_Strict):
 
 class LoggingConfig(_Strict):
     level: str = "INFO"
+    # text: one line for a person; json: one JSON object per line, for journald and log shippers (edge_agent/logs.py).
+    format: LogFormat = LogFormat.TEXT
+
+    @field_validator("format", mode="before")
+    @classmethod
+    def _format(cls, v: Any) -> Any:
+        return _enum_value(LogFormat, v)
 
     @field_validator("level")
     @classmethod
@@ -476,10 +552,41 @@ class LoggingConfig(_Strict):
         return v.upper()
 
 
+class PrivacyConfig(_Strict):
+    """Pseudonyms on the bus (issue 10): UIDs, accession numbers and AE titles replaced by keyed HMACs."""
+
+    pseudonymise: StrictBool = False
+    # The key: this file's bytes (readable by the service only; relative: to the config file), else the environment
+    # variable EDGE_AGENT_PRIVACY_KEY. Never a key in the YAML; at least 32 bytes (openssl rand -hex 32).
+    key_file: Path | None = None
+    _pseudonymiser: privacy.Pseudonymiser | None = PrivateAttr(default=None)
+
+    @field_validator("key_file", mode="before")
+    @classmethod
+    def _absolute(cls, v: Any, info: ValidationInfo) -> Any:
+        return _config_path(v, info)
+
+    @model_validator(mode="after")
+    def _key(self, info: ValidationInfo) -> PrivacyConfig:
+        if self.pseudonymise:
+            context = info.context if isinstance(info.context, Mapping) else {}
+            env = context.get("env", os.environ)
+            try:
+                self._pseudonymiser = privacy.Pseudonymiser(privacy.read_key(self.key_file, env))
+            except privacy.PrivacyKeyError as exc:
+                raise ValueError(str(exc)) from None
+        return self
+
+    @property
+    def pseudonymiser(self) -> privacy.Pseudonymiser | None:
+        """The keyed pseudonymiser when ``pseudonymise`` is on (its key was checked with the config), else None."""
+        return self._pseudonymiser
+
+
 class AgentConfig(_Strict):
     site: str
     state_dir: Path
-    model_repository: Path = Path("engines")
+    model_repository: Path = Field(default=Path("engines"), validate_default=True)
     dicom: DicomConfig = Field(default_factory=DicomConfig)
     spool: SpoolConfig = Field(default_factory=SpoolConfig)
     bus: BusConfig = Field(default_factory=BusConfig)
@@ -488,8 +595,10 @@ class AgentConfig(_Strict):
     models: dict[str, ModelDeployment] = Field(default_factory=dict)
     routes: list[Route] = Field(default_factory=list)
     heatmaps: HeatmapConfig = Field(default_factory=HeatmapConfig)
+    drift: DriftConfig = Field(default_factory=DriftConfig)
     journal: JournalConfig = Field(default_factory=JournalConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
 
     @field_validator("site")
     @classmethod
@@ -500,8 +609,8 @@ class AgentConfig(_Strict):
 
     @field_validator("state_dir", "model_repository", mode="before")
     @classmethod
-    def _path(cls, v: Any) -> Any:
-        return Path(v) if isinstance(v, str) else v
+    def _path(cls, v: Any, info: ValidationInfo) -> Any:
+        return _config_path(v, info)
 
     def model_names(self) -> list[str]:
         """Every model a route names, in route order, without repeats."""
@@ -578,22 +687,29 @@ def apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
     return out
 
 
-def parse_config(raw: Any, source: str = "", env: Mapping[str, str] | None = None) -> AgentConfig:
-    """Validate an already-parsed YAML document. Raises ConfigError naming every bad field."""
+def parse_config(
+    raw: Any, source: str = "", env: Mapping[str, str] | None = None, base_dir: Path | None = None
+) -> AgentConfig:
+    """Validate an already-parsed YAML document. Raises ConfigError naming every bad field.
+
+    Relative paths in it are relative to ``base_dir`` (the config file's folder), or to the current folder.
+    """
     if not isinstance(raw, dict):
         raise ConfigError([("", "the configuration must be a YAML mapping")], source)
     raw = apply_env(raw, os.environ if env is None else env)
     try:
-        config = AgentConfig.model_validate(raw)
+        # The environment reaches validators through the context (the privacy key may be EDGE_AGENT_PRIVACY_KEY).
+        config = AgentConfig.model_validate(
+            raw, context={"env": os.environ if env is None else env, "base_dir": base_dir}
+        )
     except ValidationError as exc:
         problems = [(_loc(e["loc"]), _message(e)) for e in exc.errors()]
         raise ConfigError(_unknown_key_hints(problems, raw), source) from None
     return config
 
 
-def load_config(path: Path | str, env: Mapping[str, str] | None = None) -> AgentConfig:
-    """Read and validate a YAML config file. Relative paths in it are relative to the file."""
-    path = Path(path)
+def read_config_file(path: Path) -> Any:
+    """The YAML document in ``path`` (an empty file is an empty mapping). ConfigError if unreadable or not YAML."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -604,28 +720,61 @@ def load_config(path: Path | str, env: Mapping[str, str] | None = None) -> Agent
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
         raise ConfigError([("", f"{where}not valid YAML: {getattr(exc, 'problem', exc)}")], str(path)) from None
-    config = parse_config(raw if raw is not None else {}, str(path), env)
-    base = path.resolve().parent
-    updates: dict[str, Any] = {}
-    if not config.state_dir.is_absolute():
-        updates["state_dir"] = (base / config.state_dir).resolve()
-    if not config.model_repository.is_absolute():
-        updates["model_repository"] = (base / config.model_repository).resolve()
-    return config.model_copy(update=updates) if updates else config
+    return raw if raw is not None else {}
+
+
+def config_base_dir(path: Path) -> Path:
+    """The folder relative paths in the config file ``path`` are relative to."""
+    return path.resolve().parent
+
+
+def raw_path(raw: Any, key: str, base_dir: Path) -> Path | None:
+    """A top-level path key of a raw (perhaps invalid) document, resolved as validation would; None if unusable."""
+    value = raw.get(key, AgentConfig.model_fields[key].default) if isinstance(raw, Mapping) else None
+    try:
+        path = resolve_config_path(value, base_dir)
+    except ValueError:
+        return None
+    return path if isinstance(path, Path) else None
+
+
+def load_config(path: Path | str, env: Mapping[str, str] | None = None) -> AgentConfig:
+    """Read and validate a YAML config file. Relative paths in it are relative to the file."""
+    path = Path(path)
+    return parse_config(read_config_file(path), str(path), env, base_dir=config_base_dir(path))
+
+
+def model_reference_problems(raw: Any, available: list[str]) -> list[tuple[str, str]]:
+    """Routes and model deployments that name no model of the repository, and route names used twice.
+
+    Works on the raw document too, so that these are reported beside schema errors, not after they are fixed:
+    an entry that is not a mapping, or a name that is not a string, is the schema's to report and skipped here.
+    """
+    problems = []
+    routes = raw.get("routes") if isinstance(raw, Mapping) else None
+    routes = routes if isinstance(routes, list) else []
+    seen: set[str] = set()
+    for i, route in enumerate(routes):
+        if not isinstance(route, Mapping):
+            continue
+        model = route.get("model")
+        if isinstance(model, str) and model not in available:
+            problems.append((f"routes[{i}].model", f"no model {model!r}" + _did_you_mean(model, available)))
+        name = route.get("name")
+        if isinstance(name, str):
+            if name in seen:
+                problems.append((f"routes[{i}].name", f"route name {name!r} is used twice"))
+            seen.add(name)
+    models = raw.get("models") if isinstance(raw, Mapping) else None
+    for name in models if isinstance(models, Mapping) else {}:
+        if isinstance(name, str) and name not in available:
+            problems.append((f"models.{name}", f"no model {name!r}" + _did_you_mean(name, available)))
+    return problems
 
 
 def check_models(config: AgentConfig, available: list[str]) -> None:
     """Cross-check routes and model deployments against the models in the repository."""
-    problems = []
-    for i, route in enumerate(config.routes):
-        if route.model not in available:
-            problems.append((f"routes[{i}].model", f"no model {route.model!r}" + _did_you_mean(route.model, available)))
-    for name in config.models:
-        if name not in available:
-            problems.append((f"models.{name}", f"no model {name!r}" + _did_you_mean(name, available)))
-    names = [r.name for r in config.routes]
-    for i, name in enumerate(names):
-        if name in names[:i]:
-            problems.append((f"routes[{i}].name", f"route name {name!r} is used twice"))
+    raw = {"routes": [{"name": r.name, "model": r.model} for r in config.routes], "models": dict(config.models)}
+    problems = model_reference_problems(raw, available)
     if problems:
         raise ConfigError(problems)

@@ -1,20 +1,23 @@
-"""A routed series' result as a finding: the finding's inputs and its heat-map PNG. No journal, no bus."""
+"""A routed series' result as a finding: the finding's inputs and its heat-map PNGs. No journal, no bus."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from edge_agent.bus import finding as findings
+from edge_agent.bus.pseudonym import pseudonymise
 from edge_agent.config import AgentConfig
 from edge_agent.inference.card import ModelCard
 from edge_agent.inference.preprocess import resize
 from edge_agent.metrics import Metrics
+from edge_agent.overlay import OverlayText, write_overlay
 from edge_agent.png import write_png
 from edge_agent.records import SeriesRow
 from edge_agent.series import Coverage
@@ -39,8 +42,11 @@ def finding_input(
     inferred_at: float,
     shown: LabelResult | None,
     image: str | None,
+    stage_seconds: Mapping[str, float] | None = None,
+    overlay: str | None = None,
 ) -> findings.FindingInput:
-    """Everything the finding of one series revision is made of (covered and failed instances included)."""
+    """Everything the finding of one series revision is made of (covered and failed instances included),
+    with its identifiers pseudonymised when ``privacy.pseudonymise`` is on."""
     labels = []
     for r in result.labels:
         uid, frame = slice_refs[r.index]
@@ -64,10 +70,11 @@ def finding_input(
             driving_instance_uid=uid,
             driving_frame=frame,
             image=image,
+            overlay=overlay,
         )
     card = loaded.card
     coverage = Coverage(max(row.received_count, len(covered) + len(failed)), len(covered), len(failed))
-    return findings.FindingInput(
+    inp = findings.FindingInput(
         site=config.site,
         study_instance_uid=row.study_uid,
         series_instance_uid=row.series_uid,
@@ -90,10 +97,13 @@ def finding_input(
             received_last=row.last_received,
             completed=time.time(),
             inferred=inferred_at,
+            stage_seconds=dict(stage_seconds or {}),  # see stages.py: the maximum over the series' instances
         ),
         produced_at=time.time(),
         agent_host=host,
     )
+    pseudonymiser = config.privacy.pseudonymiser
+    return inp if pseudonymiser is None else pseudonymise(inp, pseudonymiser)
 
 
 
@@ -116,6 +126,46 @@ async def store_heatmap(
         return None
     return name
 
+
+
+def overlay_name(msg_id: str) -> str:
+    """Where a finding's overlay lies, relative to the state directory."""
+    return f"heatmaps/{msg_id}.overlay.png"
+
+
+async def store_overlay(
+    config: AgentConfig,
+    metrics: Metrics,
+    run: Callable[..., Awaitable[Any]],
+    shown: LabelResult,
+    card: ModelCard,
+    msg_id: str,
+    source: Path,
+    frame: int,
+) -> str | None:
+    """Write the shown label's heat map over its driving image (``overlay.py``) beside the bare map.
+
+    The pipeline calls it once the finding is queued (the finding already names ``overlay_name``): a failure
+    is counted and logged, and the finding's overlay is then missing (404 on the daemon's HTTP port).
+
+    ``run`` runs a function in the worker pool (decoding is CPU work); ``source`` is the driving instance's
+    spool file and ``frame`` its frame. Returns the overlay's name, relative to the state directory.
+    """
+    if shown.heatmap is None:
+        return None
+    name = overlay_name(msg_id)
+    text = OverlayText(card.name + " " + card.version, shown.label, shown.score, shown.threshold)
+    box = None if shown.box is None else shown.box.fraction
+    try:
+        await run(write_overlay, config.state_dir / name, source, frame, card.preprocessing, shown.heatmap, box, text)
+    except Exception as exc:
+        # As for the bare map: the finding goes out without the picture. The error's kind only: a decoder's
+        # message could quote the file.
+        metrics.heatmap_write_errors.inc()
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        logger.warning("heat-map overlay not stored (%s); the finding goes out without it", reason)
+        return None
+    return name
 
 
 def shown_label(result: SeriesResult) -> LabelResult | None:

@@ -1,11 +1,16 @@
-"""/metrics, /healthz and /readyz on the event loop, with a minimal HTTP/1.1 server.
+"""/metrics, /healthz, /readyz, /status and /heatmaps on the event loop, with a minimal HTTP/1.1 server.
 
-No web framework: three read-only GET endpoints do not justify a dependency. Every response closes
+No web framework: a handful of read-only GET endpoints do not justify a dependency. Every response closes
 the connection (Prometheus and kubelet-style probes open one per request anyway), so there is no
 keep-alive state to get wrong. A request must arrive whole within ``read_timeout_seconds`` and fit
 in ``max_request_bytes``, so that a slow or hostile client cannot hold a connection open.
 
 Because /healthz is answered by the event loop itself, a wedged loop fails the probe.
+
+``/heatmaps/<finding_id>.png`` serves a finding's heat-map PNG (the finding's ``heatmap.url``), and
+``/heatmaps/<finding_id>.overlay.png`` the map over the image (``heatmap.overlay_url``). The name must be
+exactly 64 lower-case hex digits and one of those two endings: the file's path is built from those digits and
+a constant alone, so no request can name anything else (no dots, slashes or percent-escapes get through).
 """
 
 from __future__ import annotations
@@ -14,8 +19,10 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Callable
+import re
+from collections.abc import Awaitable, Callable
 from http import HTTPStatus
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from prometheus_client import CollectorRegistry
@@ -24,11 +31,15 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 logger = logging.getLogger(__name__)
 
 Check = Callable[[], tuple[bool, dict[str, Any]]]
+StatusSource = Callable[[], Awaitable[dict[str, Any]]]
 
 DEFAULT_READ_TIMEOUT_SECONDS = 5.0
 DEFAULT_MAX_REQUEST_BYTES = 8192
 DEFAULT_MAX_CONNECTIONS = 64
 _JSON = "application/json"
+_PNG = "image/png"
+# A finding id (a SHA-256 in hex, see bus/finding.message_id), and nothing else; with .overlay, the map on the image.
+_HEATMAP_PATH = re.compile(r"/heatmaps/([0-9a-f]{64})(\.overlay)?\.png")
 
 
 class Response(NamedTuple):
@@ -38,9 +49,10 @@ class Response(NamedTuple):
 
 
 class HttpServer:
-    """Serves GET/HEAD /metrics, /healthz and /readyz."""
+    """Serves GET/HEAD /metrics, /healthz, /readyz, and with their sources /status and /heatmaps/<id>.png."""
 
     def __init__(self, host: str, port: int, registry: CollectorRegistry, health: Check, ready: Check, *,
+                 status: StatusSource | None = None, heatmap_dir: Path | None = None,
                  read_timeout_seconds: float = DEFAULT_READ_TIMEOUT_SECONDS,
                  max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
                  max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
@@ -49,6 +61,8 @@ class HttpServer:
         self._registry = registry
         self._health = health
         self._ready = ready
+        self._status = status
+        self._heatmap_dir = heatmap_dir
         self._read_timeout_seconds = read_timeout_seconds
         self._max_request_bytes = max_request_bytes
         self._max_connections = max_connections
@@ -67,7 +81,7 @@ class HttpServer:
         self._server = await asyncio.start_server(
             self._handle, self._host, self._requested_port, limit=self._max_request_bytes
         )
-        logger.info("http: serving /metrics, /healthz, /readyz on %s:%d", self._host, self.port)
+        logger.info("http: serving /metrics, /healthz, /readyz, /status, /heatmaps on %s:%d", self._host, self.port)
 
     async def stop(self) -> None:
         """Stop listening and end the connections still open."""
@@ -118,18 +132,46 @@ class HttpServer:
         method, path = request
         if method not in ("GET", "HEAD"):
             return _error(HTTPStatus.METHOD_NOT_ALLOWED, "only GET and HEAD"), False
-        return self._route(path), method == "HEAD"
+        return await self._route(path), method == "HEAD"
 
-    def _route(self, path: str) -> Response:
+    async def _route(self, path: str) -> Response:
         if path == "/metrics":
             # Serialising a registry of a few dozen series takes well under a millisecond: no thread needed.
             return Response(HTTPStatus.OK, CONTENT_TYPE_LATEST, generate_latest(self._registry))
+        if path == "/status" and self._status is not None:
+            return await self._status_response(self._status)
+        if path.startswith("/heatmaps/"):
+            return await self._heatmap(path)
         if path not in ("/healthz", "/readyz"):
             return _error(HTTPStatus.NOT_FOUND, "not found")
         key = "healthy" if path == "/healthz" else "ready"
         ok, details = _run_check(self._health if path == "/healthz" else self._ready, key)
         body = json.dumps({**details, key: ok}, sort_keys=True, default=str).encode()
         return Response(HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE, _JSON, body)
+
+    async def _status_response(self, status: StatusSource) -> Response:
+        try:
+            doc = await status()
+        except Exception as exc:
+            logger.exception("http: building /status failed")
+            return _error(HTTPStatus.INTERNAL_SERVER_ERROR, f"status failed: {type(exc).__name__}")
+        return Response(HTTPStatus.OK, _JSON, json.dumps(doc, sort_keys=True, default=str).encode())
+
+    async def _heatmap(self, path: str) -> Response:
+        match = _HEATMAP_PATH.fullmatch(path)
+        if match is None or self._heatmap_dir is None:
+            return _error(HTTPStatus.NOT_FOUND, "not found")
+        # Built from the matched digits and a constant only (finding_maker names the files the same way).
+        file = self._heatmap_dir / (f"{match.group(1)}.overlay.png" if match.group(2) else f"{match.group(1)}.png")
+        try:
+            body = await asyncio.to_thread(file.read_bytes)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            return _error(HTTPStatus.NOT_FOUND, "no heat map for this finding (none stored, or swept after "
+                                                "heatmaps.retain_days)")
+        except OSError as exc:
+            logger.warning("http: cannot read a heat map: %s", exc.strerror or type(exc).__name__)
+            return _error(HTTPStatus.INTERNAL_SERVER_ERROR, "cannot read the heat map")
+        return Response(HTTPStatus.OK, _PNG, body)
 
     async def _respond(self, writer: asyncio.StreamWriter, response: Response, head_only: bool) -> None:
         headers = [

@@ -217,6 +217,20 @@ class Metrics:
             "Findings published again after an unclean stop (acknowledged within bus.republish_window_seconds)",
             registry=r,
         )
+        self.drift_psi = Gauge(
+            "edge_agent_model_drift_psi",
+            "Population stability index of the model's last drift.window_images inputs against its card's "
+            "drift_reference, per signal (score, input_mean, input_std, pixel_spacing, manufacturer); above 0.25 "
+            "they differ",
+            ["model", "signal"],
+            registry=r,
+        )
+        self.drift_window_images = Gauge(
+            "edge_agent_model_drift_window_images",
+            "Model inputs in the drift window (the index is exported from drift.min_images on)",
+            ["model"],
+            registry=r,
+        )
 
     def model_loaded(self, model: str) -> None:
         """Create a model's labelled series at load, for the same reason as the outcomes above."""

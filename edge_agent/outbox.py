@@ -26,6 +26,16 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
+class Backlog:
+    """What waits in the outbox and when each model's last finding went out (for ``edge-agent status``)."""
+
+    pending: int
+    rejected: int
+    oldest_pending_at: float | None  # when the oldest pending finding entered the outbox (Unix seconds)
+    last_acked_at: dict[str, float]  # model -> when its last finding was acknowledged (rows not yet pruned)
+
+
+@dataclass(frozen=True)
 class OutboxRow:
     id: int
     msg_id: str
@@ -77,6 +87,15 @@ class Outbox:
         """When the earliest backed-off pending row is due, or None when none waits."""
         row = self._j.read("SELECT MIN(next_attempt_at) FROM outbox WHERE state='pending'")
         return None if row[0][0] is None else float(row[0][0])
+
+    def backlog(self) -> Backlog:
+        """Pending and rejected counts, the oldest pending row's entry time and the last acknowledgement per model."""
+        counts = dict(self._j.read("SELECT state, COUNT(*) FROM outbox WHERE state IN ('pending', 'rejected')"
+                                   " GROUP BY state"))
+        oldest = self._j.read("SELECT MIN(created_at) FROM outbox WHERE state='pending'")[0][0]
+        acked = self._j.read("SELECT model, MAX(acked_at) FROM outbox WHERE state='acked' GROUP BY model")
+        return Backlog(int(counts.get("pending", 0)), int(counts.get("rejected", 0)),
+                       None if oldest is None else float(oldest), {str(m): float(t) for m, t in acked})
 
     def attempt_failed(self, outbox_id: int, error: str, retry_at: float = 0.0) -> None:
         with self._j.transaction("record a failed publish") as db:

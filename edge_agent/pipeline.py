@@ -21,26 +21,30 @@ import asyncio
 import logging
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from edge_agent.backpressure import Admission, Slots
 from edge_agent.bus import finding as findings
+from edge_agent.bus.pseudonym import finding_message_id
 from edge_agent.config import AgentConfig, Route
 from edge_agent.dicom.assembler import Assembler
 from edge_agent.dicom.header import InstanceMeta
+from edge_agent.drift import Drift
 from edge_agent.errors import DecodeError, EngineError
-from edge_agent.finding_maker import finding_input, shown_label, store_heatmap
+from edge_agent.finding_maker import finding_input, overlay_name, shown_label, store_heatmap, store_overlay
 from edge_agent.inference.batcher import Batcher
 from edge_agent.inference.card import ModelCard
 from edge_agent.inference.engine import SliceResult
-from edge_agent.inference.preprocess import load_instance_shaped
+from edge_agent.inference.preprocess import load_instance_prepared
 from edge_agent.journal import InstanceRow, Journal, Recorded, SeriesRow, SeriesState
+from edge_agent.logs import set_log_context
 from edge_agent.metrics import Metrics
 from edge_agent.routing import SeriesFacts, candidate_routes, match_route
 from edge_agent.series import count_says_complete, retry_delay_seconds
+from edge_agent.stages import InstanceStages, series_stage_seconds
 from edge_agent.triage import aggregate
 from edge_agent.workers import WorkerPool
 
@@ -65,6 +69,7 @@ class _InstanceWork:
 
     row: InstanceRow
     task: asyncio.Task[list[Shaped]]
+    stages: InstanceStages = field(default_factory=InstanceStages)  # filled in by the task, for the finding
 
 
 @dataclass
@@ -78,6 +83,8 @@ class _SeriesWork:
     instances: dict[int, _InstanceWork] = field(default_factory=dict)
     # instance id -> (Images in Acquisition, Acquisition Number), for the count rule
     seen: dict[int, tuple[int | None, int | None]] = field(default_factory=dict)
+    # instance id -> seconds its C-STORE took (this run's arrivals only), kept should its inference start again
+    receive_seconds: dict[int, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -102,8 +109,10 @@ class Pipeline:
         models: dict[str, LoadedModel],
         pool: WorkerPool,
         wake_publisher: Callable[[], None],
+        drift: Drift | None = None,
     ) -> None:
         self._config = config
+        self._drift = drift  # fed every inferred instance's inputs and scores (issue 10)
         self._journal = journal
         self._spool_path = spool_path
         self._metrics = metrics
@@ -173,6 +182,8 @@ class Pipeline:
             # New data after the series closed: the next revision covers the whole series. Results of the
             # instances still held carry over (same files); the earlier completion finds its revision stale.
             work.revision = recorded.revision
+        if recorded.receive_seconds is not None:
+            work.receive_seconds[recorded.instance_id] = recorded.receive_seconds
         row = InstanceRow(
             id=recorded.instance_id,
             series_id=recorded.series_id,
@@ -220,33 +231,37 @@ class Pipeline:
             old.task.cancel()  # a re-sent instance with new content replaces the earlier one
         if work.model is None:
             return
-        task = asyncio.get_running_loop().create_task(self._infer_instance(work.model, work.urgent, row.spool_name))
+        stages = InstanceStages(receive=work.receive_seconds.get(row.id))
+        task = asyncio.get_running_loop().create_task(
+            self._infer_instance(work.model, work.urgent, row.spool_name, stages)
+        )
         # The completion step gathers these results; a task dropped before that (a replaced instance, a
         # re-routed series) must not leave an unretrieved exception behind.
         task.add_done_callback(_retrieve)
         task.add_done_callback(lambda _: self._pending_changed(-1))
-        work.instances[row.id] = _InstanceWork(row, task)
+        work.instances[row.id] = _InstanceWork(row, task, stages)
         self._pending_changed(+1)
 
-    async def _infer_instance(self, model: str, urgent: bool, spool_name: str) -> list[Shaped]:
+    async def _infer_instance(self, model: str, urgent: bool, spool_name: str, stages: InstanceStages) -> list[Shaped]:
         slots = self._slots[model]
         decoded = self._metrics.decoded_instances.labels(model=model)
         # Decode only when the model has room (issue 9): until then the instance waits on the spool, as a file.
         try:
             async with slots.hold(urgent):
                 decoded.set(slots.held)
-                return await self._decode_and_infer(model, urgent, spool_name)
+                return await self._decode_and_infer(model, urgent, spool_name, stages)
         finally:
             decoded.set(slots.held)
 
-    async def _decode_and_infer(self, model: str, urgent: bool, spool_name: str) -> list[Shaped]:
+    async def _decode_and_infer(self, model: str, urgent: bool, spool_name: str,
+                                stages: InstanceStages) -> list[Shaped]:
         loaded = self._models[model]
         path = self._spool_path(spool_name)
         started = time.perf_counter()
         waiting = self._metrics.queue_depth.labels(queue="preprocess")
         waiting.inc()
         try:
-            inputs = await self._pool.run(load_instance_shaped, path, loaded.card)
+            inputs = await self._pool.run(load_instance_prepared, path, loaded.card)
         except DecodeError:
             # A re-sent instance replaces (and deletes) the file an earlier task may still be reading: only a
             # file that is still there failed to decode.
@@ -255,10 +270,15 @@ class Pipeline:
             raise
         finally:
             waiting.dec()
-        self._metrics.stage_seconds.labels(stage="preprocess").observe(time.perf_counter() - started)
-        results = await asyncio.gather(*(loaded.batcher.submit(x, urgent=urgent) for x, _ in inputs))
+        stages.preprocess = preprocess_seconds = time.perf_counter() - started
+        self._metrics.stage_seconds.labels(stage="preprocess").observe(preprocess_seconds)
+        timed = await asyncio.gather(*(loaded.batcher.submit_timed(p.tensor, urgent=urgent) for p in inputs))
+        stages.frames_inferred((q for _, q, _ in timed), (i for _, _, i in timed))
+        results = [r for r, _, _ in timed]
         self._metrics.instances.labels(outcome="inferred").inc()
-        return [(r, shape) for r, (_, shape) in zip(results, inputs, strict=True)]
+        if self._drift is not None:
+            self._drift.observe(model, inputs, results)
+        return [(r, p.source_shape) for r, p in zip(results, inputs, strict=True)]
 
     def on_released(self, series_ids: Iterable[int]) -> None:
         """Called on the loop when an association was released normally, with the series it stored into.
@@ -315,6 +335,7 @@ class Pipeline:
         task.add_done_callback(lambda _: self._completing.discard(series_id))
 
     async def _complete(self, work: _SeriesWork, revision: int) -> None:
+        set_log_context(series_id=work.series_id)  # this task's own context: every line it logs names the series
         started = time.time()
         outcome: _Outcome | None = None
         try:
@@ -382,8 +403,10 @@ class Pipeline:
         slices: list[tuple[int, SliceResult]] = []
         shapes: dict[int, tuple[int, int]] = {}
         slice_refs: list[tuple[str, int]] = []
+        slice_files: list[str] = []  # the spool file of each slice, for the heat-map overlay
         covered: list[str] = []
         failed: list[str] = []
+        covered_stages: list[InstanceStages] = []
         transient: list[tuple[int, BaseException]] = []
         for w, res in zip(ordered, done, strict=True):
             if isinstance(res, EngineError | TimeoutError | asyncio.CancelledError):
@@ -393,10 +416,12 @@ class Pipeline:
                 failed.append(w.row.sop_instance_uid)
                 continue
             covered.append(w.row.sop_instance_uid)
+            covered_stages.append(w.stages)
             for frame, (r, shape) in enumerate(res):
                 shapes[len(slice_refs)] = shape
                 slices.append((len(slice_refs), r))
                 slice_refs.append((w.row.sop_instance_uid, frame))
+                slice_files.append(w.row.spool_name)
         if transient:
             return await self._defer(work, row, transient, started)
         if not slices:
@@ -407,12 +432,19 @@ class Pipeline:
             return _Outcome(SeriesState.FAILED, row.model)
         result = aggregate(loaded.card, slices, shapes)
         self._metrics.triage.labels(model=row.model, priority=result.priority).inc()
-        msg_id = findings.message_id(row.series_uid, row.model, loaded.card.version, revision)
+        msg_id = finding_message_id(row.series_uid, row.model, loaded.card.version, revision,
+                                    self._config.privacy.pseudonymiser)
+        set_log_context(finding_id=msg_id)
         shown = shown_label(result)
         image = await store_heatmap(self._config, self._metrics, shown, loaded.card, msg_id)
+        # The overlay (a decode, two resizes and a PNG: about 0.2 s for a large radiograph) is drawn after the
+        # finding is queued, not before: the finding names it and it follows within that time.
+        draw_overlay = image is not None and shown is not None
+        overlay = overlay_name(msg_id) if draw_overlay else None
         payload = findings.build_finding(
             finding_input(self._config, self._host, row, row.route, loaded, result, slice_refs, covered, failed,
-                          inferred_at, shown, image)
+                          inferred_at, shown, image, stage_seconds=series_stage_seconds(covered_stages),
+                          overlay=overlay)
         )
         subject = findings.subject(self._config.bus.subject_prefix, self._config.site, row.modality, row.model)
         queued = await self._db(
@@ -426,7 +458,17 @@ class Pipeline:
         if failed:
             self._metrics.series.labels(outcome="partly_failed").inc()
         self._wake_publisher()
+        if draw_overlay:
+            assert shown is not None
+            self._after(store_overlay(self._config, self._metrics, self._pool.run, shown, loaded.card, msg_id,
+                                      self._spool_path(slice_files[shown.index]), slice_refs[shown.index][1]))
         return _Outcome(SeriesState.QUEUED, row.model)
+
+    def _after(self, work: Coroutine[Any, Any, Any]) -> None:
+        """Work that follows a queued finding (its overlay); drained and cancelled with the completions."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _defer(self, work: _SeriesWork, row: SeriesRow, transient: list[tuple[int, BaseException]],
                      started: float) -> _Outcome:

@@ -59,6 +59,8 @@ class Daemon:
     proc: subprocess.Popen[bytes] | None = None
     notify: socket.socket | None = None
     notes: list[str] = field(default_factory=list)
+    # The command that runs edge-agent (an installed one, say); by default this checkout's, with this Python.
+    command: tuple[str, ...] = (sys.executable, "-m", "edge_agent")
 
     @property
     def config(self) -> dict[str, Any]:
@@ -89,7 +91,7 @@ class Daemon:
         full_env = dict(os.environ, NOTIFY_SOCKET=str(sock_path), PYTHONUNBUFFERED="1", **(env or {}))
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "edge_agent", "serve", "--config", str(self.config_path)],
+            [*self.command, "serve", "--config", str(self.config_path)],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=full_env,
@@ -147,6 +149,15 @@ class Daemon:
                 return resp.status, resp.read().decode()
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read().decode()
+
+    def http_bytes(self, path: str) -> tuple[int, bytes]:
+        """GET a path on the daemon's HTTP port: the status and the body as bytes (e.g. a PNG)."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as resp:
+                return resp.status, resp.read()
+        except urllib.error.HTTPError as exc:
+            with exc:
+                return exc.code, exc.read()
 
     def metric(self, name: str, **labels: str) -> float:
         """The value of one sample in /metrics (0 if absent)."""

@@ -311,3 +311,22 @@ def test_infer_timeout_is_a_positive_per_model_setting(ort_engine: OnnxRuntimeEn
             parse_config({"models": {"ct-demo": {"infer_timeout_seconds": bad}}}, env={})
     with ThreadPoolExecutor(1) as executor, pytest.raises(ValueError, match="infer_timeout_seconds"):
         Batcher("ct-demo", CountingEngine(ort_engine), 1, 1.0, Metrics(), executor, infer_timeout_seconds=0.0)
+
+
+def test_submit_timed_gives_each_image_its_queue_wait_and_its_batch_call(ort_engine: OnnxRuntimeEngine) -> None:
+    metrics = Metrics()
+
+    async def body(batcher: Batcher, engine: CountingEngine) -> list[tuple[SliceResult, float, float]]:
+        return await asyncio.gather(*(batcher.submit_timed(image(i)) for i in range(6)))
+
+    timed, engine = run(ort_engine, body, max_batch=3, max_queue_delay_ms=200.0, metrics=metrics)
+    assert [len(c) for c in engine.calls] == [3, 3]
+    sample = metrics.registry.get_sample_value
+    # The same figures the stage histograms got (a finding's stage_seconds is built from them).
+    assert sum(q for _, q, _ in timed) == pytest.approx(sample("edge_agent_stage_duration_seconds_sum",
+                                                               {"stage": "queue"}))
+    assert sum(i for _, _, i in timed) == pytest.approx(sample("edge_agent_stage_duration_seconds_sum",
+                                                               {"stage": "infer"}))
+    # Images of one batch share its engine call.
+    assert len({i for _, _, i in timed[:3]}) == 1 and len({i for _, _, i in timed[3:]}) == 1
+    assert all(q >= 0 and i > 0 for _, q, i in timed)

@@ -22,9 +22,11 @@ from edge_agent.bus.finding import (
     build_finding,
     decode,
     encode,
+    heatmap_url,
     load_schema,
     message_id,
     rfc3339,
+    stamp_published,
     subject,
 )
 
@@ -248,3 +250,37 @@ def test_decode_refuses_non_findings(data: bytes) -> None:
 def test_rfc3339_is_utc_with_z() -> None:
     assert rfc3339(0.0) == "1970-01-01T00:00:00.000Z"
     assert rfc3339(1.2345) == "1970-01-01T00:00:01.234Z"
+
+
+def test_a_stored_heat_map_is_named_by_url_and_path(validator: jsonschema.protocols.Validator) -> None:
+    bare = build_finding(make_input())
+    assert bare["heatmap"]["image"] is None and bare["heatmap"]["url"] is None  # no PNG was stored
+    assert bare["heatmap"]["overlay_url"] is None
+    fid = message_id(SERIES, "ct-demo", "0.1.0", 0)
+    heatmap = dataclasses.replace(make_input().heatmap, image=f"heatmaps/{fid}.png",
+                                  overlay=f"heatmaps/{fid}.overlay.png")
+    f = build_finding(make_input(heatmap=heatmap))
+    validator.validate(f)
+    assert f["heatmap"]["url"] == heatmap_url(fid) == f"/heatmaps/{fid}.png"
+    assert f["heatmap"]["overlay_url"] == heatmap_url(fid, overlay=True) == f"/heatmaps/{fid}.overlay.png"
+    bad = copy.deepcopy(f)
+    bad["heatmap"]["url"] = "/heatmaps/../../journal.sqlite3"
+    with pytest.raises(jsonschema.ValidationError):
+        validator.validate(bad)
+
+
+def test_stamping_at_publish_fills_published_at_and_the_publish_stage(
+    validator: jsonschema.protocols.Validator,
+) -> None:
+    payload = encode(build_finding(make_input()))
+    sent = decode(stamp_published(payload, published_at=T0 + 9.5, queued_at=T0 + 7.25))
+    validator.validate(sent)
+    assert sent["timings"]["published_at"] == rfc3339(T0 + 9.5)
+    assert sent["timings"]["stage_seconds"] == {"preprocess": 0.05, "infer": 0.012, "publish": 2.25}
+    # Everything else is as the outbox holds it.
+    del sent["timings"]["published_at"], sent["timings"]["stage_seconds"]["publish"]
+    assert sent == decode(payload)
+    # A clock stepped back never makes a negative stage; a payload that is not a finding goes out unchanged.
+    assert decode(stamp_published(payload, T0, T0 + 1))["timings"]["stage_seconds"]["publish"] == 0.0
+    assert stamp_published(b"not json", T0, T0) == b"not json"
+    assert stamp_published(b'{"timings": 3}', T0, T0) == b'{"timings": 3}'

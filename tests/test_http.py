@@ -350,3 +350,93 @@ def test_real_prometheus_scrapes_metrics(tmp_path: Path) -> None:
             log.close()
 
     serve(body)
+
+
+# -- /heatmaps and /status (issue 10) ----------------------------------------------------------------
+
+FINDING_ID = "0123456789abcdef" * 4
+PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64
+
+
+def test_heatmaps_are_served_by_finding_id_and_nothing_else(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    heatmaps = state / "heatmaps"
+    heatmaps.mkdir(parents=True)
+    (heatmaps / f"{FINDING_ID}.png").write_bytes(PNG)
+    (heatmaps / f"{FINDING_ID}.overlay.png").write_bytes(PNG + b"overlay")
+    (state / "journal.sqlite3").write_bytes(b"SQLite format 3\x00 secret")
+    (heatmaps / "notes.png").write_bytes(b"not a finding's")
+
+    async def main() -> None:
+        server = HttpServer("127.0.0.1", 0, Metrics().registry, lambda: (True, {}), lambda: (True, {}),
+                            heatmap_dir=heatmaps)
+        await server.start()
+        base = f"http://127.0.0.1:{server.port}"
+        try:
+            code, headers, data = await afetch(f"{base}/heatmaps/{FINDING_ID}.png")
+            assert (code, headers["Content-Type"], data) == (200, "image/png", PNG)
+            code, headers, data = await afetch(f"{base}/heatmaps/{FINDING_ID}.overlay.png")
+            assert (code, data) == (200, PNG + b"overlay")
+            code, headers, data = await afetch(f"{base}/heatmaps/{FINDING_ID}.png", "HEAD")
+            assert (code, int(headers["Content-Length"]), data) == (200, len(PNG), b"")
+            code, _h, data = await afetch(f"{base}/heatmaps/{'f' * 64}.png")  # a well-formed id, not stored
+            assert code == 404 and b"no heat map for this finding" in data
+            for target in (
+                "/heatmaps/../journal.sqlite3",
+                "/heatmaps/..%2fjournal.sqlite3",
+                "/heatmaps/%2e%2e/journal.sqlite3",
+                f"/heatmaps/{FINDING_ID}.png/../../journal.sqlite3",
+                f"/heatmaps/../heatmaps/{FINDING_ID}.png",
+                f"/heatmaps//{FINDING_ID}.png",
+                f"/heatmaps/{FINDING_ID.upper()}.png",
+                f"/heatmaps/{FINDING_ID[:-1]}.png",
+                f"/heatmaps/{FINDING_ID}0.png",
+                f"/heatmaps/{FINDING_ID}.PNG",
+                f"/heatmaps/{FINDING_ID}.png%00",
+                f"/heatmaps/{FINDING_ID}.other.png",
+                "/heatmaps/notes.png",
+                "/heatmaps/",
+                "/heatmaps/" + "/".join([".."] * 8) + "/etc/passwd",
+            ):
+                out = await raw(server.port, f"GET {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                assert out.startswith(b"HTTP/1.1 404 Not Found\r\n"), target
+                assert b"SQLite" not in out and b"not a finding" not in out and b"root:" not in out
+        finally:
+            await server.stop()
+
+    asyncio.run(main())
+
+
+def test_heatmaps_without_a_folder_and_status_without_a_source_are_404() -> None:
+    async def body(server: HttpServer, _: Status, __: Metrics) -> None:
+        for path in (f"/heatmaps/{FINDING_ID}.png", "/status"):
+            code, _h, _d = await afetch(f"http://127.0.0.1:{server.port}{path}")
+            assert code == 404
+
+    serve(body)
+
+
+def test_status_serves_its_source_and_a_failing_source_is_500(caplog: pytest.LogCaptureFixture) -> None:
+    calls = []
+
+    async def status() -> dict[str, Any]:
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("journal gone")
+        return {"ready": True, "version": "x"}
+
+    async def main() -> None:
+        server = HttpServer("127.0.0.1", 0, Metrics().registry, lambda: (True, {}), lambda: (True, {}),
+                            status=status)
+        await server.start()
+        try:
+            code, headers, data = await afetch(f"http://127.0.0.1:{server.port}/status")
+            assert (code, headers["Content-Type"], json.loads(data)) == (200, "application/json",
+                                                                         {"ready": True, "version": "x"})
+            code, _h, data = await afetch(f"http://127.0.0.1:{server.port}/status")
+            assert code == 500 and json.loads(data) == {"error": "status failed: RuntimeError"}
+        finally:
+            await server.stop()
+
+    asyncio.run(main())
+    assert "building /status failed" in caplog.text

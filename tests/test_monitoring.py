@@ -35,11 +35,12 @@ EXPECTED_ALERTS = {
     "EdgeAgentFindingsRejected",
     "EdgeAgentHousekeepingErrors",
     "EdgeAgentStreamConfigMismatch",
+    "EdgeAgentModelDrift",
 }
 # Labels Prometheus adds at scrape time; every other label must be one the daemon sets.
 TARGET_LABELS = {"job", "instance"}
 # Annotations may name these and nothing else: no label can carry patient data, but say so here too.
-ANNOTATION_LABELS = {"job", "instance", "model", "outcome", "reason", "step", "setting"}
+ANNOTATION_LABELS = {"job", "instance", "model", "outcome", "reason", "step", "setting", "signal"}
 SAMPLE_SUFFIXES = {
     "counter": ("_total", "_created"),
     "histogram": ("_bucket", "_sum", "_count", "_created"),
@@ -248,5 +249,6 @@ def test_dashboard_covers_the_operator_views() -> None:
         "edge_agent_spool_bytes",
         "edge_agent_spool_free_bytes",
         "edge_agent_associations_total",
+        "edge_agent_model_drift_psi",
     ):
         assert re.search(rf"\b{name}\b", exprs), name

@@ -135,7 +135,7 @@ def test_a_series_becomes_one_finding_covering_every_instance(tmp_path: Path) ->
                 h.store(pipe, path)
             [f] = await h.wait_findings(1)
             assert (f["instances_received"], f["instances_inferred"], f["instances_failed"]) == (4, 4, 0)
-            assert f["revision"] == 0 and f["schema_version"] == "1.2"
+            assert f["revision"] == 0 and f["schema_version"] == "1.3"
             assert await pipe.drain(5.0) == 0
 
     with harness(tmp_path) as h:
@@ -326,17 +326,17 @@ def test_a_flood_past_the_bound_is_refused_waits_on_the_spool_and_is_all_inferre
     peak = 0
     lock = threading.Lock()
 
-    decode = pipeline_module.load_instance_shaped
+    decode = pipeline_module.load_instance_prepared
 
     def counting_decode(*args: Any) -> Any:
         nonlocal peak
         inputs = decode(*args)
         with lock:
-            decoded.extend(weakref.ref(x) for x, _ in inputs)
+            decoded.extend(weakref.ref(p.tensor) for p in inputs)
             peak = max(peak, sum(r() is not None for r in decoded))
         return inputs
 
-    monkeypatch.setattr(pipeline_module, "load_instance_shaped", counting_decode)
+    monkeypatch.setattr(pipeline_module, "load_instance_prepared", counting_decode)
 
     async def main(h: Harness) -> None:
         h.engine.gate = gate = threading.Event()

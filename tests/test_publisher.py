@@ -18,8 +18,9 @@ import nats
 import pytest
 from nats.js.api import DiscardPolicy, StorageType, StreamConfig
 
+from edge_agent.bus.connection import describe_error, redact
 from edge_agent.bus.finding import SCHEMA_VERSION, build_finding, decode, encode, message_id, subject
-from edge_agent.bus.publisher import Publisher, describe_error, redact, row_backoff_seconds, subject_covers
+from edge_agent.bus.publisher import Publisher, row_backoff_seconds, subject_covers
 from edge_agent.bus.tail import tail
 from edge_agent.config import BusConfig
 from edge_agent.dicom.header import InstanceMeta
@@ -718,7 +719,11 @@ def test_a_failing_on_acked_is_logged_and_publishing_goes_on(
 def test_a_credentials_file_that_cannot_work_is_refused_at_start(
     tmp_path: Path, journal: Journal, metrics: Metrics
 ) -> None:
-    cfg = bus_config("nats://127.0.0.1:4222", credentials_file=str(tmp_path / "missing.creds"))
+    # The config refuses a file it cannot read (tests/test_config_paths.py); one gone since is refused here.
+    creds = tmp_path / "gone.creds"
+    creds.write_text("creds\n")
+    cfg = bus_config("nats://127.0.0.1:4222", credentials_file=str(creds))
+    creds.unlink()
 
     async def main() -> None:
         with pytest.raises(BusError, match="credentials_file"):

@@ -59,8 +59,8 @@ def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     stub.chmod(0o755)
     unit = tmp_path / "edge-agent.service"
     text = UNIT.read_text()
-    assert "ExecStart=/usr/bin/edge-agent " in text
-    unit.write_text(text.replace("ExecStart=/usr/bin/edge-agent ", f"ExecStart={stub} "))
+    assert "ExecStart=/opt/edge-agent/venv/bin/edge-agent " in text
+    unit.write_text(text.replace("ExecStart=/opt/edge-agent/venv/bin/edge-agent ", f"ExecStart={stub} "))
     proc = subprocess.run([tool, "verify", "--man=no", str(unit)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     # Unknown or misspelt keys are only warnings ("Unknown key ..., ignoring"): none is allowed.
@@ -81,7 +81,9 @@ def test_unit_directives() -> None:
     d = directives(UNIT)
     assert d["Service.Type"] == ["notify"]
     assert d["Service.NotifyAccess"] == ["main"]
-    assert d["Service.ExecStart"] == ["/usr/bin/edge-agent serve --config /etc/edge-agent/agent.yaml"]
+    # Where scripts/install puts the code; serve checks the config itself (exit 3, not restarted).
+    assert d["Service.ExecStart"] == ["/opt/edge-agent/venv/bin/edge-agent serve --config /etc/edge-agent/agent.yaml"]
+    assert "Service.ExecStartPre" not in d  # RestartPreventExitStatus= would not cover it (see the unit)
     assert d["Service.WatchdogSec"] == ["30"]
     assert d["Service.Restart"] == ["on-failure"]
     assert d["Service.RestartPreventExitStatus"] == ["3 4"]
@@ -145,5 +147,6 @@ def test_dockerfile_matches_the_unit_and_the_config_defaults() -> None:
     assert 'ENTRYPOINT ["edge-agent"]' in text
     assert 'CMD ["serve", "--config", "/etc/edge-agent/agent.yaml"]' in text
     assert re.search(r"^USER (?!root\b|0\b)\S+", text, re.MULTILINE)
-    assert re.search(r"^HEALTHCHECK .*EDGE_AGENT_HEALTHZ_URL", text, re.MULTILINE)
-    assert f"EDGE_AGENT_HEALTHZ_URL=http://127.0.0.1:{HttpConfig().port}/healthz" in text
+    # Healthy means ready to take studies (/readyz), not merely alive.
+    assert re.search(r"^HEALTHCHECK .*EDGE_AGENT_READYZ_URL", text, re.MULTILINE)
+    assert f"EDGE_AGENT_READYZ_URL=http://127.0.0.1:{HttpConfig().port}/readyz" in text

@@ -20,14 +20,17 @@ from edge_agent.errors import ModelError
 from edge_agent.inference.card import load_card
 from edge_agent.inference.engine import create_engine
 from edge_agent.inference.preprocess import load_instance
-from edge_agent.validate import (
+from edge_agent.validate.plots import CURVE, OPERATING_POINT, RocText, roc_png
+from edge_agent.validate.report import ValidationReport, roc_text, write_reports
+from edge_agent.validate.run import validate
+from edge_agent.validate.stats import (
+    Estimate,
+    GroupReport,
     ValidationInputError,
     bootstrap_estimates,
     roc_auc,
     roc_curve,
-    roc_png,
     threshold_for_sensitivity,
-    validate,
 )
 from tests.test_recipe_smoke import run_smoke
 
@@ -115,11 +118,49 @@ def read_png(data: bytes) -> tuple[int, int, np.ndarray]:
     return width, height, raw[:, 1:].reshape(height, width, 3)
 
 
-def test_roc_png_is_a_valid_image_with_the_curve_drawn() -> None:
-    width, height, rgb = read_png(roc_png([(0.0, 0.0), (0.1, 0.8), (1.0, 1.0)], operating_point=(0.1, 0.8)))
-    assert (width, height) == (400, 400)
-    assert ((rgb == (31, 119, 180)).all(axis=-1)).sum() > 300  # the curve
-    assert ((rgb == (214, 39, 40)).all(axis=-1)).sum() > 20  # the operating point
+def ink(rgb: np.ndarray) -> np.ndarray:
+    """Where something dark (text, axes) is drawn."""
+    return np.asarray(rgb.max(axis=-1) < 100)
+
+
+def test_roc_png_is_a_valid_image_with_axes_words_curve_and_point() -> None:
+    text = RocText(title="ROC curve of m 1, label 'x'", curve="ROC curve, AUC 0.900", operating_point=("a", "b"),
+                   caption="A caption long enough to wrap onto a second line below the plot, " * 3)
+    width, height, rgb = read_png(roc_png([(0.0, 0.0), (0.1, 0.8), (1.0, 1.0)], operating_point=(0.1, 0.8), text=text))
+    assert width == 560 and height > 560
+    assert ((rgb == CURVE).all(axis=-1)).sum() > 300  # the curve (and its legend line)
+    assert ((rgb == OPERATING_POINT).all(axis=-1)).sum() > 100  # the point and its legend mark
+    left, top, side = 80, 50, 440
+    assert ink(rgb[:top]).sum() > 200  # the title
+    assert ink(rgb[top:top + side, :left - 30]).sum() > 200  # the y axis' label, bottom to top
+    assert ink(rgb[top + side + 25 : top + side + 55, left:left + side]).sum() > 200  # the x axis' label
+    assert ink(rgb[top + side + 60 :]).sum() > 500  # the caption, wrapped over several lines
+    # Without words, a plain plot still comes out.
+    assert read_png(roc_png([(0.0, 0.0), (1.0, 1.0)]))[0] == 560
+
+
+def test_the_roc_words_let_a_reader_understand_the_plot_alone(tmp_path: Path) -> None:
+    overall = GroupReport("all", "all", 100, 40, 60, Estimate(0.75, 0.6, 0.85), Estimate(0.5, 0.4, 0.6),
+                          Estimate(0.71234, 0.65, 0.77))
+    report = ValidationReport("cxr-nodule", "1.0.0-sim", "nodule", 0.288752, 100, [], overall, [],
+                              [(0.0, 0.0), (0.5, 0.75), (1.0, 1.0)], [], 1000, 1.0, statement="Not for diagnosis.")
+    words = roc_text(report)
+    assert words.title == "ROC curve of cxr-nodule 1.0.0-sim, label 'nodule'"
+    assert words.curve == "ROC curve, AUC 0.712 (95% CI 0.650-0.770)"
+    assert words.operating_point == ("card threshold 0.288752:", "sensitivity 0.750, specificity 0.500")
+    assert "100 images (40 with 'nodule', 60 without)" in words.caption
+    assert "1000 resamples" in words.caption and words.caption.endswith("Not for diagnosis.")
+    assert words.x_label == "False positive rate (1 - specificity)"
+    assert words.y_label == "True positive rate (sensitivity)"
+    assert report.operating_point == (0.5, 0.75)
+    # One class only: no curve, no point, and the caption says why.
+    lonely = ValidationReport("m", "1", "x", 0.5, 3, [], GroupReport(
+        "all", "all", 3, 0, 3, Estimate(None, None, None), Estimate(1.0, None, None), Estimate(None, None, None)
+    ), [], [], [], 10, 0.1)
+    assert lonely.operating_point is None and roc_text(lonely).operating_point == ()
+    assert "No curve" in roc_text(lonely).caption and roc_text(lonely).curve == "ROC curve (AUC n/a)"
+    write_reports(lonely, tmp_path)
+    assert read_png((tmp_path / "roc.png").read_bytes())[0] == 560
 
 
 # --- a real model over real (simulated) DICOM -------------------------------------------------------
@@ -157,7 +198,7 @@ def test_validate_reports_figures_subgroups_and_plot(smoke: Path, tmp_path: Path
     data = json.loads((out / "report.json").read_text())
     assert data["overall"]["n"] == len(rows) and data["threshold"] == report.threshold
     assert "ROC AUC" in (out / "report.md").read_text()
-    assert read_png((out / "roc.png").read_bytes())[:2] == (400, 400)
+    assert read_png((out / "roc.png").read_bytes())[0] == 560
     # No patient identifiers from the files or the CSV end up in the reports.
     for name in ("report.json", "report.md"):
         assert "SIM-PHANTOM" not in (out / name).read_text()

@@ -18,8 +18,9 @@ from typing import Any
 
 from edge_agent import __version__
 
-# 1.1: heatmap.image; 1.2: instances_received/inferred/failed and failed_instance_uids (additive changes)
-SCHEMA_VERSION = "1.2"
+# 1.1: heatmap.image; 1.2: instances_received/inferred/failed and failed_instance_uids; 1.3: pseudonymised,
+# heatmap.url, timings.stage_seconds filled (additive changes)
+SCHEMA_VERSION = "1.3"
 PRIORITIES = ("urgent", "routine")
 
 _NOT_SUBJECT_CHAR = re.compile(r"[^A-Za-z0-9_-]")
@@ -64,6 +65,8 @@ class Heatmap:
     driving_frame: int = 0
     # The heat map as a PNG, relative to the agent's state directory (model-input geometry), if stored.
     image: str | None = None
+    # The heat map over the driving image in its own geometry, stamped NOT FOR DIAGNOSTIC USE, if stored.
+    overlay: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -108,6 +111,8 @@ class FindingInput:
     agent_host: str
     failed_instance_uids: Sequence[str] = ()
     instances_received: int | None = None
+    # The identifiers above are keyed pseudonyms (edge_agent.privacy), not the DICOM values.
+    pseudonymised: bool = False
 
 
 def rfc3339(unix_seconds: float) -> str:
@@ -150,7 +155,13 @@ def _label(result: LabelResult) -> dict[str, Any]:
     }
 
 
-def _heatmap(heatmap: Heatmap | None) -> dict[str, Any] | None:
+def heatmap_url(finding_id: str, overlay: bool = False) -> str:
+    """Where the daemon's HTTP port serves a finding's heat-map PNG (http.py), as a path: ``/heatmaps/<id>.png``,
+    or the overlay on the image, ``/heatmaps/<id>.overlay.png``."""
+    return f"/heatmaps/{finding_id}{'.overlay' if overlay else ''}.png"
+
+
+def _heatmap(heatmap: Heatmap | None, finding_id: str) -> dict[str, Any] | None:
     if heatmap is None:
         return None
     box = {k: _fraction(f"heatmap {k}", getattr(heatmap, k)) for k in ("x0", "y0", "x1", "y1")}
@@ -165,6 +176,10 @@ def _heatmap(heatmap: Heatmap | None) -> dict[str, Any] | None:
         "driving_instance_uid": heatmap.driving_instance_uid,
         "driving_frame": heatmap.driving_frame,
         "image": heatmap.image,
+        "overlay": heatmap.overlay,
+        # The stored PNGs, for a subscriber: paths on the agent's HTTP address (http.host:http.port).
+        "url": heatmap_url(finding_id) if heatmap.image is not None else None,
+        "overlay_url": heatmap_url(finding_id, overlay=True) if heatmap.overlay is not None else None,
     }
 
 
@@ -204,9 +219,10 @@ def build_finding(inp: FindingInput) -> dict[str, Any]:
     received = inferred + failed if inp.instances_received is None else inp.instances_received
     if received < inferred + failed:
         raise ValueError("instances_received must count at least the instances inferred and failed")
+    finding_id = message_id(inp.series_instance_uid, inp.model.name, inp.model.version, inp.revision)
     return {
         "schema_version": SCHEMA_VERSION,
-        "finding_id": message_id(inp.series_instance_uid, inp.model.name, inp.model.version, inp.revision),
+        "finding_id": finding_id,
         "site": inp.site,
         "study_instance_uid": inp.study_instance_uid,
         "series_instance_uid": inp.series_instance_uid,
@@ -226,7 +242,7 @@ def build_finding(inp: FindingInput) -> dict[str, Any]:
         },
         "labels": [_label(r) for r in inp.labels],
         "priority": inp.priority,
-        "heatmap": _heatmap(inp.heatmap),
+        "heatmap": _heatmap(inp.heatmap, finding_id),
         "instance_count": received,
         "instances_received": received,
         "instances_inferred": inferred,
@@ -236,7 +252,29 @@ def build_finding(inp: FindingInput) -> dict[str, Any]:
         "timings": _timings(inp.timings),
         "produced_at": rfc3339(inp.produced_at),
         "agent": {"version": __version__, "host": inp.agent_host},
+        "pseudonymised": inp.pseudonymised,
     }
+
+
+def stamp_published(payload: bytes, published_at: float, queued_at: float) -> bytes:
+    """The payload as it is sent: ``timings.published_at`` and ``timings.stage_seconds.publish`` filled in.
+
+    The publish stage is the time the finding waited in the outbox, from its entry (``queued_at``) to this
+    send (``published_at``), broker outages included: the PubAck that follows cannot be in the message it
+    acknowledges. A retry is stamped again; the stream keeps the first copy it acknowledged (same Nats-Msg-Id).
+    A payload that is not a finding is returned as it is.
+    """
+    try:
+        finding = decode(payload)
+    except ValueError:
+        return payload
+    timings = finding.get("timings")
+    stages = timings.setdefault("stage_seconds", {}) if isinstance(timings, dict) else None
+    if not isinstance(timings, dict) or not isinstance(stages, dict):
+        return payload
+    timings["published_at"] = rfc3339(published_at)
+    stages["publish"] = round(max(0.0, published_at - queued_at), 6)
+    return encode(finding)
 
 
 def encode(finding: Mapping[str, Any]) -> bytes:

@@ -27,10 +27,20 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import StorageType, StreamConfig
 
-from edge_agent.bus.tls import PLAIN_SERVER_MESSAGE, connection_uses_tls, expects_tls, tls_hint, tls_options
+from edge_agent.bus.connection import (
+    cancel_and_wait,
+    check_credentials_file,
+    connect_options,
+    describe_error,
+    encrypted_as_configured,
+    server_address,
+)
+from edge_agent.bus.finding import stamp_published
+from edge_agent.bus.tls import PLAIN_SERVER_MESSAGE, tls_options
 from edge_agent.config import BusConfig
-from edge_agent.errors import BusError, JournalError
+from edge_agent.errors import JournalError
 from edge_agent.journal import Journal
+from edge_agent.logs import log_context
 from edge_agent.metrics import STREAM_SETTINGS, Metrics
 from edge_agent.outbox import OutboxRow
 
@@ -47,21 +57,6 @@ SECONDS_PER_DAY = 86_400.0
 # nats-py's close() waits for its reconnect task and writes what is buffered: a frozen broker could hold it.
 CLOSE_TIMEOUT_SECONDS = 5.0
 FORCED_CLOSE_SECONDS = 0.5
-
-_URL_USERINFO = re.compile(r"//[^/@\s]*@")
-
-
-def redact(text: str) -> str:
-    """Remove user:password@ from any URL in ``text``."""
-    return _URL_USERINFO.sub("//***@", text)
-
-
-def describe_error(exc: BaseException, tls_configured: bool = False) -> str:
-    """One line for a log: the error's type and message, with URL credentials removed, and for what looks
-    like a failed TLS handshake the setting most likely wrong (see ``tls_hint``)."""
-    text = str(exc).strip()
-    return redact(f"{type(exc).__name__}: {text}" if text else type(exc).__name__) + tls_hint(exc, tls_configured)
-
 
 def error_reason(exc: BaseException) -> str:
     """The bounded ``reason`` label of a failed publish: timeout, no_responders or error."""
@@ -95,47 +90,6 @@ def reject_reason(exc: BaseException, subject_denied: bool) -> str | None:
 def row_backoff_seconds(attempt: int, first_seconds: float, max_seconds: float = MAX_BACKOFF_SECONDS) -> float:
     """How long one outbox row waits after its ``attempt``-th failure (1 = the first)."""
     return float(min(max_seconds, first_seconds * 2.0 ** min(max(attempt - 1, 0), 30)))
-
-
-def connect_options(url: str, *, token: str | None = None, user: str | None = None, password: str | None = None,
-                    credentials_file: str | None = None) -> dict[str, Any]:
-    """Keyword arguments for ``nats.aio.client.Client.connect``: the server list and the auth."""
-    opts: dict[str, Any] = {"servers": [u.strip() for u in url.split(",")]}
-    if token is not None:
-        opts["token"] = token
-    if user is not None:
-        opts["user"] = user
-        opts["password"] = password
-    if credentials_file is not None:
-        opts["user_credentials"] = credentials_file
-    return opts
-
-
-def check_credentials_file(credentials_file: str | None) -> None:
-    """Raise BusError when a credentials file is named but can never work (unreadable, or no nkeys package)."""
-    if credentials_file is None:
-        return
-    try:
-        import nkeys  # noqa: F401  (nats-py reads .creds files with it)
-    except ImportError:
-        raise BusError("bus.credentials_file needs the 'nkeys' package (pip install 'nats-py[nkeys]')") from None
-    try:
-        with open(credentials_file, "rb"):
-            pass
-    except OSError as exc:
-        raise BusError(f"bus.credentials_file cannot be read: {exc.strerror}") from None
-
-
-async def cancel_and_wait(task: asyncio.Task[Any], retry_seconds: float = 0.1) -> None:
-    """Cancel ``task`` and wait until it has ended, cancelling again if a cancellation was lost.
-
-    On Python 3.11 ``asyncio.wait_for`` returns the result instead of raising when the awaited future
-    completes in the same loop iteration as the cancellation (CPython gh-86296, bpo-42130). nats-py
-    connects inside wait_for, so a single cancel() of a connecting task can vanish.
-    """
-    while not task.done():
-        task.cancel()
-        await asyncio.wait({task}, timeout=retry_seconds)
 
 
 def subject_covers(pattern: str, subject: str) -> bool:
@@ -351,7 +305,7 @@ class Publisher:
             return nc
 
     def _encrypted_as_configured(self, nc: NATS) -> bool:
-        return not expects_tls(self._config.url, self._config.tls) or connection_uses_tls(nc)
+        return encrypted_as_configured(nc, self._config.url, self._config.tls)
 
     async def _drop_plain_connection(self, nc: NATS) -> None:
         self._log_repeated("plain", "%s; findings wait in the outbox", PLAIN_SERVER_MESSAGE)
@@ -438,9 +392,14 @@ class Publisher:
 
     async def _publish(self, js: JetStreamContext, row: OutboxRow) -> bool:
         """One row. False only when the broker failed (a time-out, no stream, a lost connection)."""
+        with log_context(series_id=row.series_id, finding_id=row.msg_id):
+            return await self._publish_row(js, row)
+
+    async def _publish_row(self, js: JetStreamContext, row: OutboxRow) -> bool:
         outbox = self._journal.outbox
+        payload = stamp_published(row.payload, time.time(), row.created_at)
         try:
-            ack = await js.publish(row.subject, row.payload, timeout=self._config.publish_timeout_seconds,
+            ack = await js.publish(row.subject, payload, timeout=self._config.publish_timeout_seconds,
                                    headers={"Nats-Msg-Id": row.msg_id})
         except (nats.errors.Error, TimeoutError, OSError) as exc:
             reason = error_reason(exc)
@@ -521,8 +480,7 @@ class Publisher:
     # -- nats-py callbacks ------------------------------------------------------------------------
 
     def _server_name(self) -> str:
-        url = self._nc.connected_url if self._nc is not None else None
-        return f"{url.hostname}:{url.port}" if url is not None else "?"
+        return server_address(self._nc) if self._nc is not None else "?"
 
     def _log_repeated(self, key: str, msg: str, *args: object) -> None:
         """Log at WARNING the first time and then once a minute; DEBUG in between."""

@@ -87,6 +87,9 @@ class Frame:
     rescale_slope: float = 1.0
     rescale_intercept: float = 0.0
     photometric: str = "MONOCHROME2"
+    # Acquisition facts that input-drift monitoring follows (issue 10); device attributes, never patient data.
+    pixel_spacing_mm: float | None = None  # Pixel Spacing's row spacing, else Imager Pixel Spacing's
+    manufacturer: str = ""
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -154,6 +157,15 @@ def _window(src: Dataset) -> Window | None:
         return None
     function = str(src.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
     return Window(center, width, function)
+
+
+def _spacing_mm(src: Dataset, ds: Dataset) -> float | None:
+    """The row spacing in mm: Pixel Spacing (0028,0030) where it applies, else Imager Pixel Spacing (0018,1164)."""
+    for value in (src.get("PixelSpacing"), ds.get("ImagerPixelSpacing")):
+        spacing = _first(value)
+        if spacing is not None and np.isfinite(spacing) and spacing > 0:
+            return spacing
+    return None
 
 
 def _int_attr(ds: Dataset, keyword: str, default: int) -> int:
@@ -270,6 +282,7 @@ def decode_frames(path: Path) -> list[Frame]:
         stack, photometric = _frame_stack(arr, ds, frames)
         colour = photometric not in {"MONOCHROME1", "MONOCHROME2"}
         modality_lut = "ModalityLUTSequence" in ds and not colour
+        manufacturer = " ".join(str(ds.get("Manufacturer", "") or "").split())
         out: list[Frame] = []
         for i in range(frames):
             slope, intercept = 1.0, 0.0
@@ -289,7 +302,9 @@ def decode_frames(path: Path) -> list[Frame]:
             finite = np.isfinite(slope) and np.isfinite(intercept)
             if not (finite and _finite_in_modality_units(stored, slope, intercept)):
                 raise DecodeError("pixel data holds non-finite values")
-            out.append(Frame(stored, window, photometric == "MONOCHROME1", slope, intercept, photometric))
+            spacing = _spacing_mm(_frame_attr(ds, i, "PixelMeasuresSequence"), ds)
+            monochrome1 = photometric == "MONOCHROME1"
+            out.append(Frame(stored, window, monochrome1, slope, intercept, photometric, spacing, manufacturer))
     except DecodeError:
         raise
     except Exception as exc:

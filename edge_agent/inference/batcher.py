@@ -34,6 +34,9 @@ class _Item:
     x: FloatArray
     future: asyncio.Future[SliceResult]
     enqueued_at: float = field(default_factory=time.perf_counter)
+    # Set when its batch runs: the seconds it waited for the batch to start, and the batch's engine call.
+    queue_seconds: float = 0.0
+    infer_seconds: float = 0.0
 
 
 class Batcher:
@@ -121,6 +124,11 @@ class Batcher:
 
     async def submit(self, x: FloatArray, urgent: bool = False) -> SliceResult:
         """Queue one image [C, H, W]; wait for its result. EngineError if the engine fails."""
+        result, _, _ = await self.submit_timed(x, urgent)
+        return result
+
+    async def submit_timed(self, x: FloatArray, urgent: bool = False) -> tuple[SliceResult, float, float]:
+        """Like ``submit``, with the seconds the image waited in the queue and its batch's engine call took."""
         if self._stopping or not self.running:
             raise EngineError(f"{self.model}: the batcher is not running")
         if x.dtype != np.float32 or tuple(x.shape) != self.engine.input_shape:
@@ -131,7 +139,8 @@ class Batcher:
         (self._urgent if urgent else self._routine).append(item)
         self._queue_gauge.set(self.pending)
         self._wakeup.set()
-        return await item.future
+        result = await item.future
+        return result, item.queue_seconds, item.infer_seconds
 
     def _take(self) -> list[_Item]:
         items: list[_Item] = []
@@ -180,7 +189,8 @@ class Batcher:
             return
         started = time.perf_counter()
         for item in items:
-            self._stage_queue.observe(started - item.enqueued_at)
+            item.queue_seconds = started - item.enqueued_at
+            self._stage_queue.observe(item.queue_seconds)
         n = len(items)
         self._batch_hist.observe(n)
         call: asyncio.Future[EngineOutput] | None = None
@@ -218,6 +228,7 @@ class Batcher:
         self._infer_hist.observe(elapsed)
         for i, item in enumerate(items):
             self._stage_infer.observe(elapsed)
+            item.infer_seconds = elapsed
             if not item.future.done():
                 heat = None if out.heatmap is None else out.heatmap[i].copy()
                 item.future.set_result(SliceResult(out.scores[i].copy(), heat))

@@ -8,6 +8,9 @@ is refused at load instead of producing silently different findings.
 from __future__ import annotations
 
 import hashlib
+import itertools
+import math
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -142,6 +145,86 @@ class Validation(_Card):
     smallest_reliable: str | None = None
 
 
+# What input and output drift is watched by (issue 10): fixed names, safe as metric label values.
+NUMERIC_SIGNALS = ("score", "input_mean", "input_std", "pixel_spacing")
+CATEGORICAL_SIGNALS = ("manufacturer",)
+SignalName = Literal["score", "input_mean", "input_std", "pixel_spacing", "manufacturer"]
+OTHER_CATEGORY = "other"
+# Proportions are written with 6 decimals: their sum may miss 1 by a few millionths per bin.
+_SUM_TOLERANCE = 1e-3
+
+
+def _sums_to_one(proportions: list[float], missing: float = 0.0) -> None:
+    total = sum(proportions) + missing
+    if abs(total - 1.0) > _SUM_TOLERANCE:
+        raise ValueError(f"proportions must add up to 1, they add up to {total:.6f}")
+
+
+class NumericReference(_Card):
+    """A numeric signal's reference distribution: the share of images in each bin between ``edges``."""
+
+    # Bin 0 holds values below edges[0], bin i values in [edges[i-1], edges[i]), the last bin edges[-1] and up.
+    edges: Annotated[list[Float], Field(min_length=1)]
+    proportions: list[Fraction]
+    missing: Fraction = 0.0  # the share of images without a value (e.g. no Pixel Spacing)
+
+    @model_validator(mode="after")
+    def _bins(self) -> NumericReference:
+        if not all(math.isfinite(e) for e in self.edges):
+            raise ValueError("edges must be finite numbers")
+        if any(b <= a for a, b in itertools.pairwise(self.edges)):
+            raise ValueError("edges must increase strictly")
+        if len(self.proportions) != len(self.edges) + 1:
+            raise ValueError(f"{len(self.edges)} edges make {len(self.edges) + 1} bins, not {len(self.proportions)}")
+        _sums_to_one(self.proportions, self.missing)
+        return self
+
+
+class CategoricalReference(_Card):
+    """A categorical signal's reference distribution: the common values, then every other value together."""
+
+    categories: list[Annotated[str, Field(min_length=1)]]
+    proportions: list[Fraction]  # one per category, then the share of "other"
+
+    @model_validator(mode="after")
+    def _categories(self) -> CategoricalReference:
+        if len(set(self.categories)) != len(self.categories) or OTHER_CATEGORY in self.categories:
+            raise ValueError(f"categories must be distinct and must not be {OTHER_CATEGORY!r}")
+        if len(self.proportions) != len(self.categories) + 1:
+            raise ValueError(f"{len(self.categories)} categories and 'other' need {len(self.categories) + 1} "
+                             f"proportions, not {len(self.proportions)}")
+        _sums_to_one(self.proportions)
+        return self
+
+
+class DriftReference(_Card):
+    """What inputs and scores looked like on the data a model was validated on (``edge-agent validate
+    --drift-reference``); the daemon compares live traffic with it (edge_agent/drift.py)."""
+
+    data: str  # what it was computed on
+    command: str  # the command that computes it again
+    # The model file it was computed with: for any other (a card whose sha256 moved on), the daemon does not use it.
+    model_sha256: str
+    images: Annotated[int, Field(ge=1)]  # model inputs (frames) it was computed from
+    signals: Annotated[dict[SignalName, NumericReference | CategoricalReference], Field(min_length=1)]
+
+    @field_validator("model_sha256")
+    @classmethod
+    def _sha(cls, v: str) -> str:
+        if not _SHA256.match(v):
+            raise ValueError("must be 64 lower-case hex digits (the SHA-256 of model.onnx)")
+        return v
+
+    @model_validator(mode="after")
+    def _kinds(self) -> DriftReference:
+        for name, signal in self.signals.items():
+            expected = CategoricalReference if name in CATEGORICAL_SIGNALS else NumericReference
+            if not isinstance(signal, expected):
+                kind = "categorical (categories)" if expected is CategoricalReference else "numeric (edges)"
+                raise ValueError(f"signals.{name}: must be {kind}")
+        return self
+
+
 class ModelCard(_Card):
     """What a model is, what it expects, and how its outputs become findings."""
 
@@ -164,6 +247,7 @@ class ModelCard(_Card):
     statement: str | None = None  # the plain-words limit of use, e.g. "not for diagnosis"
     training_data: str | None = None
     validation: Validation | None = None
+    drift_reference: DriftReference | None = None
 
     _directory: Path = PrivateAttr(default=Path("."))
 
@@ -236,7 +320,7 @@ def _loc(loc: tuple[int | str, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in {"literal['auto']", "WindowSpec", "tuple[int, int]"}:
+        elif part in {"literal['auto']", "WindowSpec", "tuple[int, int]", "NumericReference", "CategoricalReference"}:
             continue  # pydantic's name for a union branch, not a key the author wrote
         else:
             out += ("." if out else "") + str(part)
@@ -313,3 +397,45 @@ def list_models(repository: Path) -> list[str]:
     except OSError as exc:
         raise ModelError(f"{repository}: cannot read the model repository: {exc.strerror}") from None
     return [p.name for p in entries if p.is_dir() and (p / CARD_FILE).is_file()]
+
+
+DRIFT_KEY = "drift_reference"
+
+
+def write_drift_reference(model_dir: Path, reference: dict[str, Any]) -> Path:
+    """Put ``reference`` into ``model_dir``'s card as its ``drift_reference`` section, replacing any earlier one.
+
+    The rest of the card is kept as written (comments included): the section is the card's last block. The
+    new card is validated before it replaces the old one, atomically.
+    """
+    card_path = model_dir / CARD_FILE
+    try:
+        text = card_path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ModelError(f"{card_path}: cannot read model card: {exc.strerror}") from None
+    kept = strip_drift_reference(text)
+    block = yaml.safe_dump(
+        {DRIFT_KEY: reference}, sort_keys=False, width=110, allow_unicode=False, default_flow_style=None
+    )
+    new_text = kept.rstrip("\n") + "\n" + block
+    parse_card(yaml.safe_load(new_text), str(card_path))
+    tmp = card_path.with_name(f".{CARD_FILE}.tmp")
+    try:
+        tmp.write_text(new_text, encoding="utf-8")
+        os.replace(tmp, card_path)
+    except OSError as exc:
+        raise ModelError(f"{card_path}: cannot write model card: {exc.strerror}") from None
+    return card_path
+
+
+def strip_drift_reference(text: str) -> str:
+    """A card's text without its top-level ``drift_reference`` block (the lines up to the next top-level key)."""
+    out: list[str] = []
+    skipping = False
+    for line in text.splitlines(keepends=True):
+        top_level = bool(line.strip()) and not line[0].isspace() and not line.startswith("#")
+        if top_level:
+            skipping = line.startswith(f"{DRIFT_KEY}:")
+        if not skipping:
+            out.append(line)
+    return "".join(out)

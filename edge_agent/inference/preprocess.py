@@ -269,24 +269,36 @@ def _grey_per_pixel(frame: Frame, prep: Preprocessing) -> FloatArray:
     return apply_window(frame.modality() if prep.rescale else frame.stored.astype(np.float32), window)
 
 
-def preprocess(frame: Frame, prep: Preprocessing, channels: int = 1) -> FloatArray:
-    """One frame -> the model's input [C, H, W] float32: window, invert, resize, place, normalise."""
-    place = placement(frame.shape, prep)
+def _grey(frame: Frame, prep: Preprocessing, height: int, width: int) -> npt.NDArray[np.float64]:
+    """The frame windowed to [0, 1] (and inverted, for MONOCHROME1) at ``height`` x ``width``."""
     tone = _tone(frame, prep, _extremes(frame.stored))
     grey: npt.NDArray[np.float64]
     if tone is None:
-        grey = resize(_grey_per_pixel(frame, prep), place.height, place.width).astype(np.float64)
+        grey = resize(_grey_per_pixel(frame, prep), height, width).astype(np.float64)
     elif tone.a == 0.0:
-        grey = np.full((place.height, place.width), tone.b, dtype=np.float64)
+        grey = np.full((height, width), tone.b, dtype=np.float64)
     else:
         convert = _ToFloat32.for_tone(tone)
         # The affine part on the model-sized image, and in float64, where a * x + b loses no digits.
-        grey = _resize_stored(frame.stored, convert, place.height, place.width).astype(np.float64)
+        grey = _resize_stored(frame.stored, convert, height, width).astype(np.float64)
         grey *= tone.a
         grey += tone.a * float(convert.offset) + tone.b
     np.clip(grey, 0.0, 1.0, out=grey)  # also what float rounding put a hair outside the window
     if frame.monochrome1 and prep.invert_monochrome1:
         np.subtract(1.0, grey, out=grey)
+    return grey
+
+
+def display_grey(frame: Frame, prep: Preprocessing, height: int, width: int) -> npt.NDArray[np.float64]:
+    """The frame's grey values as the model saw them (window, inversion) but not placed in the model's input:
+    the whole frame resized to ``height`` x ``width`` (the caller keeps its aspect ratio), in [0, 1]."""
+    return _grey(frame, prep, height, width)
+
+
+def preprocess(frame: Frame, prep: Preprocessing, channels: int = 1) -> FloatArray:
+    """One frame -> the model's input [C, H, W] float32: window, invert, resize, place, normalise."""
+    place = placement(frame.shape, prep)
+    grey = _grey(frame, prep, place.height, place.width)
     out_h, out_w = prep.resize
     out = np.empty((channels, out_h, out_w), dtype=np.float32)
     mean, std = np.float32(prep.normalise.mean), np.float32(prep.normalise.std)
@@ -299,14 +311,39 @@ def preprocess(frame: Frame, prep: Preprocessing, channels: int = 1) -> FloatArr
     return out
 
 
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """One frame as the model's input, with the facts input-drift monitoring compares (issue 10)."""
+
+    tensor: FloatArray
+    # The frame's (rows, columns): a letterboxed model's heat-map box is given in fractions of the image, which
+    # needs the image's own shape (issue 8, defect 12).
+    source_shape: tuple[int, int]
+    # Mean and standard deviation of the input's image region (the letterbox left out), in normalised units.
+    input_mean: float
+    input_std: float
+    pixel_spacing_mm: float | None
+    manufacturer: str
+
+
+def prepare(frame: Frame, prep: Preprocessing, channels: int = 1) -> Prepared:
+    """``preprocess`` and the input statistics of its result."""
+    tensor = preprocess(frame, prep, channels)
+    place = placement(frame.shape, prep)
+    region = tensor[0, place.top : place.top + place.height, place.left : place.left + place.width]
+    mean, std = cv2.meanStdDev(region)
+    return Prepared(
+        tensor, frame.shape, float(mean[0, 0]), float(std[0, 0]), frame.pixel_spacing_mm, frame.manufacturer
+    )
+
+
+def load_instance_prepared(path: Path, card: ModelCard) -> list[Prepared]:
+    """Decode an instance and prepare each of its frames for ``card``'s model (what a worker runs)."""
+    channels = card.input_shape[0]
+    return [prepare(frame, card.preprocessing, channels) for frame in decode_frames(path)]
+
+
 def load_instance(path: Path, card: ModelCard) -> list[FloatArray]:
     """Decode an instance and preprocess each of its frames for ``card``'s model."""
-    return [x for x, _ in load_instance_shaped(path, card)]
-
-
-def load_instance_shaped(path: Path, card: ModelCard) -> list[tuple[FloatArray, tuple[int, int]]]:
-    """Like ``load_instance``, with each frame's source (rows, columns): a letterboxed model's heat-map box
-    is given in fractions of the image, which needs the image's own shape (issue 8, defect 12)."""
     channels = card.input_shape[0]
-    return [(preprocess(frame, card.preprocessing, channels), frame.shape) for frame in decode_frames(path)]
-
+    return [preprocess(frame, card.preprocessing, channels) for frame in decode_frames(path)]

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_card import write_card
 from train import INPUT_SIZE, build_model, load_tensors, read_rows
 
-from edge_agent.validate import bootstrap_metrics, threshold_for_sensitivity
+from edge_agent.validate.stats import bootstrap_metrics, threshold_for_sensitivity
 
 OPSET = 17
 TOLERANCE = 1e-4

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Reproduce engines/cxr-nodule end to end: data -> training -> ONNX export -> validation -> controls -> card -> check.
+# Reproduce engines/cxr-nodule end to end: data -> training -> ONNX export -> validation -> controls -> card ->
+# drift reference -> check.
 #
 #   engines/cxr-nodule/recipe/run.sh                 # every stage
 #   engines/cxr-nodule/recipe/run.sh train export    # some stages, in the order given
@@ -74,6 +75,15 @@ stage_card() {
         --extra-train-patients "$EXTRA_TRAIN"
 }
 
+stage_drift() {
+    # The card's drift reference (edge-agent validate --drift-reference): the test split's inputs and scores, which
+    # the daemon compares live traffic with (README, "Watching the models"). After the card stage, which rewrites it.
+    (cd "$REPO" && $NICE "$PY_MAIN" -m edge_agent validate cxr-nodule "$BUILD/data" \
+        --labels "$BUILD/data/labels_test.csv" --out "$BUILD/drift" --drift-reference --reference-data \
+        "the simulated test split of the training recipe's data (labels_test.csv: 768 images of virtual patients never seen in training or threshold choice)" \
+        > /dev/null)
+}
+
 stage_check() {
     # The card's figures, measured again from scratch by the command the card states.
     (cd "$REPO" && $NICE "$PY_MAIN" -m edge_agent validate cxr-nodule "$BUILD/data" \
@@ -84,7 +94,7 @@ stage_check() {
 
 stages=("$@")
 if [ ${#stages[@]} -eq 0 ]; then
-    stages=(data train export validate controls card check)
+    stages=(data train export validate controls card drift check)
 fi
 for stage in "${stages[@]}"; do
     echo "== $stage ($(date -u +%H:%M:%S))"

