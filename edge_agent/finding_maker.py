@@ -163,7 +163,7 @@ async def store_overlay(
         # message could quote the file.
         metrics.heatmap_write_errors.inc()
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
-        logger.warning("heat-map overlay not stored (%s); the finding goes out without it", reason)
+        logger.warning("heat-map overlay not stored (%s); its finding has only the bare map", reason)
         return None
     return name
 

@@ -18,7 +18,10 @@ of its model is free, so that a slow engine leaves the backlog on the spool rath
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import secrets
 import socket
 import time
 from collections.abc import Callable, Coroutine, Iterable
@@ -45,7 +48,7 @@ from edge_agent.metrics import Metrics
 from edge_agent.routing import SeriesFacts, candidate_routes, match_route
 from edge_agent.series import count_says_complete, retry_delay_seconds
 from edge_agent.stages import InstanceStages, series_stage_seconds
-from edge_agent.triage import aggregate
+from edge_agent.triage import LabelResult, aggregate
 from edge_agent.workers import WorkerPool
 
 logger = logging.getLogger(__name__)
@@ -439,8 +442,10 @@ class Pipeline:
         image = await store_heatmap(self._config, self._metrics, shown, loaded.card, msg_id)
         # The overlay (a decode, two resizes and a PNG: about 0.2 s for a large radiograph) is drawn after the
         # finding is queued, not before: the finding names it and it follows within that time.
-        draw_overlay = image is not None and shown is not None
-        overlay = overlay_name(msg_id) if draw_overlay else None
+        # Once the finding is acknowledged the series' spool files may be released at any moment: the overlay
+        # reads a hard link to its driving file, made before the finding is queued (one metadata update).
+        source = self._overlay_source(slice_files[shown.index]) if image is not None and shown is not None else None
+        overlay = overlay_name(msg_id) if source is not None else None
         payload = findings.build_finding(
             finding_input(self._config, self._host, row, row.route, loaded, result, slice_refs, covered, failed,
                           inferred_at, shown, image, stage_seconds=series_stage_seconds(covered_stages),
@@ -458,11 +463,29 @@ class Pipeline:
         if failed:
             self._metrics.series.labels(outcome="partly_failed").inc()
         self._wake_publisher()
-        if draw_overlay:
+        if source is not None:
             assert shown is not None
-            self._after(store_overlay(self._config, self._metrics, self._pool.run, shown, loaded.card, msg_id,
-                                      self._spool_path(slice_files[shown.index]), slice_refs[shown.index][1]))
+            self._after(self._draw_overlay(shown, loaded.card, msg_id, source, slice_refs[shown.index][1]))
         return _Outcome(SeriesState.QUEUED, row.model)
+
+    def _overlay_source(self, spool_name: str) -> Path | None:
+        """A hard link to a spool file in the spool's tmp folder (swept at start if left), or None if none can be
+        made (the finding then names no overlay)."""
+        link = self._spool_path(f"tmp/overlay-{secrets.token_hex(12)}.dcm")
+        try:
+            os.link(self._spool_path(spool_name), link)
+        except OSError as exc:
+            self._metrics.heatmap_write_errors.inc()
+            logger.warning("heat-map overlay skipped: cannot link its image (%s)", exc.strerror)
+            return None
+        return link
+
+    async def _draw_overlay(self, shown: LabelResult, card: ModelCard, msg_id: str, source: Path, frame: int) -> None:
+        try:
+            await store_overlay(self._config, self._metrics, self._pool.run, shown, card, msg_id, source, frame)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(source)  # one metadata update, like the link
 
     def _after(self, work: Coroutine[Any, Any, Any]) -> None:
         """Work that follows a queued finding (its overlay); drained and cancelled with the completions."""

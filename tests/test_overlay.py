@@ -126,8 +126,10 @@ def test_the_finding_names_the_bare_map_and_the_overlay_and_both_are_written(tmp
                 fid = f["finding_id"]
                 assert f["heatmap"]["image"] == f"heatmaps/{fid}.png"
                 assert f["heatmap"]["overlay"] == f"heatmaps/{fid}.overlay.png"
-                # Drawn once the finding is queued, not before: it follows.
+                # Drawn once the finding is queued, not before: it follows, from a hard link to the driving
+                # slice (the series may be released meanwhile), which is removed once it is drawn.
                 await _until(lambda: (h.config.state_dir / f["heatmap"]["overlay"]).is_file())
+                await _until(lambda: not list(h.spool.tmp_dir.glob("overlay-*")))
             bare = read_png_any((h.config.state_dir / f["heatmap"]["image"]).read_bytes())
             overlay = read_png((h.config.state_dir / f["heatmap"]["overlay"]).read_bytes())
             assert bare[:2] == (256, 256)  # the model's geometry
