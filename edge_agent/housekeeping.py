@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from edge_agent.config import AgentConfig, Retention
 from edge_agent.dicom.spool import Spool
 from edge_agent.journal import Journal
+from edge_agent.logs import RepeatedLog
 from edge_agent.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ class Housekeeping:
         now = time.monotonic()
         # The start-up sweep (remove_orphans_at_start) covers the first hour.
         self._next_run = {HEATMAPS: now, ORPHANS: now + ORPHAN_SWEEP_SECONDS, PRUNE: now}
-        self._last_logged: dict[str, float] = {}
+        self._repeated = RepeatedLog(logger, REPEAT_LOG_SECONDS)
         self._unlogged: dict[str, int] = {}
         # The main loop's tick and an acknowledgement (retain_seconds 0) may both release at once.
         self._release_lock = threading.Lock()
@@ -188,13 +189,10 @@ class Housekeeping:
         self._metrics.housekeeping_errors.labels(step=step).inc()
         kind = describe_error(exc)
         self.last_errors[step] = StepError(time.time(), kind)
-        now = time.monotonic()
-        last = self._last_logged.get(step)
-        if last is not None and now - last < REPEAT_LOG_SECONDS:
+        if not self._repeated.due(step):
             self._unlogged[step] = self._unlogged.get(step, 0) + 1
             logger.debug("housekeeping step %s failed: %s", step, kind)
             return
-        self._last_logged[step] = now
         more = self._unlogged.pop(step, 0)
         logger.error(
             "housekeeping step %s failed: %s (%d more failures of this step since the last report; the daemon "

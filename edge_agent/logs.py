@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import sys
+import time
 from collections.abc import Iterator
 from contextvars import ContextVar
 from datetime import UTC, datetime
@@ -108,3 +109,25 @@ def setup_logging(level: str, fmt: LogFormat | str = LogFormat.TEXT, stream: Tex
     logging.captureWarnings(True)
     # pynetdicom logs every PDU at INFO, including peer AE titles: keep it to warnings.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+class RepeatedLog:
+    """A message that may repeat many times a minute (a flood of refusals, a broker that stays away) is logged
+    at WARNING the first time and then once per ``every_seconds`` per key; DEBUG in between."""
+
+    def __init__(self, log: logging.Logger, every_seconds: float = 60.0) -> None:
+        self._log = log
+        self.every_seconds = every_seconds
+        self.last: dict[str, float] = {}  # key -> monotonic time it was last logged at its full level
+
+    def due(self, key: str) -> bool:
+        """True (and the time noted) when ``key`` was never logged, or not for ``every_seconds``."""
+        now = time.monotonic()
+        last = self.last.get(key)
+        if last is not None and now - last < self.every_seconds:
+            return False
+        self.last[key] = now
+        return True
+
+    def warning(self, key: str, msg: str, *args: object) -> None:
+        (self._log.warning if self.due(key) else self._log.debug)(msg, *args)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import signal
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from edge_agent.journal import Journal
 from edge_agent.metrics import Metrics
 from tests.certs import CertPaths, make_certs
+from tests.daemon import Daemon, write_config
 from tests.natsutil import NatsServer
 
 
@@ -44,3 +47,21 @@ def journal(tmp_path: Path) -> Iterator[Journal]:
         yield j
     finally:
         j.close()
+
+
+@pytest.fixture
+def daemon(tmp_path: Path, nats_server: NatsServer) -> Iterator[Callable[..., Daemon]]:
+    """``daemon(**overrides)``: a daemon subprocess on the shared nats-server (not started); killed at the end."""
+    started: list[Daemon] = []
+
+    def make(**overrides: Any) -> Daemon:
+        d = Daemon(write_config(tmp_path, nats_server.url, **overrides), tmp_path)
+        started.append(d)
+        return d
+
+    yield make
+    for d in started:
+        if d.proc is not None and d.proc.poll() is None:
+            d.proc.send_signal(signal.SIGCONT)  # a test may have stopped it
+            d.kill9()
+        d.close()

@@ -22,7 +22,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit
@@ -32,7 +31,6 @@ import pytest
 import yaml
 
 from edge_agent.config import DEFAULT_CONFIG_PATH, load_config, parse_config
-from tests.daemon import Daemon, write_config
 from tests.natsutil import nats_server_binary
 from tests.netutil import free_port
 
@@ -268,22 +266,6 @@ def test_the_container_config_passes_check_config_with_the_models_as_the_image_h
 
 
 # -- the HEALTHCHECK, run for real ------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def daemon(tmp_path: Path, nats_server: Any) -> Iterator[Any]:
-    started: list[Daemon] = []
-
-    def make(**overrides: Any) -> Daemon:
-        d = Daemon(write_config(tmp_path, nats_server.url, **overrides), tmp_path)
-        started.append(d)
-        return d
-
-    yield make
-    for d in started:
-        if d.proc is not None and d.proc.poll() is None:
-            d.kill9()
-        d.close()
 
 
 def run_healthcheck(port: int) -> subprocess.CompletedProcess[str]:

@@ -17,7 +17,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 
-from tests.daemon import Daemon, read_findings, storescu, stream_count, write_config
+from tests.daemon import Daemon, read_findings, storescu, stream_count
 from tests.dicomfiles import DATA_STORE, PYDICOM_FILES, fill, tmpfs
 
 pytestmark = pytest.mark.e2e
@@ -72,22 +72,6 @@ def ct_series(src: Path, dst_dir: Path, count: int) -> tuple[str, list[Path]]:
         for i in range(count)
     ]
     return series_uid, files
-
-
-@pytest.fixture
-def daemon(tmp_path: Path, nats_server: Any) -> Any:
-    started: list[Daemon] = []
-
-    def make(**overrides: Any) -> Daemon:
-        d = Daemon(write_config(tmp_path, nats_server.url, **overrides), tmp_path)
-        started.append(d)
-        return d
-
-    yield make
-    for d in started:
-        if d.proc is not None and d.proc.poll() is None:
-            d.kill9()
-        d.close()
 
 
 def _assert_no_patient_data(text: str, *uids: str) -> None:

@@ -13,7 +13,6 @@ import base64
 import hashlib
 import hmac
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ from pydicom.uid import generate_uid
 from edge_agent.bus.finding import load_schema, message_id
 from edge_agent.bus.pseudonym import finding_message_id
 from edge_agent.privacy import KEY_ENV, Pseudonymiser
-from tests.daemon import Daemon, read_findings, storescu, write_config
+from tests.daemon import Daemon, read_findings, storescu
 from tests.dicomfiles import CT_SMALL
 
 pytestmark = pytest.mark.e2e
@@ -118,22 +117,6 @@ def raw_messages(url: str, stream: str = "EDGE_FINDINGS") -> list[dict[str, Any]
 def expected_uid(uid: str) -> str:
     digest = hmac.new(KEY.encode(), b"uid\x1f" + uid.encode(), hashlib.sha256).digest()
     return "2.25." + str(int.from_bytes(digest[:16], "big"))
-
-
-@pytest.fixture
-def daemon(tmp_path: Path, nats_server: Any) -> Iterator[Any]:
-    started: list[Daemon] = []
-
-    def make(**overrides: Any) -> Daemon:
-        d = Daemon(write_config(tmp_path, nats_server.url, **overrides), tmp_path)
-        started.append(d)
-        return d
-
-    yield make
-    for d in started:
-        if d.proc is not None and d.proc.poll() is None:
-            d.kill9()
-        d.close()
 
 
 def send_two_revisions(d: Daemon, url: str, files: list[Path]) -> list[dict[str, Any]]:

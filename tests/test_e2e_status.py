@@ -16,7 +16,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from edge_agent.bus.finding import load_schema
-from tests.daemon import REPO, Daemon, read_findings, storescu, write_config
+from tests.daemon import REPO, read_findings, storescu
 from tests.dicomfiles import DATA_STORE
 from tests.netutil import free_port
 
@@ -28,23 +28,6 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PATIENT_NAME = "Zebradottir^Quintessa"
 PATIENT_ID = "PID-7Q3X9K"
 ACCESSION = "ACC-ZX81-44"
-
-
-@pytest.fixture
-def daemon(tmp_path: Path, nats_server: Any) -> Any:
-    started: list[Daemon] = []
-
-    def make(**overrides: Any) -> Daemon:
-        d = Daemon(write_config(tmp_path, nats_server.url, **overrides), tmp_path)
-        started.append(d)
-        return d
-
-    yield make
-    for d in started:
-        if d.proc is not None and d.proc.poll() is None:
-            d.proc.send_signal(signal.SIGCONT)
-            d.kill9()
-        d.close()
 
 
 def status_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:

@@ -40,7 +40,7 @@ from edge_agent.bus.tls import PLAIN_SERVER_MESSAGE, tls_options
 from edge_agent.config import BusConfig
 from edge_agent.errors import JournalError
 from edge_agent.journal import Journal
-from edge_agent.logs import log_context
+from edge_agent.logs import RepeatedLog, log_context
 from edge_agent.metrics import STREAM_SETTINGS, Metrics
 from edge_agent.outbox import OutboxRow
 
@@ -167,7 +167,7 @@ class Publisher:
         # Set when a pass ended with nothing pending and no wake() since: what stop() waits for.
         self._flushed = asyncio.Event()
         self._stream_ready = False
-        self._last_logged: dict[str, float] = {}
+        self._repeated = RepeatedLog(logger, REPEAT_LOG_SECONDS)
         self._denied_subjects: set[str] = set()
         self._tls: dict[str, Any] = {}
 
@@ -289,7 +289,7 @@ class Publisher:
             except Exception as exc:
                 # With max_reconnect_attempts=-1 nats-py retries the first connect itself; this is for
                 # whatever it gives up on (e.g. a malformed server list): keep trying, never crash.
-                self._log_repeated("connect", "cannot connect to the NATS server (will retry): %s",
+                self._repeated.warning("connect", "cannot connect to the NATS server (will retry): %s",
                                    describe_error(exc))
                 with suppress(Exception):
                     await nc.close()
@@ -299,7 +299,7 @@ class Publisher:
                 await self._drop_plain_connection(nc)
                 await asyncio.sleep(backoff.next())
                 continue
-            self._last_logged.clear()
+            self._repeated.last.clear()
             self._metrics.broker_connected.set(1)
             logger.info("connected to the NATS server at %s", self._server_name())
             return nc
@@ -308,7 +308,7 @@ class Publisher:
         return encrypted_as_configured(nc, self._config.url, self._config.tls)
 
     async def _drop_plain_connection(self, nc: NATS) -> None:
-        self._log_repeated("plain", "%s; findings wait in the outbox", PLAIN_SERVER_MESSAGE)
+        self._repeated.warning("plain", "%s; findings wait in the outbox", PLAIN_SERVER_MESSAGE)
         self._metrics.broker_connected.set(0)
         with suppress(Exception):
             await asyncio.wait_for(nc.close(), CLOSE_TIMEOUT_SECONDS)
@@ -341,7 +341,7 @@ class Publisher:
                     return
             self._report_stream_mismatches(stream_mismatches(info.config, cfg))
         except nats.js.errors.ServiceUnavailableError as exc:
-            self._log_repeated("stream", "JetStream is not available yet for stream %s: %s", cfg.stream,
+            self._repeated.warning("stream", "JetStream is not available yet for stream %s: %s", cfg.stream,
                                describe_error(exc))
             return
         except nats.js.errors.APIError as exc:
@@ -351,7 +351,7 @@ class Publisher:
             logger.error("stream %s cannot be created or brought to the configured settings: %s; publishing "
                          "into whichever stream holds %s", cfg.stream, describe_error(exc), want_subject)
         except (nats.errors.Error, TimeoutError) as exc:
-            self._log_repeated("stream", "cannot set up stream %s (is JetStream enabled?): %s", cfg.stream,
+            self._repeated.warning("stream", "cannot set up stream %s (is JetStream enabled?): %s", cfg.stream,
                                describe_error(exc))
             return
         self._stream_ready = True
@@ -360,8 +360,8 @@ class Publisher:
         for setting in STREAM_SETTINGS:
             self._metrics.stream_config_mismatch.labels(setting=setting).set(1 if setting in mismatches else 0)
         # Once per connection: _last_logged is cleared on every connect and reconnect.
-        if mismatches and "stream_settings" not in self._last_logged:
-            self._last_logged["stream_settings"] = time.monotonic()
+        if mismatches and "stream_settings" not in self._repeated.last:
+            self._repeated.last["stream_settings"] = time.monotonic()
             logger.warning("stream %s differs from this agent's bus settings and is left as it is (edge-agent "
                            "never changes an existing stream; align the config or the stream): %s",
                            self._config.stream, "; ".join(mismatches[s] for s in STREAM_SETTINGS if s in mismatches))
@@ -414,7 +414,7 @@ class Publisher:
                 return True
             retry_at = time.time() + row_backoff_seconds(row.attempts + 1, self._config.reconnect_wait_seconds)
             await asyncio.to_thread(outbox.attempt_failed, row.id, f"{reason}: {describe_error(exc)}", retry_at)
-            self._log_repeated(f"publish:{reason}", "publishing finding %d failed (%s, attempt %d), will retry: %s",
+            self._repeated.warning(f"publish:{reason}", "publishing finding %d failed (%s, attempt %d), will retry: %s",
                                row.id, reason, row.attempts + 1, describe_error(exc))
             if reason == "no_responders":
                 # No stream answered: it may have been deleted, or the broker lost its storage.
@@ -425,9 +425,9 @@ class Publisher:
                 exc, nats.js.errors.ServiceUnavailableError
             )
         series_id = await asyncio.to_thread(outbox.ack, row.id, ack.seq)
-        self._last_logged.pop("publish:timeout", None)
-        self._last_logged.pop("publish:no_responders", None)
-        self._last_logged.pop("publish:error", None)
+        self._repeated.last.pop("publish:timeout", None)
+        self._repeated.last.pop("publish:no_responders", None)
+        self._repeated.last.pop("publish:error", None)
         if ack.duplicate:
             logger.info("finding %d was already in the stream (seq %d): a retry of an earlier publish", row.id,
                         ack.seq)
@@ -482,16 +482,6 @@ class Publisher:
     def _server_name(self) -> str:
         return server_address(self._nc) if self._nc is not None else "?"
 
-    def _log_repeated(self, key: str, msg: str, *args: object) -> None:
-        """Log at WARNING the first time and then once a minute; DEBUG in between."""
-        now = time.monotonic()
-        last = self._last_logged.get(key)
-        if last is None or now - last >= REPEAT_LOG_SECONDS:
-            self._last_logged[key] = now
-            logger.warning(msg, *args)
-        else:
-            logger.debug(msg, *args)
-
     async def _on_error(self, exc: Exception) -> None:
         denied = _PUBLISH_DENIED.search(str(exc))
         if denied is not None:
@@ -501,9 +491,9 @@ class Publisher:
         if isinstance(exc, ssl.SSLError):
             # Logged under its own key: a refused handshake also shows up as resets and broken pipes on
             # other attempts, and the warning should name the TLS reason, not whichever came first.
-            self._log_repeated("tls", "NATS TLS handshake failed: %s", describe_error(exc))
+            self._repeated.warning("tls", "NATS TLS handshake failed: %s", describe_error(exc))
             return
-        self._log_repeated("nats", "NATS connection problem: %s", describe_error(exc, self._config.tls is not None))
+        self._repeated.warning("nats", "NATS connection problem: %s", describe_error(exc, self._config.tls is not None))
 
     async def _on_disconnected(self) -> None:
         self._metrics.broker_connected.set(0)
@@ -513,7 +503,7 @@ class Publisher:
 
     async def _on_reconnected(self) -> None:
         self._metrics.broker_connected.set(1)
-        self._last_logged.clear()
+        self._repeated.last.clear()
         self._stream_ready = False  # the server may have come back with empty storage
         logger.info("reconnected to the NATS server at %s", self._server_name())
         self._wake.set()

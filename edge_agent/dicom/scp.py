@@ -74,6 +74,7 @@ from edge_agent.dicom.hosts import HostMatcher
 from edge_agent.dicom.spool import Spool
 from edge_agent.errors import EdgeAgentError
 from edge_agent.journal import Journal, Recorded
+from edge_agent.logs import RepeatedLog
 from edge_agent.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -535,7 +536,7 @@ class _Connection(asyncio.Protocol):
         if why is not None:
             self.state = _CLOSED
             self._server._count_association("refused_connection")
-            self._server._log_limited("connection", "connection refused: %s", why)
+            self._server._repeated.warning("connection", "connection refused: %s", why)
             transport.abort()
 
     def data_received(self, data: bytes) -> None:
@@ -711,7 +712,7 @@ class _Connection(asyncio.Protocol):
         why = server._check_association(self, calling)
         if why is not None:
             reason, outcome, message = why
-            server._log_limited(outcome, "association rejected: %s", message)
+            server._repeated.warning(outcome, "association rejected: %s", message)
             self._reject(reason, outcome)
             return
         self.calling_aet, self.called_aet = calling, called
@@ -805,7 +806,7 @@ class _Connection(asyncio.Protocol):
     def _answer(self, store: _Store, answer: status.Answer) -> None:
         self._server._count_instance(answer)
         if store.refused is not None:
-            self._server._log_limited(f"refused:{answer.outcome}", "instance refused with 0x%04X: %s",
+            self._server._repeated.warning(f"refused:{answer.outcome}", "instance refused with 0x%04X: %s",
                                       answer.status, store.refusal)
         self._write(response(store.context_id, 0x8001, store.message_id, answer.status, store.sop_class,
                              store.sop_instance))
@@ -865,7 +866,6 @@ class _Connection(asyncio.Protocol):
 
 # -- the receiver ----------------------------------------------------------------------------------------
 
-_LOG_REPEAT_SECONDS = 60.0
 
 
 class _NotFromTheReceiver(logging.Filter):
@@ -926,7 +926,7 @@ class Receiver:
         self._accepting = False
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = threading.Lock()
-        self._last_logged: dict[str, float] = {}
+        self._repeated = RepeatedLog(logger)  # a flood of refusals is not a flood of log lines
         self._ports: list[int] = []
 
     # -- lifecycle --
@@ -1197,13 +1197,3 @@ class Receiver:
 
     def _count_instance(self, answer: status.Answer) -> None:
         self._metrics.instances.labels(outcome=answer.outcome).inc()
-
-    def _log_limited(self, key: str, msg: str, *args: object) -> None:
-        """WARNING the first time and then once a minute; DEBUG in between (a flood is not a log flood)."""
-        now = time.monotonic()
-        last = self._last_logged.get(key)
-        if last is None or now - last >= _LOG_REPEAT_SECONDS:
-            self._last_logged[key] = now
-            logger.warning(msg, *args)
-        else:
-            logger.debug(msg, *args)

@@ -197,6 +197,12 @@ class CategoricalReference(_Card):
         return self
 
 
+
+def _check_sha256(v: str) -> str:
+    if not _SHA256.match(v):
+        raise ValueError("must be 64 lower-case hex digits (the SHA-256 of model.onnx)")
+    return v
+
 class DriftReference(_Card):
     """What inputs and scores looked like on the data a model was validated on (``edge-agent validate
     --drift-reference``); the daemon compares live traffic with it (edge_agent/drift.py)."""
@@ -211,9 +217,7 @@ class DriftReference(_Card):
     @field_validator("model_sha256")
     @classmethod
     def _sha(cls, v: str) -> str:
-        if not _SHA256.match(v):
-            raise ValueError("must be 64 lower-case hex digits (the SHA-256 of model.onnx)")
-        return v
+        return _check_sha256(v)
 
     @model_validator(mode="after")
     def _kinds(self) -> DriftReference:
@@ -268,9 +272,7 @@ class ModelCard(_Card):
     @field_validator("sha256")
     @classmethod
     def _sha(cls, v: str) -> str:
-        if not _SHA256.match(v):
-            raise ValueError("must be 64 lower-case hex digits (the SHA-256 of model.onnx)")
-        return v
+        return _check_sha256(v)
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelCard:
