@@ -18,7 +18,6 @@ from pynetdicom import AE
 from tests.daemon import Daemon, read_findings, stream_count
 from tests.dicomfiles import make_ct_series
 from tests.fault_tools import model_repository
-from tests.test_e2e import daemon  # noqa: F401  (the fixture)
 from tests.test_e2e_lifecycle import wait_log
 
 pytestmark = pytest.mark.e2e
@@ -55,7 +54,7 @@ def _send(port: int, paths: list[Path], *, abort: bool = False) -> None:
 
 
 def test_a_flood_faster_than_the_engine_is_pushed_back_then_resumes_and_nothing_is_lost(
-    daemon: Any, nats_server: Any, tmp_path: Path  # noqa: F811
+    daemon: Any, nats_server: Any, tmp_path: Path
 ) -> None:
     # An engine far slower than any receive path (two slices a second), so that the flood outruns it even on a
     # busy machine.
@@ -124,7 +123,7 @@ def test_a_flood_faster_than_the_engine_is_pushed_back_then_resumes_and_nothing_
 
 
 def test_complete_on_release_ends_the_series_at_the_release_and_an_abort_leaves_it_to_the_quiet_time(
-    daemon: Any, nats_server: Any, tmp_path: Path  # noqa: F811
+    daemon: Any, nats_server: Any, tmp_path: Path
 ) -> None:
     quiet = 60.0
     d: Daemon = daemon(**{"routes.1.quiet_seconds": quiet, "routes.1.complete_on_release": True}).start()
