@@ -21,6 +21,8 @@ Run:  .venv/bin/python bench/ingest.py                      (500 CT of 0.5 MB, 2
       .venv/bin/python bench/ingest.py --only storescp edge-nothing --reps 5 --markdown out.md
       .venv/bin/python bench/ingest.py --netns --nice -10 --edge-agent-source DIR   (as root, on a shared machine;
           DIR from 'git archive HEAD | tar -x -C DIR' pins the daemon's version while the checkout changes)
+      .venv/bin/python bench/ingest.py --only storescp edge-nothing edge-base --baseline-source DIR
+          (a change against an earlier version of edge-agent, interleaved in one run)
 """
 
 from __future__ import annotations
@@ -64,13 +66,19 @@ LABELS = {
     "orthanc": "Orthanc (fsync)",
     "edge-nothing": "edge-agent, nothing routed (receive + spool + journal)",
     "edge-ct": "edge-agent, CT routed to ct-demo (inference while receiving)",
+    "edge-base": "edge-agent from --baseline-source, nothing routed",
 }
 
 RECEIVERS = tuple(LABELS)
 
 
-def make_receiver(key: str, root: Path, edge_agent_source: Path = REPO) -> Receiver:
+def make_receiver(key: str, root: Path, edge_agent_source: Path = REPO, baseline_source: Path | None = None
+                  ) -> Receiver:
     folder, label = root / key, LABELS[key]
+    if key == "edge-base":
+        if baseline_source is None:
+            raise SystemExit("edge-base needs --baseline-source DIR")
+        return EdgeAgent(key, label, folder, "EDGE_AGENT", routed=False, source=baseline_source)
     if key.startswith("storescp"):
         return Storescp(key, label, folder, "STORESCP", fork=key == "storescp-fork")
     if key == "orthanc":
@@ -175,11 +183,11 @@ def run(args: argparse.Namespace, root: Path, stack: ExitStack) -> tuple[list[Me
                                                                          LatencyResult | None, list[str]]:
     notes: list[str] = []
     receivers: list[Receiver] = []
-    for key in args.only or RECEIVERS:
+    for key in args.only or [k for k in RECEIVERS if k != "edge-base" or args.baseline_source is not None]:
         if key == "orthanc" and not os.access(ORTHANC, os.X_OK):
             notes.append("Orthanc is not installed here (apt-get install orthanc): its row is empty")
             continue
-        r = make_receiver(key, root, args.edge_agent_source)
+        r = make_receiver(key, root, args.edge_agent_source, args.baseline_source)
         stack.callback(r.stop)
         print(f"starting {r.label} ...", flush=True)
         r.start()
@@ -284,7 +292,7 @@ def tables(results: list[Measurement], labels: dict[str, str], idle_rss: dict[st
     lines += ["", "Ratios (edge-agent / baseline; above 1 is faster for the rates, costlier for CPU and RSS):", "",
               "| edge-agent / baseline | " + " | ".join(HEADERS.values()) + " |", "|---|" + "---:|" * len(HEADERS)]
     for mine in ("edge-nothing", "edge-ct"):
-        for base in BASELINES:
+        for base in (*BASELINES, "edge-base"):
             if mine in cols and base in cols:
                 cells = [f"{a / b:.2f}x" if (a := cols[mine][c]) and (b := cols[base][c]) else "-" for c in HEADERS]
                 lines.append(f"| {labels[mine]} / {labels[base]} | " + " | ".join(cells) + " |")
@@ -371,9 +379,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--edge-agent-source", type=Path, default=REPO,
                     help="run edge-agent from this source tree (default: this checkout), e.g. a snapshot made with "
                     "'git archive HEAD | tar -x -C DIR'")
+    ap.add_argument("--baseline-source", type=Path,
+                    help="an earlier edge-agent source tree to run as the receiver edge-base, beside this one")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (logs, received files)")
     args = ap.parse_args(argv)
     args.edge_agent_source = args.edge_agent_source.resolve()
+    args.baseline_source = args.baseline_source.resolve() if args.baseline_source else None
     small = args.quick
     args.reps = args.reps or (1 if small else 3)
     args.ct = args.ct or (40 if small else 500)

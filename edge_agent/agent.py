@@ -129,7 +129,8 @@ class Agent:
         # Before anything in state_dir is opened: a second daemon must leave the running one's files alone.
         self._state_dir_lock = lock_state_dir(cfg.state_dir)
         self.journal = Journal(cfg.state_dir / "journal.sqlite3")
-        if not await asyncio.to_thread(self.journal.begin_run):
+        clean = await asyncio.to_thread(self.journal.begin_run)
+        if not clean:
             # An unclean stop (SIGKILL, power cut): the broker may have acknowledged findings it had not yet
             # written to disk. Publish those again; the stream's duplicate window drops what it kept.
             again = await asyncio.to_thread(self.journal.outbox.republish_recent, cfg.bus.republish_window_seconds)
@@ -140,6 +141,8 @@ class Agent:
         self.spool = Spool(cfg.state_dir / "spool", cfg.spool.min_free_bytes)
         self.housekeeping = Housekeeping(cfg, self.journal, self.spool, self.metrics)
         # Before the receiver starts, so that an instance being received cannot look like an orphan.
+        if not clean:
+            await asyncio.to_thread(self.housekeeping.adopt_at_start)
         self.housekeeping.remove_orphans_at_start()
         await self._load_models()
         if self.engine_problems:

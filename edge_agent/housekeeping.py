@@ -12,6 +12,7 @@ but they still lead to a patient's images).
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import threading
@@ -20,7 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from edge_agent.config import AgentConfig, Retention
+from edge_agent.dicom.header import content_sha256, read_stored_meta
 from edge_agent.dicom.spool import Spool
+from edge_agent.errors import DecodeError
 from edge_agent.journal import Journal
 from edge_agent.logs import RepeatedLog
 from edge_agent.metrics import Metrics
@@ -110,8 +113,45 @@ class Housekeeping:
         self._run(RELEASE, self._release)
 
     def remove_orphans_at_start(self) -> None:
-        """Before the receiver starts, every unreferenced spool file is one no sender was told is stored."""
+        """Before the receiver starts, every unreferenced spool file is one no sender was told is stored
+        (after an unclean stop, once ``adopt_at_start`` has recorded the files whose rows were lost)."""
         self._run(ORPHANS, lambda: self._remove_orphans(0.0))
+
+    def adopt_at_start(self) -> int:
+        """After an unclean stop, record again the stored files whose journal commit was lost; returns how many.
+
+        The receiver commits its rows without an fsync of their own (journal.py): a power cut may lose the
+        last ones, although their files were fsynced and acknowledged. Such a file is one no row knows, placed
+        after the last prune's cut-off, whose content matches the digest in its name; it is recorded as it
+        arrived, with its AE titles from its File Meta and its modification time as its arrival. A file that
+        does not match was never acknowledged (its fsync had not finished): the orphan sweep removes it. A
+        journal error here is raised: sweeping orphans without adopting first would delete acknowledged
+        instances.
+        """
+        known, cutoff = self._journal.adoption_rules()
+        adopted = unmatched = 0
+        for name in self._spool.adoptable(known, cutoff):
+            path = self._spool.path(name)
+            try:
+                digest = content_sha256(path)
+                if not Spool.name_matches(name, digest):
+                    unmatched += 1
+                    continue
+                meta = read_stored_meta(path, digest)
+                st = path.stat()
+            except (OSError, DecodeError):
+                unmatched += 1
+                continue
+            rec = self._journal.record_instances([(meta, name, st.st_size)], now=st.st_mtime)[0]
+            adopted += 1
+            for gone in (rec.spool_name if rec.identical else None, rec.replaced_spool_name):
+                if gone is not None:
+                    self._run(ORPHANS, functools.partial(self._spool.remove, gone))
+        if adopted or unmatched:
+            logger.warning("unclean stop: %d stored instance(s) whose journal rows were lost recorded again from "
+                           "the spool; %d unrecorded spool file(s) incomplete or unreadable, left for the orphan "
+                           "sweep", adopted, unmatched)
+        return adopted
 
     # -- the steps --------------------------------------------------------------------------------
 
@@ -159,6 +199,8 @@ class Housekeeping:
                 self._failed(ORPHANS, exc)
             else:
                 removed += 1
+        # Replaced files are named in dead_files until their deletion is seen (journal.py).
+        self._journal.forget_dead([n for n in self._journal.dead_spool_names() if not self._spool.path(n).exists()])
         if removed:
             logger.info("removed %d spool files that no journal row references", removed)
 

@@ -8,8 +8,13 @@ to the state it reads, so that a SIGKILL at any point leaves a state the next st
 
 The journal is used from pynetdicom's association threads (a Success is answered only after the
 instance's row is committed) and, through ``asyncio.to_thread``, from the event loop; one lock
-serialises the connection. ``synchronous=FULL`` because a commit here stands behind a DICOM Success:
-with NORMAL, WAL mode may lose the last transactions on power loss (not on a process crash).
+serialises the connection. ``synchronous=FULL`` for every transaction but the receiver's: with NORMAL,
+WAL mode may lose the last transactions on power loss (not on a process crash). The receiver records its
+instances with NORMAL (``record_instances(durable=False)``): there the spool file is the record of truth. Its
+data and name are fsynced before the Success, its name carries a digest of its content, and after an unclean
+stop ``Spool.adoptable`` finds the files whose rows were lost and the daemon records them again. For that,
+the journal remembers which unreferenced files are dead (``dead_files``: replaced content whose deletion may
+not have happened) and the cut-off of its last prune (a released row pruned away no longer names its file).
 """
 
 from __future__ import annotations
@@ -75,8 +80,10 @@ class Journal:
             self._db.close()
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def _tx(self, durable: bool = True) -> Iterator[sqlite3.Connection]:
         with self._lock:
+            if not durable:
+                self._db.execute("PRAGMA synchronous=NORMAL")
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 yield self._db
@@ -85,12 +92,19 @@ class Journal:
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
                 raise
+            finally:
+                if not durable:
+                    # Every other commit is FULL; one fsyncs the WAL, and with it the NORMAL commits before it.
+                    self._db.execute("PRAGMA synchronous=FULL")
 
     @contextmanager
-    def transaction(self, what: str) -> Iterator[sqlite3.Connection]:
-        """One write transaction; a SQLite failure becomes a JournalError naming ``what``."""
+    def transaction(self, what: str, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """One write transaction; a SQLite failure becomes a JournalError naming ``what``.
+
+        ``durable=False`` commits without fsyncing the WAL (see the module docstring for who may).
+        """
         try:
-            with self._tx() as db:
+            with self._tx(durable) as db:
                 yield db
         except sqlite3.Error as exc:
             raise JournalError(f"journal: cannot {what}: {exc}") from exc
@@ -116,14 +130,15 @@ class Journal:
             return self._record(db, meta, spool_name, size_bytes, now)
 
     def record_instances(
-        self, stored: Sequence[tuple[InstanceMeta, str, int]], now: float | None = None
+        self, stored: Sequence[tuple[InstanceMeta, str, int]], now: float | None = None, *, durable: bool = True
     ) -> list[Recorded]:
         """``record_instance`` for each ``(meta, spool_name, size_bytes)``, all in one transaction (one commit).
 
-        The receiver groups the instances that finished arriving together, across associations.
+        The receiver groups the instances that finished arriving together, across associations, and commits
+        them with ``durable=False``: its spool files are durable and adoptable (see the module docstring).
         """
         now = time.time() if now is None else now
-        with self.transaction("record instances") as db:
+        with self.transaction("record instances", durable) as db:
             return [self._record(db, meta, name, size, now) for meta, name, size in stored]
 
     def _record(self, db: sqlite3.Connection, meta: InstanceMeta, spool_name: str, size_bytes: int,
@@ -174,6 +189,9 @@ class Journal:
         replaced = None
         if old is not None:
             replaced = None if int(old[2]) else str(old[1])
+            if replaced is not None:
+                # Its file is deleted after this commit; until then (or if that fails) it must not be adopted.
+                db.execute("INSERT OR IGNORE INTO dead_files(spool_name) VALUES(?)", (replaced,))
             db.execute(
                 "UPDATE instances SET sop_class_uid=?, transfer_syntax_uid=?, instance_number=?, spool_name=?,"
                 " size_bytes=?, received_at=?, content_sha256=?, expected_count=?, acquisition_number=?,"
@@ -371,6 +389,12 @@ class Journal:
         after an unclean stop may need them (``outbox.py``), then pruned. Rejected findings are kept.
         """
         with self.transaction("prune") as db:
+            # Files older than this may belong to rows pruned here: never adopt them (``adoption_rules``).
+            db.execute(
+                "INSERT INTO meta(key, value) VALUES('prune_cutoff', ?) ON CONFLICT(key)"
+                " DO UPDATE SET value=MAX(CAST(value AS REAL), excluded.value)",
+                (older_than,),
+            )
             outbox = db.execute("DELETE FROM outbox WHERE state='acked' AND acked_at < ?", (older_than,)).rowcount
             instances = db.execute(
                 "DELETE FROM instances WHERE released=1 AND released_at < ?", (older_than,)
@@ -402,6 +426,23 @@ class Journal:
 
     def referenced_spool_names(self) -> set[str]:
         return {str(r[0]) for r in self.read("SELECT spool_name FROM instances WHERE released=0")}
+
+    def adoption_rules(self) -> tuple[set[str], float | None]:
+        """What adoption must leave alone: every spool name a row knows (held, released, or dead), and the
+        last prune's cut-off (a file placed before it may be one whose released row was pruned)."""
+        known = {str(r[0]) for r in
+                 self.read("SELECT spool_name FROM instances UNION SELECT spool_name FROM dead_files")}
+        row = self.read("SELECT value FROM meta WHERE key='prune_cutoff'")
+        return known, (float(row[0][0]) if row else None)
+
+    def dead_spool_names(self) -> list[str]:
+        return [str(r[0]) for r in self.read("SELECT spool_name FROM dead_files")]
+
+    def forget_dead(self, names: Sequence[str]) -> None:
+        """Drop dead files' names once their files are gone."""
+        if names:
+            with self.transaction("forget deleted files") as db:
+                db.executemany("DELETE FROM dead_files WHERE spool_name=?", [(n,) for n in names])
 
     # -- clean and unclean stops ------------------------------------------------------------------
 

@@ -50,6 +50,8 @@ CREATE TABLE IF NOT EXISTS instances(
     released_at REAL,
     UNIQUE(series_id, sop_instance_uid)
 );
+-- Replaced spool files, named here in the transaction that replaced them, until their deletion is seen.
+CREATE TABLE IF NOT EXISTS dead_files(spool_name TEXT PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS jobs(
     id INTEGER PRIMARY KEY,
     series_id INTEGER NOT NULL REFERENCES series(id),

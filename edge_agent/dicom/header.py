@@ -110,19 +110,35 @@ def content_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_meta(path: Path, calling_aet: str, called_aet: str, content_sha: str | None = None) -> InstanceMeta:
-    """Read an instance's header (pixel data is not read). Raises DecodeError without patient data."""
+def _read_header(path: Path) -> Dataset:
     try:
-        ds = dcmread(path, stop_before_pixels=True)
+        return dcmread(path, stop_before_pixels=True)
     except InvalidDicomError:
         raise DecodeError("not a DICOM Part 10 file") from None
     except Exception as exc:
         # pydicom's messages may quote element values; only the exception type is safe to repeat.
         raise DecodeError(f"unreadable DICOM header ({type(exc).__name__})") from None
+
+
+def read_meta(path: Path, calling_aet: str, called_aet: str, content_sha: str | None = None) -> InstanceMeta:
+    """Read an instance's header (pixel data is not read). Raises DecodeError without patient data."""
+    ds = _read_header(path)
     file_meta = getattr(ds, "file_meta", None)
     syntax = _text(file_meta, "TransferSyntaxUID") if file_meta is not None else ""
     return meta_from_dataset(ds, syntax, calling_aet, called_aet,
                              content_sha if content_sha is not None else content_sha256(path))
+
+
+def read_stored_meta(path: Path, content_sha: str) -> InstanceMeta:
+    """``read_meta`` of a file the receiver wrote: the AE titles come from its File Meta (Source and Receiving
+    Application Entity Title), as the association gave them."""
+    ds = _read_header(path)
+    file_meta = getattr(ds, "file_meta", None)
+    if file_meta is None:
+        raise DecodeError("no File Meta group")
+    return meta_from_dataset(ds, _text(file_meta, "TransferSyntaxUID"),
+                             _text(file_meta, "SourceApplicationEntityTitle"),
+                             _text(file_meta, "ReceivingApplicationEntityTitle"), content_sha)
 
 
 # The last element meta_from_dataset reads: a dataset read up to a later tag holds everything it needs.

@@ -9,7 +9,9 @@ so memory per association is bounded by what one ``recv`` returns, whatever a pe
 Durability: a Success is answered only once the instance's data is fsynced, its name is in a fsynced
 directory and its journal row is committed (PS3.4 Annex B.2.3). Instances that finish arriving
 together, on any association, are committed together by one thread: one directory fsync and one
-journal commit per group (``_Committer``).
+journal commit per group (``_Committer``). That commit does not wait for its own fsync: the spool file,
+named with a digest of its content, is the record of truth, and after a power cut the daemon records
+again the files whose rows were lost (journal.py, ``Housekeeping.adopt_at_start``).
 
 What a peer cannot do (each a test in tests/test_scp_limits.py): declare a PDU longer than
 ``max_pdu_bytes`` (aborted at the header), send a dataset over ``max_dataset_bytes`` or a Deflated one
@@ -216,8 +218,11 @@ def _cmd_uid(cmd: dict[int, bytes], elem: int) -> str | None:
     return text if len(text) <= 64 and _UID.fullmatch(text) else None
 
 
-def file_meta(sop_class: str, sop_instance: str, transfer_syntax: str, source_aet: str) -> bytes:
-    """Preamble, ``DICM`` and the File Meta group (Explicit VR LE) of the Part 10 file written to the spool."""
+def file_meta(sop_class: str, sop_instance: str, transfer_syntax: str, source_aet: str, receiving_aet: str) -> bytes:
+    """Preamble, ``DICM`` and the File Meta group (Explicit VR LE) of the Part 10 file written to the spool.
+
+    The calling and called AE titles go into Source (0002,0016) and Receiving (0002,0018) Application Entity
+    Title, so that a file adopted after a power cut (journal.py) is routed as it would have been."""
 
     def el(elem: int, vr: bytes, value: bytes, pad: bytes = b"\0") -> bytes:
         if len(value) % 2:
@@ -234,6 +239,7 @@ def file_meta(sop_class: str, sop_instance: str, transfer_syntax: str, source_ae
         + el(0x0012, b"UI", IMPLEMENTATION_CLASS_UID.encode("ascii"))
         + el(0x0013, b"SH", IMPLEMENTATION_VERSION.encode("ascii"), b" ")
         + el(0x0016, b"AE", source_aet.encode("ascii", "replace")[:16], b" ")
+        + el(0x0018, b"AE", receiving_aet.encode("ascii", "replace")[:16], b" ")
     )
     return b"\0" * 128 + b"DICM" + el(0x0000, b"UL", struct.pack("<I", len(body))) + body
 
@@ -403,7 +409,8 @@ class _Committer:
         names: list[str] = []
         if ready:
             try:
-                names = self._spool.place([(group[i].path, group[i].fd) for i, _ in ready])  # type: ignore[misc]
+                names = self._spool.place(
+                    [(group[i].path, group[i].fd, meta.content_sha256) for i, meta in ready])  # type: ignore[misc]
             except Exception as exc:
                 for i, _ in ready:
                     results[i] = _refused(group[i], exc)
@@ -424,7 +431,7 @@ class _Committer:
         try:
             recorded = self._journal.record_instances(
                 [(meta, name, group[i].meta_bytes + group[i].size) for (i, meta), name in
-                 zip(ready, names, strict=True)])
+                 zip(ready, names, strict=True)], durable=False)
         except Exception as exc:
             for (i, _), name in zip(ready, names, strict=True):
                 self._remove(name, "an unjournalled spool file")
@@ -1151,7 +1158,7 @@ class Receiver:
             return st
         try:
             st.path, st.fd = self._spool.open_incoming()
-            header = file_meta(sop_class, sop_instance, syntax, conn.calling_aet)
+            header = file_meta(sop_class, sop_instance, syntax, conn.calling_aet, conn.called_aet)
             os.write(st.fd, header)
             st.meta_bytes = len(header)
         except OSError as exc:

@@ -1,8 +1,10 @@
 """The spool: received DICOM files, held on disk until their finding is acknowledged.
 
-Layout: ``root/instances/<yyyymmdd>/<32 random hex>.dcm``, and ``root/tmp`` for incoming temp
-files. A spool name is the path relative to ``root/instances`` ("20261126/3f2a...dcm"). Names are
-random, never derived from a UID: UIDs come from the peer and must not choose paths.
+Layout: ``root/instances/<yyyymmdd>/<32 hex>.dcm``, and ``root/tmp`` for incoming temp files. A spool
+name is the path relative to ``root/instances`` ("20261126/3f2a...dcm"). Names are never derived from a
+UID: UIDs come from the peer and must not choose paths. A received instance's name is 16 random hex digits
+and then the first 16 of its content's SHA-256 (``place``): after a power cut, a file whose journal row was
+lost can show that it is whole (``adoptable``, ``name_matches``) and be recorded again.
 """
 
 from __future__ import annotations
@@ -35,6 +37,13 @@ _SYNC_THREADS = 8
 
 class SpoolFullError(EdgeAgentError, OSError):
     """The spool's file system has no room for another instance."""
+
+
+def _digest_part(content_sha256: str) -> str:
+    part = content_sha256[:16].lower()
+    if len(part) != 16 or not all(c in "0123456789abcdef" for c in part):
+        raise ValueError("not a SHA-256 hex digest")
+    return part
 
 
 def _fsync_dir(path: Path) -> None:
@@ -105,10 +114,11 @@ class Spool:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
         return path, fd
 
-    def place(self, incoming: list[tuple[Path, int]]) -> list[str]:
+    def place(self, incoming: list[tuple[Path, int, str]]) -> list[str]:
         """Move received temp files into the spool durably and return their spool names, in order.
 
-        ``incoming`` holds ``(temp path, fd open on it)``. The files are renamed into today's folder, then
+        ``incoming`` holds ``(temp path, fd open on it, content SHA-256 hex)``; each name ends with the
+        digest's first 16 hex digits. The files are renamed into today's folder, then
         every file's data and the folder are fsynced at once, each on its own thread: the file system folds
         concurrent fsyncs into one journal commit, so a group costs about one fsync, not one per file plus
         one for the folder. A failure removes every file of the group (none was journalled yet) and raises;
@@ -121,11 +131,11 @@ class Spool:
             if not day_dir.is_dir():
                 day_dir.mkdir(exist_ok=True)
                 _fsync_dir(self._instances)
-            for src, _ in incoming:
-                final = day_dir / f"{secrets.token_hex(16)}.dcm"
+            for src, _, digest in incoming:
+                final = day_dir / f"{secrets.token_hex(8)}{_digest_part(digest)}.dcm"
                 os.replace(src, final)
                 placed.append(final)
-            syncs = [self._syncer().submit(os.fdatasync, fd) for _, fd in incoming]
+            syncs = [self._syncer().submit(os.fdatasync, fd) for _, fd, _ in incoming]
             syncs.append(self._syncer().submit(_fsync_dir, day_dir))
             for f in syncs:
                 f.result()
@@ -205,6 +215,31 @@ class Spool:
                 probe.unlink(missing_ok=True)
             return False
         return True
+
+    def adoptable(self, known: set[str], placed_after: float | None) -> list[str]:
+        """Stored files that no journal row knows, placed (renamed in: ctime) after ``placed_after``, oldest
+        first: after an unclean stop, those whose content matches their name (``name_matches``) are instances
+        that were acknowledged but whose journal commit was lost."""
+        found: list[tuple[float, str]] = []
+        for day_dir in sorted(self._instances.iterdir()):
+            if not (_DAY.fullmatch(day_dir.name) and day_dir.is_dir()):
+                continue
+            for f in day_dir.iterdir():
+                name = f"{day_dir.name}/{f.name}"
+                if not _STORED.fullmatch(f.name) or name in known:
+                    continue
+                try:
+                    ctime = f.stat().st_ctime
+                except FileNotFoundError:
+                    continue
+                if placed_after is None or ctime >= placed_after:
+                    found.append((ctime, name))
+        return [name for _, name in sorted(found)]
+
+    @staticmethod
+    def name_matches(name: str, content_sha256: str) -> bool:
+        """Whether a stored file's name carries the digest of the content it holds."""
+        return _STORED.fullmatch(name.rsplit("/", 1)[-1]) is not None and name[-20:-4] == _digest_part(content_sha256)
 
     def orphans(self, referenced: set[str], min_age_seconds: float = 0.0) -> list[str]:
         """Spool names on disk that the journal does not reference, and stale temp files.

@@ -1,0 +1,128 @@
+"""End to end, a power cut after a Success: the spool, not the journal, is the record of truth.
+
+The receiver commits its journal rows without an fsync of their own (journal.py); its files are fsynced,
+named with a digest of their content, before the Success. A power cut can therefore lose the last rows but
+never the files. These tests make the state such a cut leaves (the daemon killed, the lost rows deleted from
+the journal as SQLite's WAL would have lost them) and check what the next start does with it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+
+from edge_agent.dicom.header import content_sha256
+from tests.daemon import read_findings, storescu
+from tests.dicomfiles import PYDICOM_FILES
+from tests.test_e2e import ct_series
+
+pytestmark = pytest.mark.e2e
+
+
+def journal_rows(state: Path, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    db = sqlite3.connect(state / "journal.sqlite3")
+    try:
+        with db:
+            return db.execute(sql, args).fetchall()
+    finally:
+        db.close()
+
+
+def lose_series(state: Path, series_uid: str) -> None:
+    """What a power cut does to a series whose every commit was the receiver's: its rows are gone."""
+    journal_rows(state, "DELETE FROM instances WHERE series_id=(SELECT id FROM series WHERE series_uid=?)",
+                 (series_uid,))
+    journal_rows(state, "DELETE FROM series WHERE series_uid=?", (series_uid,))
+
+
+def test_instances_whose_rows_a_power_cut_lost_are_recorded_again(daemon: Any, nats_server: Any,
+                                                                  tmp_path: Path) -> None:
+    d = daemon(**{"routes.1.quiet_seconds": 30}).start()
+    series_uid, files = ct_series(PYDICOM_FILES / "CT_small.dcm", tmp_path / "ct", 4)
+    assert storescu(d.dicom_port, *files).returncode == 0
+    d.wait_metric("edge_agent_instances_total", 4, outcome="stored")
+    d.kill9()
+    state = tmp_path / "state"
+    held = sorted(state.glob("spool/instances/*/*.dcm"))
+    assert len(held) == 4
+    # Every name ends with the first 16 hex digits of its content's SHA-256.
+    assert all(p.stem[16:] == content_sha256(p)[:16] for p in held)
+    lose_series(state, series_uid)
+    # And a file renamed in whose data never reached the disk: its content does not match its name.
+    torn = held[0].with_name(f"{'0' * 16}{held[0].stem[16:]}.dcm")
+    data = bytearray(held[0].read_bytes())
+    data[-64:] = bytes(64)
+    torn.write_bytes(bytes(data))
+
+    d.config_path.write_text(d.config_path.read_text().replace("quiet_seconds: 30", "quiet_seconds: 0.5"))
+    d.start()
+    [finding] = read_findings(nats_server.url, 1)
+    assert finding["series_instance_uid"] == series_uid
+    assert finding["instance_count"] == 4
+    assert "4 stored instance(s) whose journal rows were lost recorded again" in d.log()
+    assert "1 unrecorded spool file(s) incomplete or unreadable" in d.log()
+    assert not torn.exists()
+    # Recorded as they arrived: the calling AE title came back from the File Meta.
+    [(calling,)] = journal_rows(state, "SELECT calling_aet FROM series WHERE series_uid=?", (series_uid,))
+    assert calling == "STORESCU"
+    assert d.terminate() == 0
+
+
+def test_a_replaced_file_left_behind_is_not_adopted(daemon: Any, nats_server: Any, tmp_path: Path) -> None:
+    d = daemon(**{"routes.1.quiet_seconds": 30}).start()
+    series_uid, [first] = ct_series(PYDICOM_FILES / "CT_small.dcm", tmp_path / "ct", 1)
+    assert storescu(d.dicom_port, first).returncode == 0
+    d.wait_metric("edge_agent_instances_total", 1, outcome="stored")
+    state = tmp_path / "state"
+    [(old_name,)] = journal_rows(state, "SELECT spool_name FROM instances")
+    old_bytes = (state / "spool" / "instances" / old_name).read_bytes()
+
+    # The same instance with other content replaces it; the old file is deleted after the commit.
+    ds = pydicom.dcmread(first)
+    ds.SeriesDescription = "corrected"
+    second = tmp_path / "second.dcm"
+    ds.save_as(second, enforce_file_format=True)
+    assert storescu(d.dicom_port, second).returncode == 0
+    d.wait_metric("edge_agent_instances_total", 1, outcome="replaced")
+    d.kill9()
+    [(new_name,)] = journal_rows(state, "SELECT spool_name FROM instances")
+    assert new_name != old_name
+    # The deletion that a crash (or a failing disk) kept from happening: the old content is back under its name.
+    (state / "spool" / "instances" / old_name).write_bytes(old_bytes)
+    assert journal_rows(state, "SELECT spool_name FROM dead_files") == [(old_name,)]
+
+    d.config_path.write_text(d.config_path.read_text().replace("quiet_seconds: 30", "quiet_seconds: 0.5"))
+    d.start()
+    [finding] = read_findings(nats_server.url, 1)
+    assert finding["series_instance_uid"] == series_uid
+    new_path = state / "spool" / "instances" / new_name
+    assert journal_rows(state, "SELECT spool_name, content_sha256 FROM instances") == [
+        (new_name, content_sha256(new_path))]
+    assert not (state / "spool" / "instances" / old_name).exists()
+    assert "recorded again" not in d.log()
+    assert journal_rows(state, "SELECT spool_name FROM dead_files") == []
+    assert d.terminate() == 0
+
+
+def test_after_a_clean_stop_nothing_is_adopted(daemon: Any, nats_server: Any, tmp_path: Path) -> None:
+    d = daemon().start()
+    _, files = ct_series(PYDICOM_FILES / "CT_small.dcm", tmp_path / "ct", 2)
+    assert storescu(d.dicom_port, *files).returncode == 0
+    read_findings(nats_server.url, 1)
+    assert d.terminate() == 0
+    state = tmp_path / "state"
+    # A file no row knows after a clean stop was never acknowledged: swept, not recorded, even though its
+    # content matches its name.
+    stray = state / "spool" / "instances" / "20260101"
+    stray.mkdir(parents=True, exist_ok=True)
+    copy = stray / f"{'1' * 16}{content_sha256(files[0])[:16]}.dcm"
+    shutil.copyfile(files[0], copy)
+    d.start()
+    assert not copy.exists()
+    assert "recorded again" not in d.log()
+    assert d.terminate() == 0
