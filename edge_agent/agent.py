@@ -26,7 +26,8 @@ from edge_agent.housekeeping import Housekeeping
 from edge_agent.http import HttpServer
 from edge_agent.inference.batcher import Batcher
 from edge_agent.inference.card import ModelCard, load_card
-from edge_agent.inference.engine import Engine, create_engine, resolve_precision
+from edge_agent.inference.engine import Engine
+from edge_agent.inference.factory import create_engine, resolve_precision
 from edge_agent.inference.plan_cache import PlanUnavailable
 from edge_agent.inference.verify import DEFAULT_TOLERANCE, synthetic_inputs, verify_engine
 from edge_agent.journal import Journal, Recorded, SeriesState

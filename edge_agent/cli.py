@@ -1,4 +1,4 @@
-"""The command line: serve, check-config, status, send, tail, build-engine, verify-engine, validate."""
+"""The command line: serve, check-config, status, send, tail, build-engine, import-plans, verify-engine, validate."""
 
 from __future__ import annotations
 
@@ -83,17 +83,34 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--connect-timeout", type=float, default=10.0,
                    help="give up when the NATS server cannot be reached at start for this long (default: %(default)s)")
 
-    b = sub.add_parser("build-engine", help="build (or rebuild) the TensorRT plan of a model for this GPU")
+    b = sub.add_parser(
+        "build-engine",
+        help="build (or rebuild) TensorRT plans of a model: for this GPU, or ahead of time for TensorRT for RTX",
+    )
     b.add_argument("model")
     b.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH)
-    b.add_argument("--precision", choices=["fp32", "fp16", "int8"], default=None, help="default: the deployment's")
+    b.add_argument("--backend", choices=["tensorrt", "tensorrt-rtx"], default=None,
+                   help="the TensorRT flavour (default: the deployment's backend if it is one, else tensorrt)")
+    b.add_argument("--compute-capability", default=None, metavar="LIST",
+                   help="tensorrt-rtx only: comma-separated targets to build for, e.g. sm86,sm89,sm120 (no GPU needed; "
+                   "default: this machine's GPU)")
+    b.add_argument("--precision", nargs="+", choices=["fp32", "fp16", "int8"], default=None,
+                   help="one or more precisions (default: the deployment's)")
     b.add_argument("--workspace-bytes", type=int, default=None, help="default: the deployment's workspace_bytes")
+    b.add_argument("--out", type=Path, default=None,
+                   help="write the plans under this folder (to ship to a box: edge-agent import-plans) instead of "
+                   "the state directory's plan cache")
     b.add_argument("--force", action="store_true", help="rebuild even if a matching plan is cached")
+
+    ip = sub.add_parser("import-plans", help="check plans built elsewhere (build-engine --out) and add them to the "
+                        "plan cache")
+    ip.add_argument("folder", type=Path, help="a folder written by build-engine --out")
+    ip.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH)
 
     v = sub.add_parser("verify-engine", help="compare a model's engine with ONNX Runtime on the CPU")
     v.add_argument("model")
     v.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH)
-    v.add_argument("--backend", choices=["tensorrt", "onnxruntime", "auto"], default=None)
+    v.add_argument("--backend", choices=["tensorrt", "tensorrt-rtx", "onnxruntime", "auto"], default=None)
     v.add_argument("--dicom", type=Path, nargs="*", default=[], help="DICOM files or folders to use as inputs")
     v.add_argument("--count", type=int, default=32, help="number of input images (default: %(default)s)")
     v.add_argument("--tolerance", type=float, default=None, help="largest score difference accepted")
@@ -303,50 +320,88 @@ def _model_and_deployment(config_path: Path, model: str) -> tuple[AgentConfig, M
 
 
 def cmd_build_engine(args: argparse.Namespace) -> int:
-    from edge_agent.inference.engine import resolve_precision
+    from edge_agent.inference.factory import resolve_precision
     from edge_agent.inference.plan_cache import PlanCache
-    from edge_agent.inference.trt_build import BuildOptions, build_and_cache, ensure_plan, import_tensorrt
+    from edge_agent.inference.trt_build import BuildOptions, build_and_cache, ensure_plan
+    from edge_agent.inference.trt_flavour import TENSORRT, TENSORRT_RTX, Flavour, import_flavour, parse_capability
     from edge_agent.inference.verify import dicom_files, dicom_inputs
 
     loaded = _model_and_deployment(args.config, args.model)
     if loaded is None:
         return EXIT_CONFIG
     config, card, deployment = loaded
-    _setup_logging("INFO")
-    updates: dict[str, object] = {}
-    if args.precision is not None:
-        updates["precision"] = args.precision
-    if args.workspace_bytes is not None:
-        updates["workspace_bytes"] = args.workspace_bytes
-    deployment = deployment.model_copy(update=updates)
+    flavour: Flavour = args.backend or (TENSORRT_RTX if deployment.backend == TENSORRT_RTX else TENSORRT)
     try:
-        trt = import_tensorrt()
-        precision = resolve_precision(deployment)
-        images: list[FloatArray] = []
-        if precision == "int8" and deployment.calibration_dir is not None:
-            images = list(dicom_inputs(card, dicom_files(deployment.calibration_dir), limit=512))
-        options = BuildOptions(precision, deployment.workspace_bytes, images)
-        cache = PlanCache(config.state_dir)
-        if args.force:
-            _, meta = build_and_cache(card, cache, options, trt)
-            built = True
-        else:
-            _, meta, built = ensure_plan(card, cache, options, allow_build=True, trt=trt)
+        capabilities: list[str | None] = (
+            [parse_capability(c) for c in args.compute_capability.split(",") if c.strip()]
+            if args.compute_capability else [None])
+    except ValueError as exc:
+        print(f"build-engine {args.model}: --compute-capability: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.compute_capability and flavour != TENSORRT_RTX:
+        print(f"build-engine {args.model}: --compute-capability is for --backend tensorrt-rtx (the full TensorRT "
+              "builds on the GPU it runs on)", file=sys.stderr)
+        return EXIT_CONFIG
+    _setup_logging("INFO")
+    if args.workspace_bytes is not None:
+        deployment = deployment.model_copy(update={"workspace_bytes": args.workspace_bytes})
+    precisions = args.precision or [resolve_precision(deployment)]
+    cache = PlanCache(config.state_dir, root=args.out.resolve() if args.out is not None else None)
+    total = len(precisions) * len(capabilities)
+    done = 0
+    try:
+        trt = import_flavour(flavour)
+        for precision in precisions:
+            deployment_p = deployment.model_copy(update={"precision": precision})
+            images: list[FloatArray] = []
+            if precision == "int8" and deployment.calibration_dir is not None:
+                images = list(dicom_inputs(card, dicom_files(deployment.calibration_dir), limit=512))
+            for capability in capabilities:
+                options = BuildOptions(resolve_precision(deployment_p), deployment.workspace_bytes, images,
+                                       flavour=flavour, capability=capability)
+                if args.force:
+                    _, meta = build_and_cache(card, cache, options, trt)
+                    built = True
+                else:
+                    _, meta, built = ensure_plan(card, cache, options, allow_build=True, trt=trt,
+                                                 box=options.target_box(trt))
+                done += 1
+                where = cache.plan_path(card.name, meta.key)
+                verb = f"built in {meta.build_seconds:.1f} s" if built else "already cached (use --force to rebuild)"
+                print(
+                    f"[{done}/{total}] {card.name} {card.version}: {meta.key.describe()}, batch {meta.profile.min}/"
+                    f"{meta.profile.opt}/{meta.profile.max}, {meta.plan_bytes / 2**20:.1f} MiB: {verb}\n  {where}",
+                    flush=True,
+                )
     except EdgeAgentError as exc:
         print(f"build-engine {args.model}: {exc}", file=sys.stderr)
         return EXIT_FAILURE
-    where = cache.plan_path(card.name, meta.key)
-    verb = f"built in {meta.build_seconds:.1f} s" if built else "already cached (use --force to rebuild)"
-    print(
-        f"{card.name} {card.version}: {meta.key.precision} plan for {meta.key.gpu_name} (sm "
-        f"{meta.key.compute_capability}), TensorRT {meta.key.trt_version}, batch {meta.profile.min}/"
-        f"{meta.profile.opt}/{meta.profile.max}, {meta.plan_bytes >> 20} MiB: {verb}\n  {where}"
-    )
+    if args.out is not None:
+        print(f"ship {args.out} to the box and run there: edge-agent import-plans {args.out}")
     return EXIT_OK
 
 
+def cmd_import_plans(args: argparse.Namespace) -> int:
+    from edge_agent.inference.plan_cache import PlanCache
+    from edge_agent.inference.plan_import import import_plans
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_CONFIG
+    _setup_logging("WARNING")
+    results = import_plans(args.folder, config.model_repository, PlanCache(config.state_dir))
+    for r in results:
+        print(("imported " if r.problem is None else "REFUSED  ") + r.describe())
+    if not results:
+        print(f"import-plans: no plan metadata (*.json) under {args.folder}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK if all(r.problem is None for r in results) else EXIT_FAILURE
+
+
 def cmd_verify_engine(args: argparse.Namespace) -> int:
-    from edge_agent.inference.engine import create_engine, resolve_precision
+    from edge_agent.inference.factory import create_engine, resolve_precision
     from edge_agent.inference.verify import (
         DEFAULT_TOLERANCE,
         dicom_files,
@@ -416,6 +471,7 @@ COMMANDS = {
     "status": cmd_status,
     "tail": cmd_tail,
     "build-engine": cmd_build_engine,
+    "import-plans": cmd_import_plans,
     "verify-engine": cmd_verify_engine,
     "validate": cmd_validate,
 }

@@ -424,8 +424,8 @@ class ModelDeployment(_Strict):
     @field_validator("backend")
     @classmethod
     def _backend(cls, v: str) -> str:
-        if v not in {"onnxruntime", "tensorrt", "auto"}:
-            raise ValueError(f"unknown backend {v!r}; one of: onnxruntime, tensorrt, auto")
+        if v not in {"onnxruntime", "tensorrt", "tensorrt-rtx", "auto"}:
+            raise ValueError(f"unknown backend {v!r}; one of: onnxruntime, tensorrt, tensorrt-rtx, auto")
         return v
 
     @field_validator("precision")

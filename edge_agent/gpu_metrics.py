@@ -123,6 +123,7 @@ class GpuMetrics:
         self.engine_plan.labels(model=model).info(
             {
                 "precision": meta.key.precision,
+                "flavour": meta.key.flavour,
                 "tensorrt_version": meta.key.trt_version,
                 "gpu": meta.key.gpu_name,
                 "compute_capability": meta.key.compute_capability,

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from edge_agent import __version__
 from edge_agent.bus.connection import redact
-from edge_agent.inference.engine import resolve_precision
+from edge_agent.inference.factory import resolve_precision
 
 if TYPE_CHECKING:
     from edge_agent.bus.publisher import Publisher
@@ -102,7 +102,7 @@ def _model(daemon: Daemon, name: str, drift: Mapping[str, Any], last_acked: floa
         "backend": backend,
         # ONNX Runtime runs the ONNX graph as it is (the bundled models are float32); TensorRT builds a plan in
         # the deployment's precision.
-        "precision": resolve_precision(deployment) if backend == "tensorrt" else "fp32",
+        "precision": resolve_precision(deployment) if backend in ("tensorrt", "tensorrt-rtx") else "fp32",
         "loaded": loaded is not None,
         "problem": daemon.engine_problems.get(name)
         or (loaded.batcher.problem if loaded is not None else f"engine {name} not loaded"),

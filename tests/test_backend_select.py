@@ -19,7 +19,7 @@ from edge_agent.config import ModelDeployment, parse_config
 from edge_agent.errors import ConfigError, EngineError
 from edge_agent.gpu_metrics import GpuMetrics
 from edge_agent.inference.card import load_card
-from edge_agent.inference.engine import create_engine, resolve_precision
+from edge_agent.inference.factory import create_engine, resolve_precision
 from edge_agent.inference.onnxruntime import OnnxRuntimeEngine
 from edge_agent.inference.select import Availability, probe, select_backend
 from edge_agent.inference.verify import compare, synthetic_inputs, verify_engine
@@ -117,7 +117,7 @@ def test_engine_options_in_config(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
-        ({"backend": "tvm"}, "unknown backend 'tvm'; one of: onnxruntime, tensorrt, auto"),
+        ({"backend": "tvm"}, "unknown backend 'tvm'; one of: onnxruntime, tensorrt, tensorrt-rtx, auto"),
         ({"precision": "fp8"}, "unknown precision 'fp8'; one of: fp32, fp16, int8"),
         ({"calibration_dir": "/nonexistent/calibration"}, "/nonexistent/calibration: no such folder"),
         ({"workspace_bytes": 1024}, "greater than or equal to 16777216"),
@@ -134,10 +134,20 @@ def test_daemon_without_an_engine_stays_up_not_ready_and_says_why(tmp_path: Path
     """backend tensorrt on a box without TensorRT: /readyz says why; the DICOM port stays closed."""
     if probe().tensorrt_version is not None:
         pytest.skip("this box has TensorRT")
-    asyncio.run(_not_ready_scenario(tmp_path))
+    reason = "engine ct-demo: backend tensorrt was asked for, but TensorRT is not installed or cannot load"
+    asyncio.run(_not_ready_scenario(tmp_path, "tensorrt", reason))
 
 
-async def _not_ready_scenario(tmp_path: Path) -> None:
+def test_tensorrt_rtx_without_a_gpu_stays_up_not_ready_and_says_why(tmp_path: Path) -> None:
+    """backend tensorrt-rtx where the library is installed (the test extra) but there is no GPU."""
+    box = probe()
+    if box.rtx_version is None or box.gpu_name is not None:
+        pytest.skip("needs TensorRT for RTX installed and no GPU")
+    asyncio.run(_not_ready_scenario(
+        tmp_path, "tensorrt-rtx", "engine ct-demo: backend tensorrt-rtx was asked for, but there is no GPU"))
+
+
+async def _not_ready_scenario(tmp_path: Path, backend: str, reason: str) -> None:
     config = parse_config(
         {
             "site": "test",
@@ -146,7 +156,7 @@ async def _not_ready_scenario(tmp_path: Path) -> None:
             "dicom": {"host": "127.0.0.1", "port": free_port()},
             "http": {"host": "127.0.0.1", "port": 0},
             "pipeline": {"preprocess_pool": "thread", "preprocess_workers": 1},
-            "models": {"ct-demo": {"backend": "tensorrt"}},
+            "models": {"ct-demo": {"backend": backend}},
             "routes": [{"name": "ct", "model": "ct-demo"}],
         },
         env={},
@@ -157,7 +167,6 @@ async def _not_ready_scenario(tmp_path: Path) -> None:
     try:
         ready, body = agent.readiness()
         assert not ready
-        reason = "engine ct-demo: backend tensorrt was asked for, but TensorRT is not installed or cannot load"
         assert any(r.startswith(reason) for r in body["reasons"])
         assert agent.receiver is None and agent.pipeline is None
         assert agent.http is not None

@@ -47,7 +47,7 @@ from edge_agent.drift import (
 from edge_agent.errors import ModelError
 from edge_agent.inference.batcher import Batcher
 from edge_agent.inference.card import ModelCard, list_models, load_card, parse_card, write_drift_reference
-from edge_agent.inference.engine import create_engine
+from edge_agent.inference.factory import create_engine
 from edge_agent.inference.preprocess import Prepared, prepare
 from edge_agent.metrics import Metrics
 from edge_agent.pipeline import LoadedModel, Pipeline

@@ -16,7 +16,8 @@ import yaml
 from edge_agent.config import ModelDeployment
 from edge_agent.errors import ConfigError, EngineError
 from edge_agent.inference.card import ModelCard, load_card
-from edge_agent.inference.engine import Engine, EngineOutput, check_output, create_engine
+from edge_agent.inference.engine import Engine, EngineOutput, check_output
+from edge_agent.inference.factory import create_engine
 from edge_agent.inference.onnxruntime import OnnxRuntimeEngine
 from edge_agent.inference.preprocess import load_instance
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -145,10 +146,11 @@ def test_no_plan_and_building_disabled_says_so(tmp_path: Path) -> None:
     with pytest.raises(PlanUnavailable) as err:
         ensure_plan(card, cache, BuildOptions(precision="fp16"), allow_build=False, box=H100)
     text = str(err.value)
-    assert text.startswith("engine ct-demo: no plan for this GPU (NVIDIA H100 80GB HBM3 (sm 9.0), TensorRT 11.4.0.106")
+    assert text.startswith(
+        "engine ct-demo: no usable plan for TensorRT 11.4.0.106 on NVIDIA H100 80GB HBM3 (sm 9.0), fp16")
     assert "building is disabled (models.ct-demo.allow_build)" in text
-    assert "edge-agent build-engine ct-demo" in text
-    assert "cached plans are for: Orin sm 8.7, TensorRT 10.3.0, fp16" in text
+    assert "run `edge-agent build-engine ct-demo --precision fp16`" in text
+    assert "cached plans are for: TensorRT 10.3.0 on Orin (sm 8.7), fp16" in text
 
 
 def test_matching_plan_is_loaded_without_tensorrt(tmp_path: Path) -> None:
@@ -158,3 +160,15 @@ def test_matching_plan_is_loaded_without_tensorrt(tmp_path: Path) -> None:
     cache.store(card.name, card.version, k, BatchProfile(1, 8, 16), PLAN, workspace_bytes=1, build_seconds=1)
     plan, meta, built = ensure_plan(card, cache, BuildOptions(), allow_build=False, box=H100)
     assert plan == PLAN and meta.key == k and not built
+
+
+def test_plans_cached_before_the_flavour_was_in_the_key_keep_their_names() -> None:
+    """The key's digest names the plan's file: adding the flavour must not orphan a box's full-TensorRT plans."""
+    k = PlanKey.for_box("ab" * 32, H100, "fp16")
+    old_fields = {"model_sha256": "ab" * 32, "gpu_name": H100.gpu_name, "compute_capability": "9.0",
+                  "trt_version": H100.trt_version, "precision": "fp16"}
+    old = hashlib.sha256(json.dumps(old_fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:32]
+    assert k.flavour == "tensorrt" and k.digest() == old
+    rtx = PlanKey.for_box("ab" * 32, Box("NVIDIA RTX A4000", "8.6", "1.7.1.116"), "fp16", "tensorrt-rtx")
+    full = PlanKey.for_box("ab" * 32, Box("x", "8.6", "1.7.1.116"), "fp16")
+    assert rtx.gpu_name == "" and rtx.digest() != full.digest()

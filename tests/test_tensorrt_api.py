@@ -9,7 +9,9 @@ the suffix match), and the package's ``__init__.py`` adds Python helpers such as
 The names the code uses are found by walking its AST: attribute accesses on the ``trt`` module and
 on objects held in ``trt_``-prefixed names, and the methods of classes derived from ``trt.*``.
 Names only TensorRT 10 has are declared in trt_build.TRT10_ONLY; set EDGE_AGENT_TRT10_BINDING to a
-TensorRT 10 ``tensorrt.so`` to check those too.
+TensorRT 10 ``tensorrt.so`` to check those too. Names only TensorRT for RTX has are declared in
+trt_flavour.RTX_ONLY, and every name but the TensorRT 10 ones is checked against the TensorRT for RTX binding
+(``tensorrt-rtx-cu13-bindings``, also a test extra) the same way.
 
 Also here: the parts of the builder and backend that run without TensorRT (half-precision ONNX,
 buffer layout against the card).
@@ -32,6 +34,7 @@ from edge_agent.errors import EngineError
 from edge_agent.inference.card import load_card
 from edge_agent.inference.tensorrt import TensorSpec, plan_layout, specs_from_onnxruntime
 from edge_agent.inference.trt_build import TRT10_ONLY, half_precision_onnx
+from edge_agent.inference.trt_flavour import RTX_ONLY
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "edge_agent"
@@ -39,13 +42,16 @@ ENGINES = ROOT / "engines"
 DIST = "tensorrt-cu13-bindings"
 
 
-def _binding_files() -> tuple[Path, Path] | None:
+RTX_DIST = "tensorrt-rtx-cu13-bindings"
+
+
+def _binding_files(dist: str = DIST, package: str = "tensorrt_bindings") -> tuple[Path, Path] | None:
     try:
-        files = importlib.metadata.files(DIST) or []
+        files = importlib.metadata.files(dist) or []
     except importlib.metadata.PackageNotFoundError:
         return None
     so = [f for f in files if f.name.startswith("tensorrt") and f.name.endswith(".so")]
-    init = [f for f in files if str(f).replace("\\", "/").endswith("tensorrt_bindings/__init__.py")]
+    init = [f for f in files if str(f).replace("\\", "/").endswith(f"{package}/__init__.py")]
     if not so or not init:
         return None
     return Path(str(so[0].locate())), Path(str(init[0].locate()))
@@ -54,6 +60,10 @@ def _binding_files() -> tuple[Path, Path] | None:
 BINDING = _binding_files()
 needs_binding = pytest.mark.skipif(
     BINDING is None, reason=f"{DIST} is not installed (pip install '{DIST}==11.4.0.106', in the test extras)"
+)
+RTX_BINDING = _binding_files(RTX_DIST, "tensorrt_rtx_bindings")
+needs_rtx_binding = pytest.mark.skipif(
+    RTX_BINDING is None, reason=f"{RTX_DIST} is not installed (pip install '{RTX_DIST}==1.7.1.116', in the test extras)"
 )
 
 
@@ -164,10 +174,27 @@ def test_every_tensorrt_name_the_code_uses_exists_in_11_4() -> None:
     missing = {
         f"{module}: {name}"
         for module, used in code_names().items()
-        for name in sorted(used - TRT10_ONLY)
+        for name in sorted(used - TRT10_ONLY - RTX_ONLY)
         if name not in names
     }
     assert not missing, f"not in {DIST} 11.4: {sorted(missing)}"
+
+
+@needs_rtx_binding
+def test_every_name_the_code_uses_but_tensorrt_10_ones_exists_in_tensorrt_rtx() -> None:
+    assert RTX_BINDING is not None
+    names = Names(*RTX_BINDING)
+    for present in ("ComputeCapability", "set_compute_capability", "execute_async_v3", "IProgressMonitor"):
+        assert present in names
+    missing = sorted(n for n in all_used() - TRT10_ONLY if n not in names)
+    assert not missing, f"not in {RTX_DIST}: {missing}"
+
+
+@needs_binding
+def test_rtx_only_names_are_used_and_absent_from_11_4() -> None:
+    names = binding()
+    assert set(RTX_ONLY) - all_used() == set()
+    assert not {n for n in RTX_ONLY if n in names}
 
 
 def test_trt10_only_names_are_all_used() -> None:

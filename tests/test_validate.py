@@ -18,7 +18,7 @@ import pytest
 from edge_agent.config import ModelDeployment
 from edge_agent.errors import ModelError
 from edge_agent.inference.card import load_card
-from edge_agent.inference.engine import create_engine
+from edge_agent.inference.factory import create_engine
 from edge_agent.inference.preprocess import load_instance
 from edge_agent.validate.plots import CURVE, OPERATING_POINT, RocText, roc_png
 from edge_agent.validate.report import ValidationReport, roc_text, write_reports

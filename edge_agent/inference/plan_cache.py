@@ -60,15 +60,29 @@ class PlanKey:
     compute_capability: str
     trt_version: str
     precision: Precision
+    # "tensorrt" or "tensorrt-rtx" (trt_flavour.py). A TensorRT-RTX plan is tied to a compute capability, not
+    # to a GPU model: its gpu_name is "".
+    flavour: str = "tensorrt"
 
     @classmethod
-    def for_box(cls, model_sha256: str, box: Box, precision: Precision) -> PlanKey:
-        return cls(model_sha256, box.gpu_name, box.compute_capability, box.trt_version, precision)
+    def for_box(cls, model_sha256: str, box: Box, precision: Precision, flavour: str = "tensorrt") -> PlanKey:
+        gpu_name = "" if flavour == "tensorrt-rtx" else box.gpu_name
+        return cls(model_sha256, gpu_name, box.compute_capability, box.trt_version, precision, flavour)
 
     def digest(self) -> str:
         """A short, file-name-safe hash of every key field (the GPU name may hold spaces and slashes)."""
-        canonical = json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+        fields = asdict(self)
+        if fields["flavour"] == "tensorrt":
+            del fields["flavour"]  # plans cached before there were two flavours keep their names
+        canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+    def describe(self) -> str:
+        """ "TensorRT for RTX 1.7.1.116, sm86, fp16" / "TensorRT 11.4.0.106 on NVIDIA H100 (sm 9.0), fp32"."""
+        if self.flavour == "tensorrt-rtx":
+            sm = "sm" + self.compute_capability.replace(".", "")
+            return f"TensorRT for RTX {self.trt_version}, {sm}, {self.precision}"
+        return f"TensorRT {self.trt_version} on {self.gpu_name} (sm {self.compute_capability}), {self.precision}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +144,7 @@ class PlanMeta:
 def mismatches(meta: PlanMeta, key: PlanKey, profile: BatchProfile) -> list[str]:
     """What differs between a plan's metadata and what this box and card need (empty: it matches)."""
     out = []
-    for name in ("model_sha256", "gpu_name", "compute_capability", "trt_version", "precision"):
+    for name in ("flavour", "model_sha256", "gpu_name", "compute_capability", "trt_version", "precision"):
         have, want = getattr(meta.key, name), getattr(key, name)
         if have != want:
             out.append(f"{name} is {have!r}, this box needs {want!r}")
@@ -163,8 +177,9 @@ def _write_atomic(path: Path, data: bytes) -> None:
 class PlanCache:
     """Plans and timing caches under ``<state_dir>/engines``."""
 
-    def __init__(self, state_dir: Path) -> None:
-        self.root = state_dir / "engines"
+    def __init__(self, state_dir: Path, *, root: Path | None = None) -> None:
+        # ``root`` instead of ``state_dir``: plans built for shipping (build-engine --out DIR) use DIR as is.
+        self.root = root if root is not None else state_dir / "engines"
 
     def plan_path(self, model: str, key: PlanKey) -> Path:
         return self.root / model / f"{key.digest()}{PLAN_SUFFIX}"
@@ -265,6 +280,16 @@ class PlanCache:
         except OSError as exc:
             raise EngineError(f"engine {model}: cannot write plan under {self.root / model}: {exc.strerror}") from None
         return meta
+
+    def put(self, meta: PlanMeta, plan: bytes) -> None:
+        """Store a plan built elsewhere with its own metadata (``edge-agent import-plans``); the caller checked
+        that ``plan`` is what ``meta`` says."""
+        try:
+            _write_atomic(self.plan_path(meta.model, meta.key), plan)
+            _write_atomic(self.meta_path(meta.model, meta.key), meta.to_json().encode())
+        except OSError as exc:
+            raise EngineError(f"engine {meta.model}: cannot write plan under {self.root / meta.model}: "
+                              f"{exc.strerror}") from None
 
     def read_timing_cache(self, box: Box) -> bytes:
         """The serialized timing cache for this box, or b"" (TensorRT starts an empty one)."""

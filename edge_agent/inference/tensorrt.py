@@ -1,5 +1,9 @@
 """The TensorRT engine: a cached plan, one execution context and CUDA stream per slot, pinned copies.
 
+One engine for both flavours (trt_flavour.py): full TensorRT and TensorRT for RTX share the runtime calls
+used here (Runtime, deserialize_cuda_engine, execution contexts, set_tensor_address, execute_async_v3), the
+slots, the buffers and the plan cache; ``BuildOptions.flavour`` says which library loads the plan.
+
 Everything that does not need libnvinfer is separate and usable alone: ``plan_layout`` (which tensors,
 how large at the profile's max batch, checked against the card) and ``Slot`` (device and pinned
 buffers, a stream, the copies around one execution). bench/gpu_check.py runs those on a GPU without
@@ -24,7 +28,8 @@ from edge_agent.inference import cuda_mem
 from edge_agent.inference.card import ModelCard
 from edge_agent.inference.engine import EngineOutput, FloatArray, check_batch, check_output
 from edge_agent.inference.plan_cache import PlanCache, PlanMeta
-from edge_agent.inference.trt_build import BuildOptions, ensure_plan, import_tensorrt, make_logger
+from edge_agent.inference.trt_build import BuildOptions, ensure_plan, make_logger
+from edge_agent.inference.trt_flavour import describe, import_flavour
 
 logger = logging.getLogger(__name__)
 
@@ -192,8 +197,6 @@ class Slot:
 class TensorRTEngine:
     """A model as a TensorRT plan for this GPU, behind the same interface as OnnxRuntimeEngine."""
 
-    backend = "tensorrt"
-
     def __init__(
         self,
         card: ModelCard,
@@ -209,6 +212,7 @@ class TensorRTEngine:
         self.input_shape = card.input_shape
         self.max_batch = max_batch if max_batch is not None else card.batch.max
         self.options = options or BuildOptions()
+        self.backend: str = self.options.flavour  # "tensorrt" or "tensorrt-rtx"
         self.allow_build = allow_build
         self.cache = PlanCache(state_dir)
         self.n_slots = max(1, slots)
@@ -241,7 +245,7 @@ class TensorRTEngine:
             raise EngineError(
                 f"{self.name}: max batch {self.max_batch} exceeds the card's batch.max {self.card.batch.max}"
             )
-        trt = import_tensorrt()
+        trt = import_flavour(self.options.flavour)
         cuda_mem.set_device(self.options.device)
         plan, meta, built = ensure_plan(self.card, self.cache, self.options, allow_build=self.allow_build, trt=trt)
         started = time.perf_counter()
@@ -281,9 +285,10 @@ class TensorRTEngine:
             raise
         self.plan_meta, self.built = meta, built
         logger.info(
-            "model %s %s: TensorRT %s plan %s loaded in %.2f s (%d slot(s), %d MiB of I/O buffers)",
+            "model %s %s: %s %s plan %s loaded in %.2f s (%d slot(s), %d MiB of I/O buffers)",
             self.name,
             self.card.version,
+            describe(self.options.flavour),
             meta.key.precision,
             "built" if built else "from cache",
             time.perf_counter() - started,

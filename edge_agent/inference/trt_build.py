@@ -28,6 +28,18 @@ from edge_agent.inference import cuda_mem
 from edge_agent.inference.card import ModelCard
 from edge_agent.inference.engine import FloatArray
 from edge_agent.inference.plan_cache import BatchProfile, Box, PlanCache, PlanKey, PlanMeta, PlanUnavailable, Precision
+from edge_agent.inference.trt_flavour import (
+    TENSORRT,
+    TENSORRT_RTX,
+    Flavour,
+    import_flavour,
+    plan_problems,
+    rtx_target,
+    rtx_target_name,
+    sm_name,
+    strongly_typed,
+    trt_major,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -50,27 +62,9 @@ TRT10_ONLY = frozenset(
 DEFAULT_WORKSPACE_BYTES = 2 << 30
 _PROGRESS_LOG_INTERVAL_SECONDS = 5.0
 
-_trt_module: ModuleType | None = None
-
-
 def import_tensorrt() -> ModuleType:
-    """The ``tensorrt`` module; EngineError with the reason when it is not installed or will not load."""
-    global _trt_module
-    if _trt_module is None:
-        try:
-            import tensorrt as trt
-        except ImportError as exc:
-            raise EngineError(f"TensorRT is not installed or cannot load ({exc})") from None
-        _trt_module = trt
-    return _trt_module
-
-
-def trt_major(trt: ModuleType) -> int:
-    """The major version of a loaded TensorRT module (10 or 11)."""
-    try:
-        return int(str(trt.__version__).split(".", 1)[0])
-    except ValueError:
-        raise EngineError(f"unrecognised TensorRT version {trt.__version__!r}") from None
+    """The full TensorRT's ``tensorrt`` module; EngineError with the reason when it is not installed."""
+    return import_flavour(TENSORRT)
 
 
 def this_box(trt: ModuleType, device: int = 0) -> Box:
@@ -88,6 +82,17 @@ class BuildOptions:
     # INT8 on TensorRT 10: preprocessed images [C, H, W] the calibrator feeds through the network.
     calibration_images: Sequence[FloatArray] = field(default_factory=tuple)
     device: int = 0
+    flavour: Flavour = TENSORRT
+    # TensorRT-RTX, ahead of time: the compute capability ("8.6") to build for, with or without a GPU here.
+    # None: this machine's GPU.
+    capability: str | None = None
+
+    def target_box(self, trt: ModuleType) -> Box:
+        """What the plan will be tied to: a named capability (TensorRT-RTX ahead of time: no CUDA call), else
+        this machine's GPU."""
+        if self.flavour == TENSORRT_RTX and self.capability is not None:
+            return Box("", self.capability, str(trt.__version__))
+        return this_box(trt, self.device)
 
 
 # -- TensorRT callbacks ------------------------------------------------------------------------------
@@ -287,27 +292,32 @@ def build_plan(
     trt: ModuleType | None = None,
     attach_timing_cache: Callable[[Any], None] | None = None,
 ) -> bytes:
-    """Build a serialized plan for ``card`` on this GPU; EngineError naming the step that failed."""
-    trt = trt if trt is not None else import_tensorrt()
-    major = trt_major(trt)
+    """Build a serialized plan for ``card``; EngineError naming the step that failed.
+
+    Full TensorRT builds for the GPU it runs on. TensorRT-RTX builds for ``options.capability`` (on any machine,
+    with or without a GPU), else for this machine's GPU.
+    """
+    flavour = options.flavour
+    trt = trt if trt is not None else import_flavour(flavour)
     model = card.name
     try:
         onnx_bytes = card.model_path.read_bytes()
     except OSError as exc:
         raise EngineError(f"engine {model}: cannot read {card.model_path}: {exc.strerror}") from None
     precision = options.precision
-    strongly_typed = major >= 11
-    if strongly_typed and precision == "fp16":
+    typed = strongly_typed(flavour, trt)
+    if typed and precision == "fp16":
         onnx_bytes = half_precision_onnx(onnx_bytes)
-    elif strongly_typed and precision == "int8" and not _is_quantized(onnx_bytes):
+    elif typed and precision == "int8" and not _is_quantized(onnx_bytes):
         raise EngineError(
             f"engine {model}: INT8 on TensorRT {trt.__version__} needs a quantized ONNX model (Q/DQ nodes); "
-            "TensorRT 11 removed calibration of float models. Export a Q/DQ model, or build fp16/fp32"
+            "TensorRT 11 and TensorRT for RTX do not calibrate float models. Export a Q/DQ model, or build fp16/fp32"
         )
 
     trt_logger = make_logger(trt)
     trt_builder = trt.Builder(trt_logger)
-    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
+    # TensorRT-RTX networks are always strongly typed (its flag is deprecated and ignored).
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if typed and flavour == TENSORRT else 0
     trt_network = trt_builder.create_network(flags)
     trt_parser = trt.OnnxParser(trt_network, trt_logger)
     if not trt_parser.parse(onnx_bytes):
@@ -325,13 +335,18 @@ def build_plan(
     b = card.batch
     trt_profile.set_shape(card.inputs.name, (b.min, c, h, w), (b.opt, c, h, w), (b.max, c, h, w))
     trt_config.add_optimization_profile(trt_profile)
+    if flavour == TENSORRT_RTX:
+        capability = options.capability or this_box(trt, options.device).compute_capability
+        trt_config.num_compute_capabilities = 1
+        if not trt_config.set_compute_capability(rtx_target(trt, capability), 0):
+            raise EngineError(f"engine {model}: TensorRT for RTX refused the target {sm_name(capability)}")
     monitor = make_progress_monitor(trt, model)
     if monitor is not None:
         trt_config.progress_monitor = monitor
     calibrator = None
-    if not strongly_typed and precision == "fp16":
+    if not typed and precision == "fp16":
         trt_config.set_flag(trt.BuilderFlag.FP16)
-    elif not strongly_typed and precision == "int8":
+    elif not typed and precision == "int8":
         trt_config.set_flag(trt.BuilderFlag.INT8)
         trt_config.set_flag(trt.BuilderFlag.FP16)  # layers INT8 cannot run fall back to FP16, not FP32
         calibrator = make_int8_calibrator(trt, card.inputs.name, options.calibration_images, b.opt)
@@ -356,24 +371,29 @@ def build_and_cache(
     trt: ModuleType | None = None,
     on_built: Callable[[PlanMeta], None] | None = None,
 ) -> tuple[bytes, PlanMeta]:
-    """Build a plan with the box's persistent timing cache, store it, and return it with its metadata."""
-    trt = trt if trt is not None else import_tensorrt()
-    box = this_box(trt, options.device)
-    key = PlanKey.for_box(card.sha256, box, options.precision)
+    """Build a plan (full TensorRT: with the box's persistent timing cache), store it, and return it with its
+    metadata."""
+    trt = trt if trt is not None else import_flavour(options.flavour)
+    box = options.target_box(trt)
+    key = PlanKey.for_box(card.sha256, box, options.precision, options.flavour)
     profile = BatchProfile(card.batch.min, card.batch.opt, card.batch.max)
     logger.info(
-        "engine %s: building a %s plan on %s (batch %d/%d/%d, workspace %d MiB); this takes minutes",
+        "engine %s: building a plan for %s (batch %d/%d/%d, workspace %d MiB)%s",
         card.name,
-        options.precision,
-        box.describe(),
+        key.describe(),
         profile.min,
         profile.opt,
         profile.max,
         options.workspace_bytes >> 20,
+        "; this takes minutes" if options.flavour == TENSORRT else "",
     )
     started = time.perf_counter()
-    with _TimingCache(cache, box) as attach:
-        plan = build_plan(card, options, trt, attach)
+    if options.flavour == TENSORRT:
+        with _TimingCache(cache, box) as attach:
+            plan = build_plan(card, options, trt, attach)
+    else:
+        # TensorRT-RTX times nothing at build time (its kernels are compiled on the GPU): no timing cache.
+        plan = build_plan(card, options, trt)
     seconds = time.perf_counter() - started
     meta = cache.store(
         card.name,
@@ -385,7 +405,7 @@ def build_and_cache(
         build_seconds=seconds,
         extra={"tensorrt_major": trt_major(trt)},
     )
-    logger.info("engine %s: plan built in %.1f s (%d MiB)", card.name, seconds, len(plan) >> 20)
+    logger.info("engine %s: plan built in %.1f s (%.1f MiB)", card.name, seconds, len(plan) / 2**20)
     if on_built is not None:
         on_built(meta)
     return plan, meta
@@ -426,26 +446,50 @@ def ensure_plan(
     """A plan for this box: the cached one if it matches, else a new build if allowed.
 
     Returns (plan, metadata, built). PlanUnavailable when none matches and building is disabled,
-    naming what the cache does hold (a plan for another GPU or TensorRT is named, never loaded).
-    ``box`` defaults to this machine's GPU and TensorRT.
+    naming what the cache does hold (a plan for another GPU, flavour or version is named, never loaded) and
+    the command that builds the right one. ``box`` defaults to this machine's GPU and TensorRT. A TensorRT-RTX
+    plan's own header is read too (trt_flavour.py): one that is not for this capability and version is refused
+    here, before any CUDA call.
     """
+    flavour = options.flavour
     if box is None:
-        trt = trt if trt is not None else import_tensorrt()
+        trt = trt if trt is not None else import_flavour(flavour)
         box = this_box(trt, options.device)
-    key = PlanKey.for_box(card.sha256, box, options.precision)
+    key = PlanKey.for_box(card.sha256, box, options.precision, flavour)
     profile = BatchProfile(card.batch.min, card.batch.opt, card.batch.max)
+    if flavour == TENSORRT_RTX:
+        rtx_target_check(card.name, box.compute_capability)
     found = cache.load(card.name, key, profile)
+    refused = ""
     if found is not None:
-        return found[0], found[1], False
+        problems = plan_problems(flavour, found[0], box.trt_version, box.compute_capability)
+        if not problems:
+            return found[0], found[1], False
+        refused = f" (the cached plan was refused: {'; '.join(problems)})"
+        logger.warning("engine %s: cached plan refused: %s", card.name, "; ".join(problems))
     if not allow_build:
-        held = "; ".join(
-            f"{m.key.gpu_name} sm {m.key.compute_capability}, TensorRT {m.key.trt_version}, {m.key.precision}"
-            for m in cache.entries(card.name)
-        )
+        held = "; ".join(m.key.describe() for m in cache.entries(card.name))
+        command = build_command(card.name, flavour, box.compute_capability, options.precision)
         raise PlanUnavailable(
-            f"engine {card.name}: no plan for this GPU ({box.describe()}, {options.precision}) and building is "
-            f"disabled (models.{card.name}.allow_build); run `edge-agent build-engine {card.name}`"
+            f"engine {card.name}: no usable plan for {key.describe()}{refused} and building is disabled "
+            f"(models.{card.name}.allow_build); run `{command}`"
             + (f" (cached plans are for: {held})" if held else "")
         )
     plan, meta = build_and_cache(card, cache, options, trt)
     return plan, meta, True
+
+
+def build_command(model: str, flavour: Flavour, capability: str, precision: Precision) -> str:
+    """The command that builds the plan a box is missing."""
+    if flavour == TENSORRT_RTX:
+        return (f"edge-agent build-engine {model} --backend tensorrt-rtx --compute-capability {sm_name(capability)} "
+                f"--precision {precision}")
+    return f"edge-agent build-engine {model} --precision {precision}"
+
+
+def rtx_target_check(model: str, capability: str) -> None:
+    """EngineError when TensorRT-RTX cannot serve a GPU of this capability (no plan could ever be built)."""
+    try:
+        rtx_target_name(capability)
+    except EngineError as exc:
+        raise EngineError(f"engine {model}: {exc}") from None

@@ -19,7 +19,7 @@ from edge_agent.config import ModelDeployment
 from edge_agent.drift import Observation, build_reference, observation
 from edge_agent.errors import DecodeError
 from edge_agent.inference.card import ModelCard, load_card, write_drift_reference
-from edge_agent.inference.engine import create_engine
+from edge_agent.inference.factory import create_engine
 from edge_agent.inference.preprocess import Prepared, load_instance_prepared
 from edge_agent.validate.labels import dicom_values, read_labels, subgroup_columns
 from edge_agent.validate.report import ValidationReport, against_card, write_reports
