@@ -272,3 +272,20 @@ def test_auto_picks_the_flavour_that_serves_the_gpu() -> None:
     with pytest.raises(EngineError, match="backend tensorrt-rtx was asked for, but there is no GPU"):
         select_backend("m", "tensorrt-rtx", avail(None))
     assert select_backend("m", "tensorrt-rtx", avail("12.0")).reason.startswith("TensorRT for RTX 1.7.1.116 on")
+
+
+def test_the_runtimes_own_check_runs_without_a_gpu_as_far_as_it_can(shipped: Path) -> None:
+    """TensorRT for RTX's get_engine_validity, for real: without a GPU it can only tell a TensorRT for RTX plan
+    from anything else (it cannot read the GPU, so it never says valid); on a GPU the engine asks it before
+    deserialising (tensorrt.py)."""
+    import tensorrt_rtx_bindings as trt
+
+    from edge_agent.inference.trt_build import make_logger
+    from edge_agent.inference.trt_flavour import runtime_verdict
+
+    runtime = trt.Runtime(make_logger(trt))
+    assert runtime_verdict(trt, runtime, b"ftrt" + bytes(200)) == "not a TensorRT for RTX plan (malformed)"
+    plan = next(shipped.rglob("*.plan")).read_bytes()
+    verdict = runtime_verdict(trt, runtime, plan)
+    assert verdict is not None and "malformed" not in verdict
+    assert runtime.deserialize_cuda_engine(plan) is None  # no GPU: no engine, and no exception

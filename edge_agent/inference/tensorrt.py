@@ -29,7 +29,7 @@ from edge_agent.inference.card import ModelCard
 from edge_agent.inference.engine import EngineOutput, FloatArray, check_batch, check_output
 from edge_agent.inference.plan_cache import PlanCache, PlanMeta
 from edge_agent.inference.trt_build import BuildOptions, ensure_plan, make_logger
-from edge_agent.inference.trt_flavour import describe, import_flavour
+from edge_agent.inference.trt_flavour import describe, import_flavour, runtime_verdict
 
 logger = logging.getLogger(__name__)
 
@@ -251,6 +251,9 @@ class TensorRTEngine:
         started = time.perf_counter()
         self._trt_logger = make_logger(trt)
         self._trt_runtime = trt.Runtime(self._trt_logger)
+        verdict = runtime_verdict(trt, self._trt_runtime, plan)
+        if verdict is not None:
+            raise EngineError(f"{self.name}: {describe(self.options.flavour)} refuses the plan: {verdict}")
         trt_engine = self._trt_runtime.deserialize_cuda_engine(plan)
         if trt_engine is None:
             raise EngineError(f"{self.name}: TensorRT could not deserialize the cached plan (see the tensorrt log)")

@@ -41,7 +41,9 @@ RTX_DEFAULT_TARGETS: tuple[str, ...] = tuple(RTX_TARGETS)
 
 # Names used on TensorRT-RTX code paths only (the full TensorRT 11.4 has none of them); tests/test_tensorrt_api.py
 # checks every other name against both bindings.
-RTX_ONLY = frozenset({"ComputeCapability", "num_compute_capabilities", "set_compute_capability"})
+RTX_ONLY = frozenset(
+    {"ComputeCapability", "EngineValidity", "INVALID", "num_compute_capabilities", "set_compute_capability"}
+)
 
 _CAPABILITY = re.compile(r"^(?:sm_?)?(\d{1,2})\.?(\d)$", re.IGNORECASE)
 
@@ -169,3 +171,28 @@ def plan_problems(flavour: Flavour, plan: bytes, version: str, capability: str) 
         built_for = ", ".join(sm_name(c) for c in header.capabilities) or "no known target"
         problems.append(f"it was built for {built_for}, and this GPU is {sm_name(capability)}")
     return problems
+
+
+# EngineInvalidityDiagnostics of TensorRT-RTX's Runtime.get_engine_validity, as bits.
+_RTX_DIAGNOSTICS = {
+    1: "built by another TensorRT for RTX version",
+    2: "not built for this GPU's compute capability",
+    4: "the CUDA driver is too old",
+    8: "the CUDA runtime is too old",
+    16: "not enough GPU memory",
+    32: "not a TensorRT for RTX plan (malformed)",
+    64: "a CUDA error while checking",
+}
+
+
+def runtime_verdict(trt: ModuleType, trt_runtime: object, plan: bytes) -> str | None:
+    """The runtime's own check of a plan (TensorRT-RTX's ``get_engine_validity``): None if it may be loaded,
+    else why not in words. Runtimes without the check (the full TensorRT) answer None."""
+    check = getattr(trt_runtime, "get_engine_validity", None)
+    if check is None:
+        return None
+    validity, flags = check(plan)
+    if validity != trt.EngineValidity.INVALID:
+        return None  # VALID, or SUBOPTIMAL (it runs)
+    reasons = [text for bit, text in _RTX_DIAGNOSTICS.items() if int(flags) & bit]
+    return "; ".join(reasons) or "invalid, without a reason given (no usable GPU?)"
