@@ -20,7 +20,7 @@ from edge_agent.dicom.header import InstanceMeta
 from edge_agent.dicom.scp import Receiver
 from edge_agent.dicom.spool import Spool
 from edge_agent.drift import Drift
-from edge_agent.errors import EdgeAgentError, EngineError, StateDirLockedError
+from edge_agent.errors import ConfigError, EdgeAgentError, EngineError, StateDirLockedError
 from edge_agent.gpu_metrics import GpuMetrics
 from edge_agent.housekeeping import Housekeeping
 from edge_agent.http import HttpServer
@@ -366,8 +366,12 @@ class Agent:
     async def _load_models(self) -> None:
         loop = asyncio.get_running_loop()
         for name in self.config.model_names():
-            card = load_card(self.config.model_repository / name)
             deployment = self.config.deployment(name)
+            card = load_card(self.config.model_repository / name)
+            try:
+                card = card.with_operating_point(deployment.operating_point)
+            except ValueError as exc:
+                raise ConfigError([(f"models.{name}.operating_point", str(exc))]) from None
             started = time.perf_counter()
             try:
                 engine = create_engine(card, deployment, self.config.state_dir)

@@ -420,6 +420,8 @@ class ModelDeployment(_Strict):
     # Compare with ONNX Runtime on the CPU at start-up; a mismatch leaves the daemon not ready.
     verify_at_start: bool = False
     verify_max_abs_diff: Annotated[float | None, Field(gt=0)] = None
+    # One of the card's operating_points (e.g. "triage", "high_specificity"); unset: the card's own thresholds.
+    operating_point: str | None = None
 
     @field_validator("backend")
     @classmethod

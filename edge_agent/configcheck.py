@@ -63,11 +63,20 @@ def _model_problems(raw: object, repository: Path, reported: set[str]) -> list[t
     problems = [p for p in model_reference_problems(raw, available) if p[0] not in reported]
     routes = raw.get("routes") if isinstance(raw, Mapping) else None
     named = [r.get("model") for r in routes if isinstance(r, Mapping)] if isinstance(routes, list) else []
+    models = raw.get("models") if isinstance(raw, Mapping) else None
     for name in dict.fromkeys(n for n in named if isinstance(n, str) and n in available):
         try:
-            load_card(repository / name)
+            card = load_card(repository / name)
         except ModelError as exc:
             problems.append((f"models.{name}", str(exc)))
+            continue
+        deployment = models.get(name) if isinstance(models, Mapping) else None
+        point = deployment.get("operating_point") if isinstance(deployment, Mapping) else None
+        if isinstance(point, str):
+            try:
+                card.with_operating_point(point)
+            except ValueError as exc:
+                problems.append((f"models.{name}.operating_point", str(exc)))
     return problems
 
 

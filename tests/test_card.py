@@ -225,3 +225,39 @@ def test_bad_window_says_what_a_window_is(window: object, expected: str) -> None
     with pytest.raises(ModelError) as info:
         parse_card(raw)
     assert str(info.value) == f"model.yaml: {expected}"
+
+
+NODULE = ENGINES / "cxr-nodule"
+
+
+def test_the_nodule_card_has_two_operating_points_and_triage_is_its_threshold() -> None:
+    card = load_card(NODULE)
+    assert set(card.operating_points) == {"triage", "high_specificity"}
+    triage, high = card.operating_points["triage"], card.operating_points["high_specificity"]
+    assert card.thresholds["nodule"] == triage.threshold
+    assert high.threshold > triage.threshold
+    # Each point states what it gives, on both splits: triage keeps its 15 mm promise on validation, and the
+    # high-specificity point flags at most 1 in 20 nodule-free validation images.
+    assert triage.validation["sensitivity_15mm_and_up"].value >= 0.9
+    assert high.validation["specificity"].value >= 0.95
+    assert triage.test and high.test
+    assert card.calibration is not None and card.calibration.method == "platt"
+    assert card.transfer_checks
+
+
+def test_with_operating_point_moves_only_that_labels_threshold() -> None:
+    card = load_card(NODULE)
+    high = card.with_operating_point("high_specificity")
+    assert high.thresholds["nodule"] == card.operating_points["high_specificity"].threshold
+    assert high.model_path == card.model_path and high.sha256 == card.sha256
+    assert card.with_operating_point(None) is card
+    with pytest.raises(ValueError, match=r"model cxr-nodule has no operating point 'nope' \(its card has: "
+                                         r"high_specificity, triage\)"):
+        card.with_operating_point("nope")
+
+
+def test_an_operating_point_for_another_label_is_refused() -> None:
+    raw = yaml.safe_load((NODULE / "model.yaml").read_text())
+    raw["operating_points"]["triage"]["label"] = "mass"
+    with pytest.raises(ModelError, match=r"operating_points\.triage: label 'mass' is not one of"):
+        parse_card(raw, NODULE / "model.yaml")

@@ -328,3 +328,15 @@ def test_every_config_key_is_documented_in_the_default_config() -> None:
     documented = documented_key_paths(DEFAULT_CONFIG_PATH.read_text())
     missing = sorted(p for p in model_key_paths(AgentConfig) if not _documented(p, documented))
     assert missing == [], f"configs/agent.yaml does not show these keys (write them, or as '# key: value'): {missing}"
+
+
+def test_an_operating_point_the_card_does_not_have_is_named_with_the_ones_it_has(tmp_path: Path) -> None:
+    cfg = _write(tmp_path / "agent.yaml", {
+        "site": "a", "state_dir": str(tmp_path / "state"), "model_repository": str(ENGINES),
+        "models": {"cxr-nodule": {"operating_point": "screening"}},
+        "routes": [{"name": "cxr", "model": "cxr-nodule"}],
+    })
+    assert _problems(cfg) == {"models.cxr-nodule.operating_point": "model cxr-nodule has no operating point "
+                              "'screening' (its card has: high_specificity, triage)"}
+    done = _check_config(cfg)
+    assert done.returncode == 3 and "models.cxr-nodule.operating_point" in done.stderr + done.stdout

@@ -429,3 +429,18 @@ def test_a_heat_map_that_cannot_be_stored_does_not_hold_the_finding_back(
     [finding] = read_findings(nats_server.url, 1)
     assert finding["heatmap"]["image"] is None and finding["heatmap"]["bbox"]
     assert "heat map not stored" in d.log()
+
+
+def test_the_operating_point_a_site_chooses_is_the_threshold_its_findings_use(daemon: Any, nats_server: Any,
+                                                                              tmp_path: Path) -> None:
+    from edge_agent.inference.card import load_card
+
+    card = load_card(Path(__file__).resolve().parent.parent / "engines" / "cxr-nodule")
+    high = float(card.operating_points["high_specificity"].threshold)
+    d = daemon(**{"models.cxr-nodule.operating_point": "high_specificity"}).start()
+    assert storescu(d.dicom_port, fresh_copy(CR_CHEST, tmp_path / "in")).returncode == 0
+    [finding] = read_findings(nats_server.url, 1)
+    [result] = finding["labels"]
+    assert result["threshold"] == pytest.approx(high, abs=1e-6)
+    assert result["threshold"] != pytest.approx(float(card.thresholds["nodule"]), abs=1e-6)
+    assert result["positive"] == (result["score"] >= high)

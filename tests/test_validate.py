@@ -31,6 +31,7 @@ from edge_agent.validate.stats import (
     roc_auc,
     roc_curve,
     threshold_for_sensitivity,
+    threshold_for_specificity,
 )
 from tests.test_recipe_smoke import run_smoke
 
@@ -87,6 +88,21 @@ def test_threshold_is_the_highest_that_keeps_the_target_sensitivity() -> None:
     assert (positives >= higher).mean() < 0.9
     with pytest.raises(ValidationInputError, match="without positive"):
         threshold_for_sensitivity([0.1, 0.2], [0, 0], 0.9)
+
+
+def test_threshold_is_the_lowest_that_keeps_the_target_specificity() -> None:
+    rng = np.random.default_rng(6)
+    labels = rng.integers(0, 2, 300)
+    scores = rng.random(300) * 0.5 + labels * 0.3
+    t = threshold_for_specificity(scores, labels, 0.95)
+    negatives = np.sort(scores[labels == 0])
+    assert (negatives < t).mean() >= 0.95
+    # Rounded up by at most 1e-6 above the negative it must clear; one notch lower would flag it too.
+    cleared = negatives[negatives < t][-1]
+    assert cleared < t <= cleared + 1e-6 + 1e-12
+    assert (negatives < cleared).mean() < 0.95
+    with pytest.raises(ValidationInputError, match="without negative"):
+        threshold_for_specificity([0.1, 0.2], [1, 1], 0.95)
 
 
 def test_bootstrap_intervals_bracket_the_estimate_and_are_reproducible() -> None:

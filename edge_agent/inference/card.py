@@ -145,6 +145,38 @@ class Validation(_Card):
     smallest_reliable: str | None = None
 
 
+class OperatingPoint(_Card):
+    """A named threshold for one label, how it was chosen, what it means for a reading list, and what it gives."""
+
+    label: str
+    threshold: Fraction
+    rule: str  # how it was chosen, on which split
+    meaning: str  # what it means for the people reading the list
+    # Measured at this threshold: "sensitivity", "specificity", "sensitivity_15mm_and_up"... on each split.
+    validation: dict[str, Figure] = Field(default_factory=dict)
+    test: dict[str, Figure] = Field(default_factory=dict)
+
+
+class Calibration(_Card):
+    """How the model's scores were mapped to probabilities (inside model.onnx: the scores are calibrated)."""
+
+    method: Literal["platt"]
+    fitted_on: str
+    # p = sigmoid(slope * logit(raw score) + intercept)
+    slope: Float
+    intercept: Float
+    # Expected calibration error (10 equal-width bins) before and after, on the split named.
+    ece: dict[str, Fraction] = Field(default_factory=dict)
+
+
+class TransferCheck(_Card):
+    """The model on real images no training or tuning used: what was run and what it showed."""
+
+    data: str
+    command: str
+    result: str
+
+
 # What input and output drift is watched by (issue 10): fixed names, safe as metric label values.
 NUMERIC_SIGNALS = ("score", "input_mean", "input_std", "pixel_spacing")
 CATEGORICAL_SIGNALS = ("manufacturer",)
@@ -251,9 +283,35 @@ class ModelCard(_Card):
     statement: str | None = None  # the plain-words limit of use, e.g. "not for diagnosis"
     training_data: str | None = None
     validation: Validation | None = None
+    # Named thresholds a deployment may choose (models.NAME.operating_point); ``thresholds`` is the default.
+    operating_points: dict[str, OperatingPoint] = Field(default_factory=dict)
+    calibration: Calibration | None = None
+    transfer_checks: list[TransferCheck] = Field(default_factory=list)
     drift_reference: DriftReference | None = None
 
     _directory: Path = PrivateAttr(default=Path("."))
+
+    @model_validator(mode="after")
+    def _operating_points(self) -> ModelCard:
+        for name, point in self.operating_points.items():
+            if not _NAME.match(name):
+                raise ValueError(f"operating_points: {name!r} is not a name (lower-case letters, digits, '-', '_')")
+            if point.label not in self.labels:
+                raise ValueError(f"operating_points.{name}: label {point.label!r} is not one of {self.labels}")
+        return self
+
+    def with_operating_point(self, name: str | None) -> ModelCard:
+        """This card with the thresholds of operating point ``name`` (None: the card's own thresholds).
+        ValueError naming the card's points when it has no such point."""
+        if name is None:
+            return self
+        point = self.operating_points.get(name)
+        if point is None:
+            have = ", ".join(sorted(self.operating_points)) or "none"
+            raise ValueError(f"model {self.name} has no operating point {name!r} (its card has: {have})")
+        card = self.model_copy(update={"thresholds": {**self.thresholds, point.label: point.threshold}})
+        card._directory = self._directory
+        return card
 
     @field_validator("name")
     @classmethod

@@ -99,6 +99,20 @@ def threshold_for_sensitivity(scores: npt.ArrayLike, labels: npt.ArrayLike, targ
     return math.floor(threshold * 1e6) / 1e6
 
 
+def threshold_for_specificity(scores: npt.ArrayLike, labels: npt.ArrayLike, target: float) -> float:
+    """The lowest threshold (score >= threshold is positive) whose specificity is at least ``target``."""
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels).astype(bool)
+    negatives = np.sort(s[~y])[::-1]
+    if negatives.size == 0:
+        raise ValidationInputError("cannot choose a threshold without negative cases")
+    allowed_flags = math.floor((1.0 - target) * negatives.size + 1e-9)
+    # Every negative from index allowed_flags down must fall below: the threshold sits just above that one.
+    threshold = float(np.nextafter(negatives[allowed_flags], np.inf))
+    # Round up so that the value written to a card (6 decimals) still clears every negative it must.
+    return math.ceil(threshold * 1e6) / 1e6
+
+
 def rates(scores: FloatArray, labels: BoolArray, threshold: float) -> tuple[float | None, float | None]:
     """(sensitivity, specificity) at ``threshold`` (score >= threshold is positive); None without the class."""
     flagged = scores >= threshold

@@ -3,7 +3,12 @@
     python make_card.py --engine-dir engines/cxr-nodule --runs BUILD/runs --data BUILD/data
 
 Without --runs it writes the bare card (export.py does that, so validation can load the model);
-with --runs it adds the test-split figures from ``edge-agent validate`` and the controls.
+with --runs it adds the test-split figures from ``edge-agent validate`` and the controls, and from
+report/calibration.json (calibrate.py) the calibration and the operating points, with their test figures, and from
+report/transfer.json (transfer.py) the checks on real radiographs.
+
+``--refresh`` remakes the card after calibrate, validate or transfer on a machine that does not hold the training
+runs: what came from the runs (training, controls, base data) is taken from the previous report/summary.json.
 """
 
 from __future__ import annotations
@@ -121,6 +126,29 @@ def write_card(engine_dir: Path, sha: str, threshold: float, summary: dict[str, 
         }
         if not (t["auc"]["low"] is not None and t["auc"]["low"] > 0.5):
             comments.append("# NOT USEFUL: test AUC indistinguishable from chance (see README).")
+        if summary.get("operating_points"):
+            card["operating_points"] = {
+                name: {
+                    "label": "nodule",
+                    "threshold": round(op["threshold"], 6),
+                    "rule": op["rule"],
+                    "meaning": op["meaning"],
+                    "validation": {k: _figure(v) for k, v in op["validation"].items()},
+                    "test": {k: _figure(v) for k, v in op["test"].items()},
+                }
+                for name, op in summary["operating_points"].items()
+            }
+        if summary.get("calibration"):
+            c = summary["calibration"]
+            card["calibration"] = {
+                "method": c["method"],
+                "fitted_on": c["fitted_on"],
+                "slope": round(c["slope"], 6),
+                "intercept": round(c["intercept"], 6),
+                "ece": {k: round(v, 6) for k, v in c["ece"].items()},
+            }
+        if summary.get("transfer_checks"):
+            card["transfer_checks"] = summary["transfer_checks"]
     text = "\n".join(comments) + "\n" + yaml.safe_dump(card, sort_keys=False, width=110)
     (engine_dir / "model.yaml").write_text(text, encoding="utf-8")
 
@@ -155,12 +183,35 @@ def _data_facts(data: Path, seed: int, extra_train_patients: int) -> dict[str, A
     }
 
 
-def summarise(engine_dir: Path, runs: Path, data: Path, seed: int, extra_train_patients: int = 0) -> dict[str, Any]:
+def _test_figures(validation: dict[str, Any], data: Path, threshold: float) -> dict[str, Any]:
+    """Sensitivity, specificity and sensitivity for nodules >= 15 mm on the test split at ``threshold``, from
+    validate's per-image scores (report/test/report.json) and the split's labels."""
+    from edge_agent.validate.stats import bootstrap_metrics
+
+    with (data / "labels_test.csv").open(newline="", encoding="utf-8") as f:
+        size = {r["file"]: float(r["size_mm"] or 0.0) for r in csv.DictReader(f)}
+    cases = validation["cases"]
+    s = [c["score"] for c in cases]
+    y = [c["label"] == 1 for c in cases]
+    big = [i for i, c in enumerate(cases) if c["label"] == 0 or size[c["file"]] >= 15.0]
+    m = bootstrap_metrics(s, y, threshold, 1000, 0)
+    m15 = bootstrap_metrics([s[i] for i in big], [y[i] for i in big], threshold, 1000, 0)
+    return {"sensitivity": m["sensitivity"], "specificity": m["specificity"],
+            "sensitivity_15mm_and_up": m15["sensitivity"]}
+
+
+def summarise(engine_dir: Path, runs: Path, data: Path, seed: int, extra_train_patients: int = 0,
+              refresh: bool = False) -> dict[str, Any]:
     """Collect the reports of one recipe run into summary.json and the card."""
-    main = _load(runs / "main" / "train_report.json")
+    previous = _load(engine_dir / "report" / "summary.json") if refresh else None
+    main = _load(runs / "main" / "train_report.json") if previous is None else previous["training"]
     validation = _load(engine_dir / "report" / "test" / "report.json")
     export = _load(engine_dir / "report" / "export.json")
-    controls = {}
+    calibration_path = engine_dir / "report" / "calibration.json"
+    calibration = _load(calibration_path) if calibration_path.exists() else None
+    transfer_path = engine_dir / "report" / "transfer.json"
+    transfer = _load(transfer_path) if transfer_path.exists() else None
+    controls = {} if previous is None else dict(previous["controls"])
     for name, folder in (
         ("null_insertion", "null"),
         ("train_phantom_test_ct", "phantom_to_ct"),
@@ -206,13 +257,20 @@ def summarise(engine_dir: Path, runs: Path, data: Path, seed: int, extra_train_p
         for g in validation["subgroups"]
         if g["column"] in ("size_bin", "contrast_bin", "type", "location", "anatomy_source") and g["positives"] > 0
     }
+    operating_points = None
+    if calibration is not None:
+        operating_points = {
+            name: {**op, "test": _test_figures(validation, data, float(op["threshold"]))}
+            for name, op in calibration["operating_points"].items()
+        }
     summary = {
         "statement": STATEMENT,
         "version": VERSION,
         "command": f"edge-agent validate cxr-nodule {_shown(data)} --labels {_shown(data / 'labels_test.csv')}",
-        "data": _data_facts(data, seed, extra_train_patients),
+        "data": _data_facts(data, seed, extra_train_patients) if previous is None else previous["data"],
         "sensitivity_by": sensitivity_by,
-        "operating_point": export["operating_point"],
+        "operating_point": export["operating_point"] if calibration is None
+        else "triage: " + calibration["operating_points"]["triage"]["rule"],
         "threshold": validation["threshold"],
         "test": {
             "n": overall["n"],
@@ -222,8 +280,9 @@ def summarise(engine_dir: Path, runs: Path, data: Path, seed: int, extra_train_p
             "sensitivity": overall["sensitivity"],
             "specificity": overall["specificity"],
         },
-        "validation_split": export["validation"],
-        "training": {
+        "validation_split": export["validation"] if calibration is None
+        else calibration["operating_points"]["triage"]["validation"],
+        "training": main if previous is not None else {
             k: main.get(k)
             for k in (
                 "train_images",
@@ -242,6 +301,10 @@ def summarise(engine_dir: Path, runs: Path, data: Path, seed: int, extra_train_p
             )
         },
         "export": export,
+        "calibration": None if calibration is None
+        else {k: v for k, v in calibration.items() if k != "operating_points"},
+        "operating_points": operating_points,
+        "transfer_checks": transfer["checks"] if transfer is not None else None,
         "controls": controls,
         "smallest_reliably_found_size_bin_mm": reliable,
         "reliable_definition": "smallest size bin from which every larger bin has sensitivity >= 0.80 at the "
@@ -264,8 +327,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, required=True, help="the recipe's data folder (labels.csv)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--extra-train-patients", type=int, default=0, help="as given to simulate.py for training")
+    parser.add_argument("--refresh", action="store_true",
+                        help="take what came from the training runs from the previous report/summary.json")
     args = parser.parse_args(argv)
-    summary = summarise(args.engine_dir, args.runs, args.data, args.seed, args.extra_train_patients)
+    summary = summarise(args.engine_dir, args.runs, args.data, args.seed, args.extra_train_patients, args.refresh)
     print(json.dumps(summary, indent=2))
     return 0
 

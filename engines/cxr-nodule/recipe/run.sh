@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Reproduce engines/cxr-nodule end to end: data -> training -> ONNX export -> validation -> controls -> card ->
-# drift reference -> check.
+# Reproduce engines/cxr-nodule end to end: data -> training -> ONNX export -> calibration and operating points ->
+# validation -> controls -> checks on real radiographs -> card -> drift reference -> check.
+# REFRESH=1 makes the card stage take what came from the training runs from the previous report/summary.json.
 #
 #   engines/cxr-nodule/recipe/run.sh                 # every stage
 #   engines/cxr-nodule/recipe/run.sh train export    # some stages, in the order given
@@ -47,6 +48,17 @@ stage_export() {
         --train-report "$BUILD/runs/main/train_report.json" --data "$BUILD/data" --engine-dir "$ENGINE"
 }
 
+stage_calibrate() {
+    # Platt scaling on the validation split, written into model.onnx; the triage and high-specificity operating
+    # points; report/calibration.json and report/reliability.png. Before validate, which measures the result.
+    $NICE "$PY_MAIN" "$RECIPE/calibrate.py" --engine-dir "$ENGINE" --data "$BUILD/data"
+}
+
+stage_transfer() {
+    # The model on real radiographs no stage used: report/transfer.json and its pictures.
+    $NICE "$PY_MAIN" "$RECIPE/transfer.py" --engine-dir "$ENGINE"
+}
+
 stage_validate() {
     # The card's figures: the daemon's own path (edge-agent validate: load_instance, ONNX Runtime) on the
     # TEST split only, with the command the card states (default bootstrap: 1,000 resamples, seed 0).
@@ -71,7 +83,7 @@ stage_controls() {
 }
 
 stage_card() {
-    "$PY_TRAIN" "$RECIPE/make_card.py" --engine-dir "$ENGINE" --runs "$BUILD/runs" --data "$BUILD/data" --seed "$SEED" \
+    "$PY_TRAIN" "$RECIPE/make_card.py" --engine-dir "$ENGINE" --runs "$BUILD/runs" --data "$BUILD/data" --seed "$SEED" ${REFRESH:+--refresh} \
         --extra-train-patients "$EXTRA_TRAIN"
 }
 
@@ -94,7 +106,7 @@ stage_check() {
 
 stages=("$@")
 if [ ${#stages[@]} -eq 0 ]; then
-    stages=(data train export validate controls card drift check)
+    stages=(data train export calibrate validate controls transfer card drift check)
 fi
 for stage in "${stages[@]}"; do
     echo "== $stage ($(date -u +%H:%M:%S))"
