@@ -385,10 +385,8 @@ def cmd_import_plans(args: argparse.Namespace) -> int:
     from edge_agent.inference.plan_cache import PlanCache
     from edge_agent.inference.plan_import import import_plans
 
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(str(exc), file=sys.stderr)
+    config = _load_or_report(args.config)
+    if config is None:
         return EXIT_CONFIG
     _setup_logging("WARNING")
     results = import_plans(args.folder, config.model_repository, PlanCache(config.state_dir))
