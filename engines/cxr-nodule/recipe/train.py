@@ -395,6 +395,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             "where": args.eval_where,
             "images": len(idx),
             **bootstrap_metrics(scores, y_all[idx].astype(int), threshold, args.bootstrap, args.seed),
+            # Per image, so that subsets (a size range, an anatomy source) can be scored afterwards.
+            "cases": [{"file": rows[i]["file"], "label": int(y_all[i]), "score": float(s)}
+                      for i, s in zip(idx, scores, strict=True)],
         }
     (args.out / "train_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
