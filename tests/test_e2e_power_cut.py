@@ -92,6 +92,8 @@ def test_a_replaced_file_left_behind_is_not_adopted(daemon: Any, nats_server: An
     d.kill9()
     [(new_name,)] = journal_rows(state, "SELECT spool_name FROM instances")
     assert new_name != old_name
+    # Read now: once the finding is acknowledged the series is released and its file deleted.
+    new_sha = content_sha256(state / "spool" / "instances" / new_name)
     # The deletion that a crash (or a failing disk) kept from happening: the old content is back under its name.
     (state / "spool" / "instances" / old_name).write_bytes(old_bytes)
     assert journal_rows(state, "SELECT spool_name FROM dead_files") == [(old_name,)]
@@ -100,9 +102,8 @@ def test_a_replaced_file_left_behind_is_not_adopted(daemon: Any, nats_server: An
     d.start()
     [finding] = read_findings(nats_server.url, 1)
     assert finding["series_instance_uid"] == series_uid
-    new_path = state / "spool" / "instances" / new_name
-    assert journal_rows(state, "SELECT spool_name, content_sha256 FROM instances") == [
-        (new_name, content_sha256(new_path))]
+    # The journal still names the replacing file and its content (released or not), never the old one.
+    assert journal_rows(state, "SELECT spool_name, content_sha256 FROM instances") == [(new_name, new_sha)]
     assert not (state / "spool" / "instances" / old_name).exists()
     assert "recorded again" not in d.log()
     assert journal_rows(state, "SELECT spool_name FROM dead_files") == []
