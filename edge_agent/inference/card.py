@@ -34,6 +34,11 @@ MODEL_FILE = "model.onnx"
 
 # Model names become metric label values and NATS subject tokens: keep them short and tame.
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+
+
+def is_model_name(text: str) -> bool:
+    """Whether ``text`` is a valid model (and operating point) name: it becomes a folder name in places."""
+    return _NAME.match(text) is not None
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _HASH_CHUNK_BYTES = 1 << 20
 
@@ -294,7 +299,7 @@ class ModelCard(_Card):
     @model_validator(mode="after")
     def _operating_points(self) -> ModelCard:
         for name, point in self.operating_points.items():
-            if not _NAME.match(name):
+            if not is_model_name(name):
                 raise ValueError(f"operating_points: {name!r} is not a name (lower-case letters, digits, '-', '_')")
             if point.label not in self.labels:
                 raise ValueError(f"operating_points.{name}: label {point.label!r} is not one of {self.labels}")
@@ -316,7 +321,7 @@ class ModelCard(_Card):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not _NAME.match(v):
+        if not is_model_name(v):
             raise ValueError(f"{v!r} is not a model name (lower-case letters, digits, '-', '_'; at most 64)")
         return v
 

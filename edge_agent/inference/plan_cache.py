@@ -153,7 +153,7 @@ def mismatches(meta: PlanMeta, key: PlanKey, profile: BatchProfile) -> list[str]
     return out
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
     """Temp file in the same folder, fsync, rename, fsync the folder: a crash leaves old or new, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -275,8 +275,8 @@ class PlanCache:
         )
         try:
             # A reader that finds the new plan with the old metadata refuses it by hash; never the reverse.
-            _write_atomic(self.plan_path(model, key), plan)
-            _write_atomic(self.meta_path(model, key), meta.to_json().encode())
+            write_atomic(self.plan_path(model, key), plan)
+            write_atomic(self.meta_path(model, key), meta.to_json().encode())
         except OSError as exc:
             raise EngineError(f"engine {model}: cannot write plan under {self.root / model}: {exc.strerror}") from None
         return meta
@@ -285,8 +285,8 @@ class PlanCache:
         """Store a plan built elsewhere with its own metadata (``edge-agent import-plans``); the caller checked
         that ``plan`` is what ``meta`` says."""
         try:
-            _write_atomic(self.plan_path(meta.model, meta.key), plan)
-            _write_atomic(self.meta_path(meta.model, meta.key), meta.to_json().encode())
+            write_atomic(self.plan_path(meta.model, meta.key), plan)
+            write_atomic(self.meta_path(meta.model, meta.key), meta.to_json().encode())
         except OSError as exc:
             raise EngineError(f"engine {meta.model}: cannot write plan under {self.root / meta.model}: "
                               f"{exc.strerror}") from None
@@ -303,7 +303,7 @@ class PlanCache:
 
     def write_timing_cache(self, box: Box, data: bytes) -> None:
         try:
-            _write_atomic(self.timing_cache_path(box), data)
+            write_atomic(self.timing_cache_path(box), data)
         except OSError as exc:
             # Losing the timing cache only makes the next build slower: say so, do not fail the build.
             logger.warning("cannot save the timing cache: %s", exc.strerror)

