@@ -8,8 +8,9 @@ so memory per association is bounded by what one ``recv`` returns, whatever a pe
 
 Durability: a Success is answered only once the instance's data is fsynced, its name is in a fsynced
 directory and its journal row is committed (PS3.4 Annex B.2.3). Instances that finish arriving
-together, on any association, are committed together by one thread: one directory fsync and one
-journal commit per group (``_Committer``). That commit does not wait for its own fsync: the spool file,
+together, on any association, are committed together: one directory fsync and one journal commit per
+group (``_Committer``). What can be done before a Success is needed is done as the bytes arrive: the
+content's digest, the start of the data's writeback, the next instance's temp file. That commit does not wait for its own fsync: the spool file,
 named with a digest of its content, is the record of truth, and after a power cut the daemon records
 again the files whose rows were lost (journal.py, ``Housekeeping.adopt_at_start``).
 
@@ -24,13 +25,12 @@ inference the answer is 0xA700 (back-pressure).
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import errno
-import functools
 import hashlib
 import logging
 import os
+import queue
 import re
 import socket
 import struct
@@ -73,7 +73,7 @@ from edge_agent.config import DicomConfig
 from edge_agent.dicom import status
 from edge_agent.dicom.header import InstanceMeta, check_sop_class, read_meta, read_meta_head
 from edge_agent.dicom.hosts import HostMatcher
-from edge_agent.dicom.spool import Spool
+from edge_agent.dicom.spool import Spool, start_writeback
 from edge_agent.errors import EdgeAgentError
 from edge_agent.journal import Journal, Recorded
 from edge_agent.logs import RepeatedLog
@@ -126,6 +126,10 @@ _PDU_SLACK = 64
 # How much of each dataset's start is kept in memory to read the header without reading the file again.
 _HEAD_BYTES = 256 * 1024
 _INFLATE_STEP = 1 << 20
+# Writeback of a dataset being received is started every this many bytes, and at its end.
+_WRITEBACK_BYTES = 1 << 20
+# Temp files created ahead of the C-STOREs that will use them.
+_SPARE_FILES = 2
 _SWEEP_SECONDS = 0.5
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _CMD_STORE_RQ, _CMD_ECHO_RQ, _CMD_CANCEL_RQ = 0x0001, 0x0030, 0x0FFF
@@ -269,6 +273,10 @@ class _Store:
     inflater: Any = None
     inflated: int = 0
     started: float = field(default_factory=time.perf_counter)
+    # The dataset's SHA-256 (as received, deflated or not), taken as the bytes arrive: the sender is busy
+    # sending the next fragment meanwhile, and the file is never read back.
+    hasher: Any = field(default_factory=hashlib.sha256)
+    unflushed: int = 0  # bytes written since the last writeback was started
 
     def write(self, chunk: memoryview) -> None:
         if self.refused is not None:
@@ -281,6 +289,7 @@ class _Store:
             self._inflate(chunk)
         elif len(self.head) < _HEAD_BYTES:
             self.head += chunk[: _HEAD_BYTES - len(self.head)]
+        self.hasher.update(chunk)
         try:
             view = chunk
             while view:
@@ -290,6 +299,16 @@ class _Store:
             full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
             self.refuse(status.SPOOL_FULL if full else status.RECEIVE_FAILED,
                         f"writing it to the spool failed ({os.strerror(exc.errno or 0)})")
+            return
+        self.unflushed += len(chunk)
+        if self.unflushed >= _WRITEBACK_BYTES:
+            self.start_writeback()
+
+    def start_writeback(self) -> None:
+        """Start writing what was received to the disk now, so that the fsync behind Success finds less to do."""
+        if self.fd >= 0 and self.unflushed:
+            self.unflushed = 0
+            start_writeback(self.fd)
 
     def _inflate(self, chunk: memoryview) -> None:
         # Inflated in steps of 1 MiB: a small Deflated dataset that inflates to gigabytes is counted, and
@@ -337,65 +356,87 @@ class _Committer:
     Stage one reads each header, renames the group into the spool and fsyncs the files and the folder at once;
     stage two records the group in the journal (one commit). A group enters stage two only after its own
     fsyncs, so the journal never names a file that is not on disk; meanwhile the next group is in stage one.
+    Each stage takes everything waiting for it as its next group. The threads are plain threads fed by
+    queues, and the answers go back with one ``call_soon_threadsafe`` per group: a hop through the event
+    loop costs as much as a journal commit here.
     """
 
     def __init__(self, spool: Spool, journal: Journal) -> None:
         self._spool = spool
         self._journal = journal
-        self._place_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="dicom-place")
-        self._journal_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1,
-                                                                   thread_name_prefix="dicom-journal")
-        self._waiting: list[tuple[_Store, asyncio.Future[_Result]]] = []
-        self._task: asyncio.Task[None] | None = None
-        self._recording: set[asyncio.Future[None]] = set()
+        self._to_place: queue.SimpleQueue[_Waiting | None] = queue.SimpleQueue()
+        self._to_record: queue.SimpleQueue[_Placed | None] = queue.SimpleQueue()
+        self._pending: set[asyncio.Future[_Result]] = set()
+        self._threads: list[threading.Thread] = []
         self.groups = 0
 
     def submit(self, store: _Store) -> asyncio.Future[_Result]:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[_Result] = loop.create_future()
-        self._waiting.append((store, fut))
-        if self._task is None or self._task.done():
-            self._task = loop.create_task(self._run())
+        self._pending.add(fut)
+        fut.add_done_callback(self._pending.discard)
+        if not self._threads:
+            self._threads = [
+                threading.Thread(target=self._stage, name="dicom-place", daemon=True,
+                                 args=(self._to_place, self._place_group, lambda: self._to_record.put(None))),
+                threading.Thread(target=self._stage, name="dicom-journal", daemon=True,
+                                 args=(self._to_record, self._record_group, lambda: None))]
+            for t in self._threads:
+                t.start()
+        self._to_place.put(_Waiting(store, fut, loop))
         return fut
 
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while self._waiting:
-            group, self._waiting = self._waiting, []
-            futures = [f for _, f in group]
-            try:
-                placed = await loop.run_in_executor(self._place_pool, self._place, [s for s, _ in group])
-            except BaseException as exc:  # _place never fails (it is total); a cancel ends here
-                _settle(futures, [_Result(status.answer_for(exc))] * len(group))
-                raise
-            self.groups += 1
-            # Journal stage: in order (one thread), while the next group is placed.
-            recording = asyncio.ensure_future(loop.run_in_executor(self._journal_pool, self._record, *placed))
-            self._recording.add(recording)
-            recording.add_done_callback(functools.partial(self._recorded, futures, placed[2]))
-
-    def _recorded(self, futures: list[asyncio.Future[_Result]], results: list[_Result | None],
-                  done: asyncio.Future[None]) -> None:
-        self._recording.discard(done)
-        exc = done.exception() if not done.cancelled() else asyncio.CancelledError()
-        if exc is not None:
-            results = [r if r is not None else _Result(status.answer_for(exc)) for r in results]
-        _settle(futures, [r if r is not None else _Result(status.RECEIVE_FAILED) for r in results])
-
     async def idle(self) -> None:
-        while (self._task is not None and not self._task.done()) or self._recording:
-            with contextlib.suppress(BaseException):
-                if self._task is not None and not self._task.done():
-                    await asyncio.shield(self._task)
-                if self._recording:
-                    await asyncio.wait(list(self._recording))
+        """Wait until every instance submitted so far has its answer."""
+        while self._pending:
+            await asyncio.wait(list(self._pending))
 
     def close(self) -> None:
-        self._place_pool.shutdown(wait=True)
-        self._journal_pool.shutdown(wait=True)
+        threads, self._threads = self._threads, []
+        if threads:
+            self._to_place.put(None)
+            for t in threads:
+                t.join()
 
-    def _place(self, group: list[_Store]) -> tuple[list[_Store], list[tuple[int, InstanceMeta]], list[_Result | None],
-                                                   list[str]]:
+    @staticmethod
+    def _stage(inbox: queue.SimpleQueue[Any], work: Callable[[list[Any]], None], after: Callable[[], None]) -> None:
+        """One stage's thread: take everything waiting as one group, until the ``None`` that ends it."""
+        stopping = False
+        while not stopping:
+            group: list[Any] = []
+            item = inbox.get()
+            while True:
+                if item is None:
+                    stopping = True
+                    break
+                group.append(item)
+                try:
+                    item = inbox.get_nowait()
+                except queue.Empty:
+                    break
+            if group:
+                work(group)
+        after()
+
+    def _place_group(self, items: list[_Waiting]) -> None:
+        try:
+            ready, results, names = self._place([w.store for w in items])
+        except BaseException as exc:  # _place is total; this is a last resort so that no sender hangs
+            _answer_all(items, [_Result(status.answer_for(exc))] * len(items))
+            return
+        self.groups += 1
+        self._to_record.put(_Placed(items, ready, results, names))
+
+    def _record_group(self, placed: list[_Placed]) -> None:
+        for p in placed:
+            try:
+                self._record([w.store for w in p.items], p.ready, p.results, p.names)
+                results = p.results
+            except BaseException as exc:  # _record answers its own failures; this is a last resort
+                results = [r if r is not None else _Result(status.answer_for(exc)) for r in p.results]
+            _answer_all(p.items, [r if r is not None else _Result(status.RECEIVE_FAILED) for r in results])
+
+    def _place(self, group: list[_Store]) -> tuple[list[tuple[int, InstanceMeta]], list[_Result | None], list[str]]:
         """Stage one: read headers, place and fsync the group. Total: nothing raises."""
         results: list[_Result | None] = [None] * len(group)
         ready: list[tuple[int, InstanceMeta]] = []
@@ -421,7 +462,7 @@ class _Committer:
                 with contextlib.suppress(OSError):
                     os.close(st.fd)
                 st.fd = -1
-        return group, ready, results, names
+        return ready, results, names
 
     def _record(self, group: list[_Store], ready: list[tuple[int, InstanceMeta]], results: list[_Result | None],
                 names: list[str]) -> None:
@@ -456,19 +497,40 @@ class _Committer:
             logger.warning("cannot remove %s: %s", what, exc.strerror)
 
 
-def _settle(futures: list[asyncio.Future[_Result]], results: list[_Result]) -> None:
-    for fut, result in zip(futures, results, strict=True):
+@dataclass
+class _Waiting:
+    store: _Store
+    future: asyncio.Future[_Result]
+    loop: asyncio.AbstractEventLoop
+
+
+@dataclass
+class _Placed:
+    items: list[_Waiting]
+    ready: list[tuple[int, InstanceMeta]]
+    results: list[_Result | None]
+    names: list[str]
+
+
+def _answer_all(items: list[_Waiting], results: list[_Result]) -> None:
+    """From a committer thread: settle each future on its loop (one hop per loop)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[_Result], _Result]]] = {}
+    for w, r in zip(items, results, strict=True):
+        by_loop.setdefault(w.loop, []).append((w.future, r))
+    for loop, pairs in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits for these any more
+            loop.call_soon_threadsafe(_settle, pairs)
+
+
+def _settle(pairs: list[tuple[asyncio.Future[_Result], _Result]]) -> None:
+    for fut, result in pairs:
         if not fut.done():
             fut.set_result(result)
 
 
 def _read_meta(st: _Store) -> InstanceMeta:
     assert st.path is not None
-    # Hashed here, on the commit thread, not as the bytes arrive: hashlib lets go of the GIL, so the receiving
-    # loop goes on meanwhile. The file is still in the page cache.
-    with open(st.path, "rb") as f:
-        f.seek(st.meta_bytes)
-        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    digest = st.hasher.hexdigest()
     whole = (st.inflated if st.inflater is not None else st.size) <= len(st.head)
     syntax = ExplicitVRLittleEndian if st.inflater is not None else st.transfer_syntax
     meta = read_meta_head(bytes(st.head), syntax, st.calling_aet, st.called_aet, digest, whole=whole)
@@ -520,7 +582,7 @@ class _Connection(asyncio.Protocol):
         self._command = bytearray()
         self._contexts: dict[int, tuple[str, str]] = {}
         self._store: _Store | None = None
-        self._busy: asyncio.Task[None] | None = None
+        self._busy: asyncio.Future[_Result] | None = None
         self._backlog = bytearray()
         self.calling_aet = self.called_aet = ""
         self.series: set[int] = set()
@@ -795,12 +857,16 @@ class _Connection(asyncio.Protocol):
         if store.refused is not None:
             self._answer(store, store.refused)
             return
-        self._busy = asyncio.get_running_loop().create_task(self._commit(store))
+        store.start_writeback()
+        self._busy = self._server._commit(store)
+        self._busy.add_done_callback(lambda fut: self._committed(store, fut))
         self._pause()
+        # While this one is made durable, the loop has time to create the next instance's temp file.
+        self._server._spare_incoming()
 
-    async def _commit(self, store: _Store) -> None:
+    def _committed(self, store: _Store, fut: asyncio.Future[_Result]) -> None:
         try:
-            result = await self._server._commit(store)
+            result = _Result(status.RECEIVE_FAILED) if fut.cancelled() else fut.result()
             if result.recorded is not None and result.meta is not None:
                 if result.answer is not status.STORED_DUPLICATE:
                     self.series.add(result.recorded.series_id)
@@ -935,6 +1001,7 @@ class Receiver:
         self._stopping = threading.Lock()
         self._repeated = RepeatedLog(logger)  # a flood of refusals is not a flood of log lines
         self._ports: list[int] = []
+        self._spares: list[tuple[Path, int]] = []  # temp files created ahead, while the loop waits on fsyncs
 
     # -- lifecycle --
 
@@ -1033,6 +1100,7 @@ class Receiver:
         if loop is not None:
             loop.close()
         self._committer.close()
+        self._drop_spares()
         self._spool.close()
         self._loop = self._thread = None
         self._servers, self._ports = [], []
@@ -1157,7 +1225,7 @@ class Receiver:
             st.refuse(status.SPOOL_FULL, f"spool free space below the {self._spool.min_free_bytes} byte watermark")
             return st
         try:
-            st.path, st.fd = self._spool.open_incoming()
+            st.path, st.fd = self._spares.pop() if self._spares else self._spool.open_incoming()
             header = file_meta(sop_class, sop_instance, syntax, conn.calling_aet, conn.called_aet)
             os.write(st.fd, header)
             st.meta_bytes = len(header)
@@ -1170,8 +1238,22 @@ class Receiver:
             st.inflater = zlib.decompressobj(-zlib.MAX_WBITS)
         return st
 
-    async def _commit(self, store: _Store) -> _Result:
-        return await self._committer.submit(store)
+    def _commit(self, store: _Store) -> asyncio.Future[_Result]:
+        return self._committer.submit(store)
+
+    def _spare_incoming(self) -> None:
+        if len(self._spares) >= _SPARE_FILES or not self._accepting:
+            return
+        with contextlib.suppress(OSError):  # none made: the next C-STORE makes its own, and says why it fails
+            self._spares.append(self._spool.open_incoming())
+
+    def _drop_spares(self) -> None:
+        spares, self._spares = self._spares, []
+        for path, fd in spares:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            with contextlib.suppress(OSError):
+                path.unlink()
 
     def _stored(self, store: _Store, result: _Result) -> None:
         assert result.meta is not None and result.recorded is not None
