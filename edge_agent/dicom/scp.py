@@ -2,17 +2,19 @@
 
 One event loop, in its own thread, serves every connection (``asyncio.Protocol``): no thread per
 association and no polling. The DICOM Upper Layer is parsed incrementally as bytes arrive (PS3.8):
-association negotiation uses pynetdicom's PDU codecs, C-STORE/C-ECHO command sets are small and
-parsed here, and P-DATA fragments of a dataset are written to a temp file in the spool as they come,
-so memory per association is bounded by what one ``recv`` returns, whatever a peer declares.
+association requests are read and answered straight from bytes (acse.py), C-STORE/C-ECHO command
+sets are small and parsed here, and P-DATA fragments of a dataset are written to a temp file in the
+spool as they come, so memory per association is bounded by what one ``recv`` returns, whatever a
+peer declares.
 
 Durability: a Success is answered only once the instance's data is fsynced, its name is in a fsynced
 directory and its journal row is committed (PS3.4 Annex B.2.3). Instances that finish arriving
 together, on any association, are committed together: one directory fsync and one journal commit per
 group (``_Committer``). What can be done before a Success is needed is done as the bytes arrive: the
-content's digest, the start of the data's writeback, the next instance's temp file. That commit does not wait for its own fsync: the spool file,
-named with a digest of its content, is the record of truth, and after a power cut the daemon records
-again the files whose rows were lost (journal.py, ``Housekeeping.adopt_at_start``).
+content's digest, the start of the data's writeback, the next instance's temp file. The journal
+commit does not wait for its own fsync: the spool file, named with a digest of its content, is the
+record of truth, and after a power cut the daemon records again the files whose rows were lost
+(journal.py, ``Housekeeping.adopt_at_start``).
 
 What a peer cannot do (each a test in tests/test_scp_limits.py): declare a PDU longer than
 ``max_pdu_bytes`` (aborted at the header), send a dataset over ``max_dataset_bytes`` or a Deflated one
@@ -58,19 +60,11 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import (
-    A_ASSOCIATE,
-    ImplementationClassUIDNotification,
-    ImplementationVersionNameNotification,
-    MaximumLengthNotification,
-)
-from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import _STORAGE_CLASSES
 
 from edge_agent import tlsutil
 from edge_agent.config import DicomConfig
-from edge_agent.dicom import status
+from edge_agent.dicom import acse, status
 from edge_agent.dicom.header import InstanceMeta, check_sop_class, read_meta, read_meta_head
 from edge_agent.dicom.hosts import HostMatcher
 from edge_agent.dicom.spool import Spool, start_writeback
@@ -767,15 +761,13 @@ class _Connection(asyncio.Protocol):
     def _on_associate_rq(self, body: bytes) -> None:
         server = self._server
         try:
-            pdu = A_ASSOCIATE_RQ()
-            pdu.decode(struct.pack(">BBI", 0x01, 0, len(body)) + body)
-            rq = pdu.to_primitive()
-            calling, called = str(rq.calling_ae_title).strip(), str(rq.called_ae_title).strip()
-        except Exception as exc:
-            logger.warning("association rejected: an A-ASSOCIATE-RQ that does not decode (%s)", type(exc).__name__)
+            rq = acse.parse_associate_rq(body)
+            calling, called = rq.calling_ae, rq.called_ae
+        except acse.MalformedRequest as exc:
+            logger.warning("association rejected: an A-ASSOCIATE-RQ that does not decode (%s)", exc)
             self._reject(_RJ_NO_REASON, "rejected_malformed")
             return
-        if not (pdu.protocol_version & 0x01):
+        if not (rq.protocol_version & 0x01):
             self._reject(_RJ_VERSION, "rejected_malformed")
             return
         why = server._check_association(self, calling)
@@ -785,43 +777,23 @@ class _Connection(asyncio.Protocol):
             self._reject(reason, outcome)
             return
         self.calling_aet, self.called_aet = calling, called
-        results: list[PresentationContext] = []
-        for pc in rq.presentation_context_definition_list:
-            cid = int(pc.context_id or 0)
-            ctx = PresentationContext()
-            ctx.context_id = cid
+        results: list[tuple[int, int, str]] = []
+        for pc in rq.contexts:
             # An item may lack its Abstract Syntax sub-item (PS3.8 9.3.2.2): refused as not supported.
-            abstract = "" if pc.abstract_syntax is None else str(pc.abstract_syntax)
-            if abstract:
-                ctx.abstract_syntax = pc.abstract_syntax
-            proposed = [str(ts) for ts in pc.transfer_syntax]
-            chosen = server._choose_syntax(abstract, proposed)
+            proposed = list(pc.transfer_syntaxes)
+            chosen = server._choose_syntax(pc.abstract_syntax, proposed)
             if isinstance(chosen, int):
-                ctx.result = chosen
-                ctx.transfer_syntax = [proposed[0] if proposed else ImplicitVRLittleEndian]
+                results.append((pc.context_id, chosen, proposed[0] if proposed else ImplicitVRLittleEndian))
             else:
-                ctx.result = 0x00
-                ctx.transfer_syntax = [chosen]
-                self._contexts[cid] = (abstract, chosen)
-            results.append(ctx)
-        ac = A_ASSOCIATE()
-        ac.application_context_name = UID(APPLICATION_CONTEXT)
-        ac.calling_ae_title = rq.calling_ae_title
-        ac.called_ae_title = rq.called_ae_title
-        ac.result, ac.result_source = 0x00, 0x01
-        ac.presentation_context_definition_results_list = results
-        max_length = MaximumLengthNotification()
-        max_length.maximum_length_received = server.config.max_pdu_bytes
-        impl_uid = ImplementationClassUIDNotification()
-        impl_uid.implementation_class_uid = UID(IMPLEMENTATION_CLASS_UID)
-        impl_version = ImplementationVersionNameNotification()
-        impl_version.implementation_version_name = IMPLEMENTATION_VERSION
-        ac.user_information = [max_length, impl_uid, impl_version]
-        pdu_ac = A_ASSOCIATE_AC()
-        pdu_ac.from_primitive(ac)
+                results.append((pc.context_id, 0x00, chosen))
+                self._contexts[pc.context_id] = (pc.abstract_syntax, chosen)
+        ac = acse.encode_associate_ac(rq, results, application_context=APPLICATION_CONTEXT,
+                                      max_length=server.config.max_pdu_bytes,
+                                      implementation_uid=IMPLEMENTATION_CLASS_UID,
+                                      implementation_version=IMPLEMENTATION_VERSION)
         self.state = _OPEN
         server._associated(self)
-        self._write(pdu_ac.encode())
+        self._write(ac)
 
     def _reject(self, reason: tuple[int, int, int], outcome: str) -> None:
         self._server._count_association(outcome)
@@ -941,29 +913,7 @@ class _Connection(asyncio.Protocol):
 
 
 
-class _NotFromTheReceiver(logging.Filter):
-    """Drops pynetdicom's own records logged on the receiver's thread.
-
-    The receiver uses pynetdicom's codecs only to decode A-ASSOCIATE-RQs; for a malformed one (a null or
-    non-ASCII AE title) they log ERROR lines, with a traceback and the peer's AE title, before the receiver
-    rejects it. Any peer could write those at will. The receiver logs its own line, rate-limited, instead.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.threadName != _THREAD_NAME
-
-
 _THREAD_NAME = "dicom-receiver"
-
-
-def _quiet_pynetdicom() -> None:
-    import pynetdicom  # noqa: F401  (its modules' loggers exist once it is imported)
-
-    names = [n for n in logging.root.manager.loggerDict if n == "pynetdicom" or n.startswith("pynetdicom.")]
-    for name in names:
-        log = logging.getLogger(name)
-        if not any(isinstance(f, _NotFromTheReceiver) for f in log.filters):
-            log.addFilter(_NotFromTheReceiver())
 
 
 class Receiver:
@@ -1009,7 +959,6 @@ class Receiver:
         """Bind and serve. Raises EdgeAgentError if a port cannot be bound."""
         if self._loop is not None:
             raise EdgeAgentError("the DICOM receiver is already running")
-        _quiet_pynetdicom()
         loop = asyncio.new_event_loop()
         thread = threading.Thread(target=loop.run_forever, name=_THREAD_NAME, daemon=True)
         thread.start()
