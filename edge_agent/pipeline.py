@@ -24,6 +24,7 @@ import os
 import secrets
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,8 +85,22 @@ class _SeriesWork:
     urgent: bool
     complete_on_release: bool  # the route's: an association's release ends the series
     instances: dict[int, _InstanceWork] = field(default_factory=dict)
-    # instance id -> (Images in Acquisition, Acquisition Number), for the count rule
+    # instance id -> (Images in Acquisition, Acquisition Number), for the count rule, and how many instances
+    # carry each value (so that each arrival asks the rule in constant time, not in time of the series' size)
     seen: dict[int, tuple[int | None, int | None]] = field(default_factory=dict)
+    counts: Counter[int | None] = field(default_factory=Counter)
+    acquisitions: Counter[int | None] = field(default_factory=Counter)
+
+    def see(self, instance_id: int, expected_count: int | None, acquisition_number: int | None) -> None:
+        old = self.seen.get(instance_id)
+        if old is not None:
+            for counter, value in ((self.counts, old[0]), (self.acquisitions, old[1])):
+                counter[value] -= 1
+                if counter[value] <= 0:
+                    del counter[value]
+        self.seen[instance_id] = (expected_count, acquisition_number)
+        self.counts[expected_count] += 1
+        self.acquisitions[acquisition_number] += 1
     # instance id -> seconds its C-STORE took (this run's arrivals only), kept should its inference start again
     receive_seconds: dict[int, float] = field(default_factory=dict)
 
@@ -204,9 +219,7 @@ class Pipeline:
         self._rearm(work)
 
     def _rearm(self, work: _SeriesWork, last_received: float | None = None) -> None:
-        counts = [c for c, _ in work.seen.values()]
-        acquisitions = [a for _, a in work.seen.values()]
-        complete = count_says_complete(len(work.seen), counts, acquisitions)
+        complete = count_says_complete(len(work.seen), work.counts.keys(), work.acquisitions.keys())
         self._assembler.touch(work.series_id, work.quiet_seconds, complete, last_received=last_received)
 
     def _new_work(self, series_id: int, revision: int, facts: SeriesFacts) -> _SeriesWork:
@@ -228,7 +241,7 @@ class Pipeline:
         return work
 
     def _start_instance(self, work: _SeriesWork, row: InstanceRow) -> None:
-        work.seen[row.id] = (row.expected_count, row.acquisition_number)
+        work.see(row.id, row.expected_count, row.acquisition_number)
         old = work.instances.pop(row.id, None)
         if old is not None:
             old.task.cancel()  # a re-sent instance with new content replaces the earlier one

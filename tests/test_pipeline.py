@@ -31,6 +31,7 @@ from edge_agent.inference.onnxruntime import OnnxRuntimeEngine
 from edge_agent.journal import Journal, Recorded, SeriesState
 from edge_agent.metrics import Metrics
 from edge_agent.pipeline import LoadedModel, Pipeline
+from edge_agent.series import count_says_complete
 from edge_agent.workers import WorkerPool
 from tests.dicomfiles import make_ct_series
 from tests.test_batcher import CountingEngine
@@ -411,3 +412,20 @@ def test_a_release_leaves_series_of_routes_without_complete_on_release_to_their_
 
     with harness(tmp_path, quiet_seconds=3600.0) as h:
         asyncio.run(main(h))
+
+
+def test_the_count_rule_sees_a_replaced_instance_once() -> None:
+    # The rule's tallies follow each instance's latest values: a re-sent instance moved to the series' one
+    # acquisition leaves no trace of its earlier one, so the series completes by count.
+    work = pipeline_module._SeriesWork(series_id=1, revision=1, model=None, quiet_seconds=3.0, urgent=False,
+                                       complete_on_release=False)
+    work.see(1, 3, 1)
+    work.see(2, 3, 2)
+    work.see(3, 3, 1)
+    assert not count_says_complete(len(work.seen), work.counts.keys(), work.acquisitions.keys())
+    work.see(2, 3, 1)
+    assert dict(work.counts) == {3: 3} and dict(work.acquisitions) == {1: 3}
+    assert count_says_complete(len(work.seen), work.counts.keys(), work.acquisitions.keys())
+    work.see(3, None, 1)
+    assert dict(work.counts) == {3: 2, None: 1}
+    assert not count_says_complete(len(work.seen), work.counts.keys(), work.acquisitions.keys())
