@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import socket
@@ -9,6 +10,8 @@ import sqlite3
 import subprocess
 import tempfile
 import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +74,28 @@ STORESCU_CASES = [
     (SC_DEFLATED, ("-xd",)),
     (EMRI_SMALL, ()),  # Enhanced MR, multi-frame
 ]
+
+
+COMMIT_PATHS = ["alone", "in company"]
+
+
+@contextlib.contextmanager
+def commit_path(h: ReceiverHarness, path: str) -> Iterator[None]:
+    """How the receiver makes the instances sent inside durable.
+
+    "alone": each association is the receiver's only connection, so its instances are committed on the loop;
+    "in company": another peer's connection stays open (silent), so they go through the two commit threads.
+    """
+    if path == "alone":
+        yield
+        assert h.receiver._committer._threads == []
+        return
+    with socket.create_connection(("127.0.0.1", h.port)):
+        deadline = time.monotonic() + 5
+        while not h.receiver._conns and time.monotonic() < deadline:
+            time.sleep(0.01)
+        yield
+        assert h.receiver._committer._threads
 
 
 def _stored_path(h: ReceiverHarness, recorded: Any) -> Path:
@@ -220,9 +245,10 @@ def test_echoscu(tmp_path: Path) -> None:
         assert h.spool_files() == []
 
 
-def test_an_identical_resend_is_acknowledged_and_changes_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("path", COMMIT_PATHS)
+def test_an_identical_resend_is_acknowledged_and_changes_nothing(tmp_path: Path, path: str) -> None:
     """Defect 2: a re-send of the bytes held (a lost C-STORE-RSP) is Success, keeps the first file, hands nothing on."""
-    with running_receiver(tmp_path) as h:
+    with running_receiver(tmp_path) as h, commit_path(h, path):
         assert storescu(h.port, [CT_SMALL], extra=("-R",)).returncode == 0
         [(_, first)] = h.stored.wait_for(1)
         assert storescu(h.port, [CT_SMALL], extra=("-R",)).returncode == 0
@@ -231,12 +257,13 @@ def test_an_identical_resend_is_acknowledged_and_changes_nothing(tmp_path: Path)
         assert h.instances("stored") == 1 and h.instances("duplicate") == 1
 
 
-def test_a_resend_with_new_content_replaces_its_spool_file(tmp_path: Path) -> None:
+@pytest.mark.parametrize("path", COMMIT_PATHS)
+def test_a_resend_with_new_content_replaces_its_spool_file(tmp_path: Path, path: str) -> None:
     changed = tmp_path / "changed.dcm"
     ds = pydicom.dcmread(CT_SMALL)
     ds.ImageComments = "corrected"
     ds.save_as(changed, enforce_file_format=True)
-    with running_receiver(tmp_path) as h:
+    with running_receiver(tmp_path) as h, commit_path(h, path):
         assert storescu(h.port, [CT_SMALL], extra=("-R",)).returncode == 0
         assert storescu(h.port, [changed], extra=("-R",)).returncode == 0
         _, (_, second) = h.stored.wait_for(2)
@@ -316,7 +343,8 @@ def test_an_allow_list_of_sop_classes_refuses_the_others_at_negotiation(tmp_path
         assert h.spool_files() == []
 
 
-def test_garbage_and_incomplete_datasets_are_refused_and_the_next_store_succeeds(tmp_path: Path) -> None:
+@pytest.mark.parametrize("path", COMMIT_PATHS)
+def test_garbage_and_incomplete_datasets_are_refused_and_the_next_store_succeeds(tmp_path: Path, path: str) -> None:
     garbage = _part10(tmp_path / "garbage.dcm", CTImageStorage, bytes(range(256)) * 40)
     no_series = Dataset()
     no_series.SOPClassUID = CTImageStorage
@@ -328,7 +356,7 @@ def test_garbage_and_incomplete_datasets_are_refused_and_the_next_store_succeeds
     mismatch_path = tmp_path / "mismatch.dcm"
     mismatch.file_meta.MediaStorageSOPClassUID = MRImageStorage  # the C-STORE will name MR, the data says CT
     mismatch.save_as(mismatch_path)
-    with running_receiver(tmp_path) as h:
+    with running_receiver(tmp_path) as h, commit_path(h, path):
         ae = _scu()
         ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
         ae.add_requested_context(MRImageStorage, ExplicitVRLittleEndian)
@@ -361,8 +389,10 @@ def test_spool_below_watermark_answers_out_of_resources(tmp_path: Path) -> None:
         assert h.sample("edge_agent_spool_free_bytes") > 0
 
 
-def test_a_real_enospc_in_the_spool_answers_out_of_resources_and_leaves_nothing(tmp_path: Path) -> None:
-    with tmpfs("32m", nr_inodes=64) as mnt, running_receiver(tmp_path, spool_root=mnt / "spool") as h:
+@pytest.mark.parametrize("path", COMMIT_PATHS)
+def test_a_real_enospc_in_the_spool_answers_out_of_resources_and_leaves_nothing(tmp_path: Path, path: str) -> None:
+    with (tmpfs("32m", nr_inodes=64) as mnt, running_receiver(tmp_path, spool_root=mnt / "spool") as h,
+          commit_path(h, path)):
         assert storescu(h.port, [MR_SMALL_RLE], extra=("-R", "-xr")).returncode == 0
         before = h.spool_files()
         assert fill_inodes(mnt) > 0  # bytes are free, inodes are not: has_room() cannot see it coming
@@ -377,11 +407,13 @@ def test_a_real_enospc_in_the_spool_answers_out_of_resources_and_leaves_nothing(
         assert h.journal.counts().spool_files == len(answers)
 
 
+@pytest.mark.parametrize("path", COMMIT_PATHS)
 def test_a_disk_that_fills_during_a_transfer_answers_out_of_resources_and_serves_on(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, path: str
 ) -> None:
     """ENOSPC while a dataset is arriving: 0xA700, nothing left behind, the association goes on."""
-    with tmpfs("24m") as mnt, running_receiver(tmp_path, spool_root=mnt / "spool", min_free_bytes=1) as h:
+    with (tmpfs("24m") as mnt, running_receiver(tmp_path, spool_root=mnt / "spool", min_free_bytes=1) as h,
+          commit_path(h, path)):
         fill(mnt, leave_bytes=3 * 1024 * 1024)
         assert h.spool.has_room(1)  # above the watermark: only the write itself can find the disk full
         assert _store_one(h.port, RG1_UNCR) == status.OUT_OF_RESOURCES  # 7 MB into 3 MB
@@ -393,8 +425,9 @@ def test_a_disk_that_fills_during_a_transfer_answers_out_of_resources_and_serves
         assert h.journal.counts().spool_files == 2
 
 
-def test_a_full_journal_disk_answers_out_of_resources_and_removes_the_spool_file(tmp_path: Path) -> None:
-    with tmpfs("2m") as mnt, running_receiver(tmp_path, journal_path=mnt / "journal.db") as h:
+@pytest.mark.parametrize("path", COMMIT_PATHS)
+def test_a_full_journal_disk_answers_out_of_resources_and_removes_the_spool_file(tmp_path: Path, path: str) -> None:
+    with tmpfs("2m") as mnt, running_receiver(tmp_path, journal_path=mnt / "journal.db") as h, commit_path(h, path):
         fill(mnt)
         assert _store_one(h.port, CT_SMALL) == status.OUT_OF_RESOURCES
         assert h.instances("out_of_resources") == 1
@@ -402,14 +435,15 @@ def test_a_full_journal_disk_answers_out_of_resources_and_removes_the_spool_file
         assert h.stored.calls == []
 
 
-def test_on_stored_failure_is_a_processing_failure_but_the_instance_stays_journalled(tmp_path: Path) -> None:
+@pytest.mark.parametrize("path", COMMIT_PATHS)
+def test_on_stored_failure_is_a_processing_failure_but_the_instance_stays_journalled(tmp_path: Path, path: str) -> None:
     journal_calls: list[Any] = []
 
     def broken(meta: Any, recorded: Any) -> None:
         journal_calls.append(recorded)
         raise RuntimeError("event loop is closed")
 
-    with running_receiver(tmp_path) as h:
+    with running_receiver(tmp_path) as h, commit_path(h, path):
         h.receiver._on_stored = broken
         assert _store_one(h.port, CT_SMALL) == status.PROCESSING_FAILURE
         assert h.instances("processing_failure") == 1

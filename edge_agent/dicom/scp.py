@@ -380,6 +380,20 @@ class _Committer:
         self._to_place.put(_Waiting(store, fut, loop))
         return fut
 
+    def commit_now(self, store: _Store) -> _Result:
+        """Both stages for one instance, on the calling thread; only while ``idle_now``."""
+        try:
+            ready, results, names = self._place([store])
+            self.groups += 1
+            self._record([store], ready, results, names)
+        except Exception as exc:  # both stages answer their own failures; this is a last resort
+            return _Result(status.answer_for(exc))
+        return results[0] or _Result(status.RECEIVE_FAILED)
+
+    def idle_now(self) -> bool:
+        """Nothing submitted is waiting for its answer (so nothing is ahead of a new instance in the journal)."""
+        return not self._pending
+
     async def idle(self) -> None:
         """Wait until every instance submitted so far has its answer."""
         while self._pending:
@@ -830,15 +844,23 @@ class _Connection(asyncio.Protocol):
             self._answer(store, store.refused)
             return
         store.start_writeback()
-        self._busy = self._server._commit(store)
-        self._busy.add_done_callback(lambda fut: self._committed(store, fut))
+        server = self._server
+        if server._alone(self):
+            # Nobody else to serve: made durable right here, without the two thread hand-overs (about 0.6 ms
+            # of an instance's 3-4 ms on one association). The next temp file is made while the sender reads
+            # the answer.
+            self._finish(store, server._committer.commit_now(store))
+            server._spare_incoming()
+            return
+        self._busy = server._commit(store)
+        self._busy.add_done_callback(
+            lambda fut: self._finish(store, _Result(status.RECEIVE_FAILED) if fut.cancelled() else fut.result()))
         self._pause()
         # While this one is made durable, the loop has time to create the next instance's temp file.
-        self._server._spare_incoming()
+        server._spare_incoming()
 
-    def _committed(self, store: _Store, fut: asyncio.Future[_Result]) -> None:
+    def _finish(self, store: _Store, result: _Result) -> None:
         try:
-            result = _Result(status.RECEIVE_FAILED) if fut.cancelled() else fut.result()
             if result.recorded is not None and result.meta is not None:
                 if result.answer is not status.STORED_DUPLICATE:
                     self.series.add(result.recorded.series_id)
@@ -1189,6 +1211,11 @@ class Receiver:
 
     def _commit(self, store: _Store) -> asyncio.Future[_Result]:
         return self._committer.submit(store)
+
+    def _alone(self, conn: _Connection) -> bool:
+        """``conn`` is the only connection and the committer has nothing in hand: committing an instance on
+        the loop would keep no one else waiting (a new peer's connect waits for it, about a millisecond)."""
+        return len(self._conns) == 1 and conn in self._conns and self._committer.idle_now()
 
     def _spare_incoming(self) -> None:
         if len(self._spares) >= _SPARE_FILES or not self._accepting:
