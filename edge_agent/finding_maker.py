@@ -22,6 +22,7 @@ from edge_agent.png import write_png
 from edge_agent.records import SeriesRow
 from edge_agent.series import Coverage
 from edge_agent.triage import LabelResult, SeriesResult
+from edge_agent.workers import at_low_priority
 
 if TYPE_CHECKING:
     from edge_agent.pipeline import LoadedModel
@@ -157,7 +158,10 @@ async def store_overlay(
     text = OverlayText(card.name + " " + card.version, shown.label, shown.score, shown.threshold)
     box = None if shown.box is None else shown.box.fraction
     try:
-        await run(write_overlay, config.state_dir / name, source, frame, card.preprocessing, shown.heatmap, box, text)
+        # Nobody waits on the picture: drawn at low priority, so that on a box with few cores the next
+        # instance's preprocessing and inference are not slowed by it.
+        await run(at_low_priority, write_overlay, config.state_dir / name, source, frame, card.preprocessing,
+                  shown.heatmap, box, text)
     except Exception as exc:
         # As for the bare map: the finding goes out without the picture. The error's kind only: a decoder's
         # message could quote the file.

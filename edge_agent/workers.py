@@ -53,6 +53,31 @@ _worker_table: Any = None
 _worker_row = -1
 
 
+# Work nobody waits on (a finding's overlay picture) runs on a thread of its own at this niceness, so that
+# on a box with few cores it takes CPU from preprocessing and inference only when they leave some.
+LOW_PRIORITY_NICENESS = 10
+_low_priority: ThreadPoolExecutor | None = None
+
+
+def _lower_this_thread() -> None:
+    # On Linux niceness belongs to a thread: only the low-priority thread is lowered, never the process.
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, 0, min(19, os.getpriority(os.PRIO_PROCESS, 0) + LOW_PRIORITY_NICENESS))
+
+
+def at_low_priority(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` on this process's low-priority thread (made on first use), waiting for its result.
+
+    Picklable, for a worker pool: ``pool.run(at_low_priority, fn, ...)``. Where threads cannot be lowered,
+    ``fn`` runs at normal priority all the same.
+    """
+    global _low_priority
+    if _low_priority is None:
+        _low_priority = ThreadPoolExecutor(max_workers=1, thread_name_prefix="low-priority",
+                                           initializer=_lower_this_thread)
+    return _low_priority.submit(fn, *args).result()
+
+
 def _die_with_parent(parent_pid: int) -> None:
     """Worker initializer: be killed when the daemon dies, however it dies."""
     if sys.platform.startswith("linux"):

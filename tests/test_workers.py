@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from edge_agent.errors import DecodeError
-from edge_agent.workers import WorkerPool
+from edge_agent.workers import LOW_PRIORITY_NICENESS, WorkerPool, at_low_priority
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -157,3 +157,28 @@ def test_workers_die_when_the_daemon_is_killed() -> None:
     while any(_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(_alive(p) for p in pids)
+
+
+def niceness() -> tuple[int, int]:
+    """This thread's niceness (Linux keeps one per thread) and its process's main thread's."""
+    return os.getpriority(os.PRIO_PROCESS, 0), os.getpriority(os.PRIO_PROCESS, os.getpid())
+
+
+@pytest.mark.parametrize("processes", [True, False])
+def test_low_priority_work_runs_on_a_lowered_thread_and_lowers_nothing_else(processes: bool) -> None:
+    # How a finding's overlay is drawn: in a worker, on a thread of its own at niceness +10 (19 at most), while the
+    # worker's own thread (and the daemon's, with a thread pool) keep theirs.
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+
+    async def main() -> tuple[tuple[int, int], tuple[int, int]]:
+        pool = WorkerPool(1, processes=processes)
+        try:
+            return await pool.run(at_low_priority, niceness), await pool.run(niceness)
+        finally:
+            pool.shutdown()
+
+    (low, main_thread), (plain, _) = asyncio.run(main())
+    assert low == min(19, base + LOW_PRIORITY_NICENESS)
+    assert main_thread == base and plain == base
+    assert os.getpriority(os.PRIO_PROCESS, 0) == base
+    assert at_low_priority(crash_on, 4) == 8  # the result comes back
