@@ -187,8 +187,8 @@ class Fuzz:
                 return pdus
 
     def _settle(self, *, all_closed: bool = False) -> None:
-        """The receiver lets go of its temp files (but its spares), of every connection older than ``HELD_SECONDS`` (with
-        ``all_closed``, of every connection), and logged no internal error."""
+        """The receiver lets go of its temp files (but its spares), of every connection older than
+        ``HELD_SECONDS`` (with ``all_closed``, of every connection), and logged no internal error."""
         tmp = self.h.spool.tmp_dir
         deadline = time.monotonic() + HANG_SECONDS
         # The receiver's set of live connections is read directly: a connection it keeps after the peer
