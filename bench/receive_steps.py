@@ -1,11 +1,12 @@
-"""Where one instance's time goes on the receive path, step by step, over one association.
+"""Where one instance's time goes on the receive path, step by step, over one association (or several).
 
 Runs the daemon's own Receiver (``edge_agent/dicom/scp.py``) in this process, with a real Spool and Journal in a
-temporary folder and nothing downstream, and sends it CT slices with dcmtk's ``storescu`` over one association
-(``TCP_NODELAY=1``), as bench/ingest.py does. Each step is timed by wrapping the receiver's own methods (nothing
-in the package changes); the table gives medians and p90 over every instance of the last repetition.
+temporary folder and nothing downstream, and sends it CT slices with dcmtk's ``storescu`` (``TCP_NODELAY=1``)
+over one association, or ``--associations N`` at once with the series split in slice order, as
+bench/ingest.py does. Each step is timed by wrapping the receiver's own methods (nothing in the package
+changes); the table gives medians and p90 over every instance of the last repetition.
 
-    .venv/bin/python bench/receive_steps.py [--ct 500] [--reps 3] [--spool DIR]
+    .venv/bin/python bench/receive_steps.py [--ct 500] [--reps 3] [--associations 1] [--spool DIR]
 
 ``--spool`` puts the spool (and journal) on another file system: the flush step is the disk's.
 """
@@ -82,14 +83,15 @@ def _wrap(cls: Any, name: str, before: Callable[..., None] | None = None,
 
 
 def instrument(marks: Marks) -> None:
-    def begun(store: Any, *_: Any) -> None:
+    def begun(store: Any, _receiver: Any, conn: Any, *_: Any) -> None:
         marks.mark(store, "begin", store.started)  # the C-STORE's command has just been read
         marks.mark(store, "opened")
+        marks.mark(store, "association", id(conn))
 
     _wrap(scp.Receiver, "_begin_store", after=begun)
     _wrap(scp._Connection, "_on_dataset_end", before=lambda conn: marks.mark(conn._store, "end"))
     _wrap(scp._Committer, "_place", before=lambda _c, group: [marks.mark(s, "place") for s in group],
-          after=lambda _r, _c, group: [marks.mark(s, "placed") for s in group])
+          after=lambda _r, _c, group: [(marks.mark(s, "placed"), marks.mark(s, "group", len(group))) for s in group])
     _wrap(scp, "_read_meta", after=lambda _r, store: marks.mark(store, "header"))
     _wrap(scp._Committer, "_record", after=lambda _r, _c, group, *_: [marks.mark(s, "recorded") for s in group])
     _wrap(scp._Connection, "_answer", after=lambda _r, _conn, store, _a: marks.mark(store, "answered"))
@@ -107,25 +109,32 @@ def run(args: argparse.Namespace, root: Path) -> None:
     try:
         for rep in range(args.reps):
             marks.clear()
-            workload = write_series(template, root / "send", args.ct, 1, "ct1")
+            workload = write_series(template, root / "send", args.ct, args.associations, "ct")
             os.sync()
             started = time.perf_counter()
-            result = subprocess.run([STORESCU, "-aet", "BENCH", "-aec", "EDGE_AGENT", "127.0.0.1",
-                                     str(receiver.port), *map(str, workload.groups[0])],
-                                    env={**os.environ, "TCP_NODELAY": "1"}, capture_output=True, text=True)
+            senders = [subprocess.Popen([STORESCU, "-aet", "BENCH", "-aec", "EDGE_AGENT", "127.0.0.1",
+                                         str(receiver.port), *map(str, files)],
+                                        env={**os.environ, "TCP_NODELAY": "1"}, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.PIPE, text=True) for files in workload.groups]
+            failed = [p.communicate()[1] for p in senders if p.wait() != 0]
             wall = time.perf_counter() - started
-            if result.returncode != 0:
-                raise SystemExit(f"storescu failed: {result.stderr[-300:]}")
-            print(f"repetition {rep + 1}/{args.reps}: {args.ct} CT slices over one association, "
-                  f"{args.ct / wall:.0f}/s", flush=True)
-            for f in workload.groups[0]:
-                f.unlink()
+            if failed:
+                raise SystemExit(f"storescu failed: {failed[0][-300:]}")
+            print(f"repetition {rep + 1}/{args.reps}: {args.ct} CT slices over {args.associations} "
+                  f"association(s), {args.ct / wall:.0f}/s", flush=True)
+            for group in workload.groups:
+                for f in group:
+                    f.unlink()
     finally:
         receiver.stop(5.0)
         journal.close()
     rows = marks.rows
-    for row, following in itertools.pairwise(rows):
-        row["next"] = following["begin"]
+    by_association: dict[float, list[dict[str, float]]] = {}
+    for row in rows:
+        by_association.setdefault(row["association"], []).append(row)
+    for own in by_association.values():
+        for row, following in itertools.pairwise(own):
+            row["next"] = following["begin"]
     print(f"\nsteps of one instance (ms; the last repetition's {len(rows)} instances, medians and p90):\n")
     print("| step | median | p90 |\n|---|---:|---:|")
     total = 0.0
@@ -138,12 +147,17 @@ def run(args: argparse.Namespace, root: Path) -> None:
         total += median
         print(f"| {label} | {median:.2f} | {values[int(len(values) * 0.9)]:.2f} |")
     print(f"| in all (sum of medians) | {total:.2f} | |")
+    groups = [r["group"] for r in rows if "group" in r]
+    if groups:
+        print(f"\ninstances made durable together (the group each instance was in): "
+              f"mean {statistics.mean(groups):.2f}, largest {max(groups):.0f}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ct", type=int, default=500, help="CT slices per repetition")
     parser.add_argument("--reps", type=int, default=3, help="repetitions (the table is the last one's)")
+    parser.add_argument("--associations", type=int, default=1, help="concurrent associations")
     parser.add_argument("--spool", type=Path, help="a folder on the file system to measure (default: a temp dir)")
     args = parser.parse_args(argv)
     if not os.access(STORESCU, os.X_OK):
