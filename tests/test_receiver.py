@@ -7,6 +7,7 @@ import errno
 import logging
 import socket
 import sqlite3
+import struct
 import subprocess
 import tempfile
 import threading
@@ -757,3 +758,26 @@ def test_read_meta_head_reads_from_the_bytes_held_or_says_it_cannot(tmp_path: Pa
         read_meta_head(body[:300], syntax, "A", "B", "x", whole=True)
     with pytest.raises(DecodeError):
         read_meta_head(b"\xff" * 64, syntax, "A", "B", "x", whole=True)
+
+
+def test_malformed_association_requests_are_rejected_counted_and_logged_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Any peer can send these at will: each is rejected and counted, and the log gets one line a minute that
+    # says what was wrong, never the bytes (here an AE title with a control character in it).
+    caplog.set_level(logging.DEBUG)
+    called, calling = b"EDGE_AGENT".ljust(16), b"BAD\x07TITLE".ljust(16)
+    items = (struct.pack(">BBH", 0x10, 0, 21) + b"1.2.840.10008.3.1.1.1"
+             + struct.pack(">BBH", 0x50, 0, 8) + struct.pack(">BBHI", 0x51, 0, 4, 16384))
+    body = struct.pack(">HH", 1, 0) + called + calling + bytes(32) + items
+    with running_receiver(tmp_path) as h:
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", h.port), timeout=5) as s:
+                s.sendall(struct.pack(">BBI", 0x01, 0, len(body)) + body)
+                assert s.recv(6)[0] == 0x03  # A-ASSOCIATE-RJ
+        assert h.associations("rejected_malformed") == 3
+        assert _store_one(h.port, CT_SMALL) == status.SUCCESS  # served on
+    lines = [r for r in caplog.records if r.name.startswith("edge_agent") and "does not decode" in r.getMessage()]
+    assert [r.levelno for r in lines] == [logging.WARNING, logging.DEBUG, logging.DEBUG]
+    assert "control characters" in lines[0].getMessage()
+    assert not any("BAD" in r.getMessage() for r in caplog.records if r.name.startswith("edge_agent"))

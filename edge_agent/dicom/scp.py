@@ -778,7 +778,9 @@ class _Connection(asyncio.Protocol):
             rq = acse.parse_associate_rq(body)
             calling, called = rq.calling_ae, rq.called_ae
         except acse.MalformedRequest as exc:
-            logger.warning("association rejected: an A-ASSOCIATE-RQ that does not decode (%s)", exc)
+            # Any peer can send these at will: counted, and logged once a minute (the reason, never the bytes).
+            server._repeated.warning("rejected_malformed", "association rejected: an A-ASSOCIATE-RQ that does not "
+                                     "decode (%s)", exc)
             self._reject(_RJ_NO_REASON, "rejected_malformed")
             return
         if not (rq.protocol_version & 0x01):
