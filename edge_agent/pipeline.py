@@ -90,6 +90,8 @@ class _SeriesWork:
     seen: dict[int, tuple[int | None, int | None]] = field(default_factory=dict)
     counts: Counter[int | None] = field(default_factory=Counter)
     acquisitions: Counter[int | None] = field(default_factory=Counter)
+    # instance id -> seconds its C-STORE took (this run's arrivals only), kept should its inference start again
+    receive_seconds: dict[int, float] = field(default_factory=dict)
 
     def see(self, instance_id: int, expected_count: int | None, acquisition_number: int | None) -> None:
         old = self.seen.get(instance_id)
@@ -101,8 +103,6 @@ class _SeriesWork:
         self.seen[instance_id] = (expected_count, acquisition_number)
         self.counts[expected_count] += 1
         self.acquisitions[acquisition_number] += 1
-    # instance id -> seconds its C-STORE took (this run's arrivals only), kept should its inference start again
-    receive_seconds: dict[int, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

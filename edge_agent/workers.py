@@ -24,6 +24,7 @@ import os
 import select
 import signal
 import sys
+import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -57,6 +58,7 @@ _worker_row = -1
 # on a box with few cores it takes CPU from preprocessing and inference only when they leave some.
 LOW_PRIORITY_NICENESS = 10
 _low_priority: ThreadPoolExecutor | None = None
+_low_priority_made = threading.Lock()  # with a thread pool, several workers may ask for it at once
 
 
 def _lower_this_thread() -> None:
@@ -72,10 +74,12 @@ def at_low_priority(fn: Callable[..., T], *args: Any) -> T:
     ``fn`` runs at normal priority all the same.
     """
     global _low_priority
-    if _low_priority is None:
-        _low_priority = ThreadPoolExecutor(max_workers=1, thread_name_prefix="low-priority",
-                                           initializer=_lower_this_thread)
-    return _low_priority.submit(fn, *args).result()
+    with _low_priority_made:
+        if _low_priority is None:
+            _low_priority = ThreadPoolExecutor(max_workers=1, thread_name_prefix="low-priority",
+                                               initializer=_lower_this_thread)
+        pool = _low_priority
+    return pool.submit(fn, *args).result()
 
 
 def _die_with_parent(parent_pid: int) -> None:

@@ -169,8 +169,7 @@ class Spool:
                 try:
                     os.fdatasync(incoming[0][1])
                 finally:
-                    for f in syncs:
-                        f.exception()  # wait for every one before raising (or removing files)
+                    concurrent.futures.wait(syncs)  # every one done before raising (or removing files)
                 for f in syncs:
                     f.result()
             _fsync_dir(day_dir)

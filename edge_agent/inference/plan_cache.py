@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 from edge_agent import __version__
 from edge_agent.errors import EngineError
+from edge_agent.inference.trt_flavour import TENSORRT, TENSORRT_RTX, sm_name
 
 logger = logging.getLogger(__name__)
 
@@ -66,22 +67,21 @@ class PlanKey:
 
     @classmethod
     def for_box(cls, model_sha256: str, box: Box, precision: Precision, flavour: str = "tensorrt") -> PlanKey:
-        gpu_name = "" if flavour == "tensorrt-rtx" else box.gpu_name
+        gpu_name = "" if flavour == TENSORRT_RTX else box.gpu_name
         return cls(model_sha256, gpu_name, box.compute_capability, box.trt_version, precision, flavour)
 
     def digest(self) -> str:
         """A short, file-name-safe hash of every key field (the GPU name may hold spaces and slashes)."""
         fields = asdict(self)
-        if fields["flavour"] == "tensorrt":
+        if fields["flavour"] == TENSORRT:
             del fields["flavour"]  # plans cached before there were two flavours keep their names
         canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
     def describe(self) -> str:
         """ "TensorRT for RTX 1.7.1.116, sm86, fp16" / "TensorRT 11.4.0.106 on NVIDIA H100 (sm 9.0), fp32"."""
-        if self.flavour == "tensorrt-rtx":
-            sm = "sm" + self.compute_capability.replace(".", "")
-            return f"TensorRT for RTX {self.trt_version}, {sm}, {self.precision}"
+        if self.flavour == TENSORRT_RTX:
+            return f"TensorRT for RTX {self.trt_version}, {sm_name(self.compute_capability)}, {self.precision}"
         return f"TensorRT {self.trt_version} on {self.gpu_name} (sm {self.compute_capability}), {self.precision}"
 
 
@@ -273,18 +273,14 @@ class PlanCache:
             built_at=time.time(),
             extra=dict(extra or {}),
         )
-        try:
-            # A reader that finds the new plan with the old metadata refuses it by hash; never the reverse.
-            write_atomic(self.plan_path(model, key), plan)
-            write_atomic(self.meta_path(model, key), meta.to_json().encode())
-        except OSError as exc:
-            raise EngineError(f"engine {model}: cannot write plan under {self.root / model}: {exc.strerror}") from None
+        self.put(meta, plan)
         return meta
 
     def put(self, meta: PlanMeta, plan: bytes) -> None:
-        """Store a plan built elsewhere with its own metadata (``edge-agent import-plans``); the caller checked
-        that ``plan`` is what ``meta`` says."""
+        """Store a plan with its metadata (built here, or elsewhere: ``edge-agent import-plans``, whose caller
+        checked that ``plan`` is what ``meta`` says)."""
         try:
+            # A reader that finds the new plan with the old metadata refuses it by hash; never the reverse.
             write_atomic(self.plan_path(meta.model, meta.key), plan)
             write_atomic(self.meta_path(meta.model, meta.key), meta.to_json().encode())
         except OSError as exc:
