@@ -40,6 +40,9 @@ from edge_agent.workers import WorkerPool
 logger = logging.getLogger(__name__)
 
 TICK_SECONDS = 1.0
+# Empty spool files made per idle tick (dicom/spool.py FREE_FILES): a few tens of milliseconds at most, so a
+# study that starts arriving meanwhile waits for little.
+_REFILL_PER_TICK = 32
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 LOCK_FILE = "edge-agent.lock"
 
@@ -145,6 +148,8 @@ class Agent:
         if not clean:
             await asyncio.to_thread(self.housekeeping.adopt_at_start)
         self.housekeeping.remove_orphans_at_start()
+        # The files the first instances will be written to, made now rather than while a study arrives.
+        await asyncio.to_thread(self.spool.refill)
         await self._load_models()
         if self.engine_problems:
             # Without every engine, series routed to the missing one could not be finished: stay up, say why on
@@ -461,3 +466,5 @@ class Agent:
             self.housekeeping.tick()
         if self.spool is not None:
             self._spool_writable = self.spool.writable()
+            if self.receiver is not None and self.receiver.active_associations() == 0:
+                self.spool.refill(_REFILL_PER_TICK)

@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 
+from edge_agent.dicom.spool import FREE_FILES
 from tests.daemon import Daemon, read_findings, storescu, stream_count
 from tests.dicomfiles import DATA_STORE, PYDICOM_FILES, fill, tmpfs
 
@@ -157,11 +159,19 @@ def test_compressed_and_cross_sectional_via_pynetdicom(daemon: Any, nats_server:
 
 def test_a_series_no_route_matches_is_recorded_and_released(daemon: Any, nats_server: Any, tmp_path: Path) -> None:
     d = daemon().start()
+    free = Path(d.config["state_dir"]) / "spool" / "free"
+    # Ready means the files the first instances go to are made (dicom/spool.py FREE_FILES), all empty.
+    assert sorted(p.stat().st_size for p in free.iterdir()) == [0] * FREE_FILES
     result = storescu(d.dicom_port, fresh_copy(CR_EXTREMITY, tmp_path / "in"))  # BodyPartExamined EXTREMITY
     assert result.returncode == 0, result.stderr
     d.wait_metric("edge_agent_series_total", 1, outcome="unrouted")
     d.wait_metric("edge_agent_spool_bytes", 0, at_most=0)
     assert stream_count(nats_server.url) == 0
+    # After the release free/ is full again, and no kept file holds anything of the instance.
+    deadline = time.monotonic() + 10
+    while len(list(free.iterdir())) < FREE_FILES and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert sorted(p.stat().st_size for p in free.iterdir()) == [0] * FREE_FILES
 
 
 def test_wrong_calling_aet_is_rejected(daemon: Any, tmp_path: Path) -> None:

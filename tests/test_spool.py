@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import re
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from edge_agent.dicom import spool as spool_module
 from edge_agent.dicom.spool import Spool, SpoolFullError
 from edge_agent.errors import EdgeAgentError
 from tests.dicomfiles import CT_SMALL, fill, fill_inodes, tmpfs
@@ -148,3 +150,87 @@ def test_orphans_spares_files_younger_than_min_age(tmp_path: Path) -> None:
     an_hour_ago = time.time() - 3600
     os.utime(spool.path(old), (an_hour_ago, an_hour_ago))
     assert spool.orphans(set(), min_age_seconds=600) == [old]
+
+
+def _placed(spool: Spool, data: bytes) -> str:
+    """An instance received as the receiver does it: a temp file from open_incoming, written, placed."""
+    path, fd = spool.open_incoming()
+    try:
+        os.write(fd, data)
+        [name] = spool.place([(path, fd, hashlib.sha256(data).hexdigest())])
+    finally:
+        os.close(fd)
+    return name
+
+
+def test_a_released_file_is_emptied_and_becomes_the_next_temp_file(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", 0)
+    name = _placed(spool, b"PATIENT^NAME" * 4096)
+    inode = os.stat(spool.path(name)).st_ino
+    spool.remove(name)
+    assert not spool.path(name).exists() and spool.free_files() == 1
+    [kept] = (tmp_path / "spool" / "free").iterdir()
+    assert kept.stat().st_ino == inode and kept.stat().st_size == 0  # nothing of the instance is left in it
+    path, fd = spool.open_incoming()
+    os.close(fd)
+    assert path.parent == spool.tmp_dir and path.stat().st_ino == inode and path.read_bytes() == b""
+    assert spool.free_files() == 0 and list((tmp_path / "spool" / "free").iterdir()) == []
+
+
+def test_refill_stops_at_the_cap_and_a_release_past_it_is_unlinked(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(spool_module, "FREE_FILES", 3)
+    spool = Spool(tmp_path / "spool", 0)
+    names = [_placed(spool, b"x" * 100) for _ in range(2)]
+    assert spool.refill(limit=2) == 2 and spool.refill() == 1 and spool.refill() == 0
+    assert spool.free_files() == 3
+    for name in names:
+        spool.remove(name)
+        assert not spool.path(name).exists()
+    assert len(list((tmp_path / "spool" / "free").iterdir())) == 3
+    spool.remove(names[0])  # already gone: fine, nothing kept
+
+
+def test_temp_files_and_missing_files_are_never_kept(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", 0)
+    temp = spool.tmp_dir / "in-abc.dcm"
+    temp.write_bytes(b"half an instance")
+    spool.remove("tmp/in-abc.dcm")
+    spool.remove("20260101/" + "a" * 32 + ".dcm")
+    assert not temp.exists() and spool.free_files() == 0
+
+
+def test_at_start_empty_free_files_are_kept_and_anything_else_there_is_removed(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", 0)
+    assert spool.refill(limit=4) == 4
+    free = tmp_path / "spool" / "free"
+    # A released instance renamed in whose truncation a power cut undid, and something that is no free file.
+    (free / ("b" * 32 + ".free")).write_bytes(b"PATIENT^NAME")
+    (free / "stray").write_bytes(b"")
+    (free / "folder.free").mkdir()
+    again = Spool(tmp_path / "spool", 0)
+    assert again.free_files() == 4
+    assert sorted(p.stat().st_size for p in free.iterdir()) == [0, 0, 0, 0]
+
+
+def test_a_kept_file_removed_behind_the_spools_back_is_made_anew(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", 0)
+    assert spool.refill(limit=1) == 1
+    [kept] = (tmp_path / "spool" / "free").iterdir()
+    kept.unlink()
+    path, fd = spool.open_incoming()
+    os.close(fd)
+    assert path.exists() and path.read_bytes() == b"" and spool.free_files() == 0
+
+
+def test_kept_files_still_take_instances_when_no_inode_is_left(tmp_path: Path) -> None:
+    with tmpfs("16m", nr_inodes=64) as mnt:
+        spool = Spool(mnt / "spool", 0)
+        _placed(spool, b"first")  # today's folder exists
+        assert spool.refill(limit=2) == 2
+        assert fill_inodes(mnt) > 0
+        names = [_placed(spool, b"instance %d" % i) for i in range(2)]
+        assert [spool.path(n).read_bytes() for n in names] == [b"instance 0", b"instance 1"]
+        with pytest.raises(OSError) as info:
+            spool.open_incoming()  # none kept, none can be made
+        assert info.value.errno == errno.ENOSPC
