@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 TICK_SECONDS = 1.0
 # Empty spool files made per idle tick (dicom/spool.py FREE_FILES): a few tens of milliseconds at most, so a
 # study that starts arriving meanwhile waits for little.
-_REFILL_PER_TICK = 32
+_REFILL_PER_TICK = 64
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 LOCK_FILE = "edge-agent.lock"
 
