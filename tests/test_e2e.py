@@ -20,7 +20,7 @@ from pynetdicom import AE
 
 from edge_agent.dicom.spool import FREE_FILES
 from tests.daemon import Daemon, read_findings, storescu, stream_count
-from tests.dicomfiles import DATA_STORE, PYDICOM_FILES, fill, tmpfs
+from tests.dicomfiles import DATA_STORE, PYDICOM_FILES, fill, make_ct_series, tmpfs
 
 pytestmark = pytest.mark.e2e
 
@@ -172,6 +172,30 @@ def test_a_series_no_route_matches_is_recorded_and_released(daemon: Any, nats_se
     while len(list(free.iterdir())) < FREE_FILES and time.monotonic() < deadline:
         time.sleep(0.1)
     assert sorted(p.stat().st_size for p in free.iterdir()) == [0] * FREE_FILES
+
+
+def test_kept_spool_files_are_made_again_while_no_association_is_open(daemon: Any, tmp_path: Path) -> None:
+    # spool.retention keep: nothing released, so nothing goes back to free/ but what the idle ticks make.
+    d = daemon(**{"spool.retention": "keep"}).start()
+    free = Path(d.config["state_dir"]) / "spool" / "free"
+    assert len(list(free.iterdir())) == FREE_FILES
+    series = [pydicom.dcmread(f) for f in make_ct_series(tmp_path / "ct", 12)]
+    ae = AE(ae_title="PYNETDICOM")
+    ae.add_requested_context(series[0].SOPClassUID, series[0].file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", d.dicom_port, ae_title="EDGE_AGENT")
+    assert assoc.is_established
+    try:
+        assert [int(assoc.send_c_store(ds).Status) for ds in series] == [0] * 12
+        time.sleep(2.5)  # two ticks or more: none makes files while an association is open
+        # Twelve taken, and the receiver's next temp files made ahead from them too (its spares).
+        assert FREE_FILES - len(list(free.iterdir())) >= 12
+    finally:
+        assoc.release()
+    deadline = time.monotonic() + 10
+    while len(list(free.iterdir())) < FREE_FILES and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert sorted(p.stat().st_size for p in free.iterdir()) == [0] * FREE_FILES
+    assert len(list((Path(d.config["state_dir"]) / "spool" / "instances").glob("*/*.dcm"))) == 12
 
 
 def test_wrong_calling_aet_is_rejected(daemon: Any, tmp_path: Path) -> None:
