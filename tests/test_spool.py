@@ -234,3 +234,9 @@ def test_kept_files_still_take_instances_when_no_inode_is_left(tmp_path: Path) -
         with pytest.raises(OSError) as info:
             spool.open_incoming()  # none kept, none can be made
         assert info.value.errno == errno.ENOSPC
+
+
+def test_refill_stops_at_its_time_bound(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", 0)
+    assert spool.refill(within_seconds=0.0) == 0
+    assert spool.refill(limit=5, within_seconds=60.0) == 5 and spool.free_files() == 5
