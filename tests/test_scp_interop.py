@@ -326,6 +326,17 @@ class _Orthanc:
 
     def __init__(self, tmp: Path, receiver_port: int) -> None:
         assert ORTHANC is not None
+        # free_port() hands out a port that is free now; another process may take it before Orthanc binds
+        # it. That, and only that, is tried again on new ports.
+        for attempt in range(3):
+            if self._start(tmp, receiver_port):
+                return
+            in_use = "already in use" in (tmp / "orthanc.log").read_text(errors="replace")
+            if not in_use or attempt == 2:
+                raise AssertionError(f"Orthanc did not start: see {tmp / 'orthanc.log'}")
+
+    def _start(self, tmp: Path, receiver_port: int) -> bool:
+        assert ORTHANC is not None
         self.http = free_port()
         config = {
             "Name": "edge-agent-interop", "StorageDirectory": str(tmp / "orthanc"),
@@ -341,11 +352,11 @@ class _Orthanc:
         while True:
             try:
                 self.call("GET", "/system")
-                return
+                return True
             except OSError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     self.stop()
-                    raise AssertionError(f"Orthanc did not start: see {tmp / 'orthanc.log'}") from None
+                    return False
                 time.sleep(0.05)
 
     def call(self, method: str, path: str, body: bytes | None = None) -> Any:

@@ -240,3 +240,15 @@ def test_refill_stops_at_its_time_bound(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool", 0)
     assert spool.refill(within_seconds=0.0) == 0
     assert spool.refill(limit=5, within_seconds=60.0) == 5 and spool.free_files() == 5
+
+
+def test_a_file_with_another_name_is_unlinked_not_emptied(tmp_path: Path) -> None:
+    # The pipeline reads a heat-map overlay's image through a hard link made before the release.
+    spool = Spool(tmp_path / "spool", 0)
+    name = _placed(spool, b"the image the overlay is drawn from")
+    link = spool.tmp_dir / "overlay-0123.dcm"
+    os.link(spool.path(name), link)
+    spool.remove(name)
+    assert not spool.path(name).exists() and spool.free_files() == 0
+    assert link.read_bytes() == b"the image the overlay is drawn from"
+    assert list((tmp_path / "spool" / "free").iterdir()) == []

@@ -245,7 +245,10 @@ class Spool:
         except OSError:
             return False
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode) or not self._reserve_free():
+            st = os.fstat(fd)
+            # A file with another name (the pipeline's hard link for a heat-map overlay) is only unlinked: the
+            # other name still needs its data.
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or not self._reserve_free():
                 return False
             kept = self._free_dir / f"{secrets.token_hex(16)}.free"
             try:
@@ -255,6 +258,10 @@ class Spool:
                 self._kept(None)
                 return False
             try:
+                if os.fstat(fd).st_nlink != 1:  # linked between the check and the rename
+                    self._kept(None)
+                    kept.unlink()
+                    return True
                 os.ftruncate(fd, 0)
                 os.fchmod(fd, 0o640)
             except OSError:
