@@ -167,7 +167,7 @@ class Housekeeping:
             for _series_id, names in claimed:
                 for name in names:
                     try:
-                        self._spool.remove(name)
+                        self._spool.release(name)
                     except (OSError, ValueError) as exc:
                         self._failed(RELEASE, exc)
 

@@ -69,6 +69,8 @@ def test_path_refuses_anything_but_a_spool_name(tmp_path: Path, bad: str) -> Non
         spool.path(bad)
     with pytest.raises(ValueError):
         spool.remove(bad)
+    with pytest.raises(ValueError):
+        spool.release(bad)
 
 
 def test_remove_deletes_and_tolerates_a_missing_file(tmp_path: Path) -> None:
@@ -167,7 +169,7 @@ def test_a_released_file_is_emptied_and_becomes_the_next_temp_file(tmp_path: Pat
     spool = Spool(tmp_path / "spool", 0)
     name = _placed(spool, b"PATIENT^NAME" * 4096)
     inode = os.stat(spool.path(name)).st_ino
-    spool.remove(name)
+    spool.release(name)
     assert not spool.path(name).exists() and spool.free_files() == 1
     [kept] = (tmp_path / "spool" / "free").iterdir()
     assert kept.stat().st_ino == inode and kept.stat().st_size == 0  # nothing of the instance is left in it
@@ -185,18 +187,18 @@ def test_refill_stops_at_the_cap_and_a_release_past_it_is_unlinked(tmp_path: Pat
     assert spool.refill(limit=2) == 2 and spool.refill() == 1 and spool.refill() == 0
     assert spool.free_files() == 3
     for name in names:
-        spool.remove(name)
+        spool.release(name)
         assert not spool.path(name).exists()
     assert len(list((tmp_path / "spool" / "free").iterdir())) == 3
-    spool.remove(names[0])  # already gone: fine, nothing kept
+    spool.release(names[0])  # already gone: fine, nothing kept
 
 
 def test_temp_files_and_missing_files_are_never_kept(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool", 0)
     temp = spool.tmp_dir / "in-abc.dcm"
     temp.write_bytes(b"half an instance")
-    spool.remove("tmp/in-abc.dcm")
-    spool.remove("20260101/" + "a" * 32 + ".dcm")
+    spool.release("tmp/in-abc.dcm")
+    spool.release("20260101/" + "a" * 32 + ".dcm")
     assert not temp.exists() and spool.free_files() == 0
 
 
@@ -248,7 +250,19 @@ def test_a_file_with_another_name_is_unlinked_not_emptied(tmp_path: Path) -> Non
     name = _placed(spool, b"the image the overlay is drawn from")
     link = spool.tmp_dir / "overlay-0123.dcm"
     os.link(spool.path(name), link)
-    spool.remove(name)
+    spool.release(name)
     assert not spool.path(name).exists() and spool.free_files() == 0
     assert link.read_bytes() == b"the image the overlay is drawn from"
     assert list((tmp_path / "spool" / "free").iterdir()) == []
+
+
+def test_remove_unlinks_so_an_open_reader_keeps_what_it_read(tmp_path: Path) -> None:
+    # A replaced instance may be being decoded when its file is removed: its data must stay what it was, and
+    # never become the next instance's.
+    spool = Spool(tmp_path / "spool", 0)
+    name = _placed(spool, b"the first version")
+    with open(spool.path(name), "rb") as reader:
+        spool.remove(name)
+        assert spool.free_files() == 0
+        _placed(spool, b"another patient's instance")
+        assert reader.read() == b"the first version"

@@ -1,7 +1,7 @@
 """The spool: received DICOM files, held on disk until their finding is acknowledged.
 
 Layout: ``root/instances/<yyyymmdd>/<32 hex>.dcm``, ``root/tmp`` for incoming temp files, and ``root/free`` for
-empty files kept ready to become temp files (``open_incoming``, ``remove``, ``refill``). A spool
+empty files kept ready to become temp files (``open_incoming``, ``release``, ``refill``). A spool
 name is the path relative to ``root/instances`` ("20261126/3f2a...dcm"). Names are never derived from a
 UID: UIDs come from the peer and must not choose paths. A received instance's name is 16 random hex digits
 and then the first 16 of its content's SHA-256 (``place``): after a power cut, a file whose journal row was
@@ -354,10 +354,16 @@ class Spool:
         return size
 
     def remove(self, name: str) -> None:
-        """Delete a spool file; one that is already gone is fine.
+        """Delete a spool file; one that is already gone is fine."""
+        self.path(name).unlink(missing_ok=True)
 
-        A stored instance's file is emptied into ``free/`` while fewer than FREE_FILES are kept there, for an
-        instance to come; any other is unlinked.
+    def release(self, name: str) -> None:
+        """Delete a released instance's file, which nothing reads any more; one that is already gone is fine.
+
+        While fewer than FREE_FILES are kept, the file is emptied into ``free/`` for an instance to come
+        instead of unlinked. Only here: a file that a reader may still have open (a replaced instance being
+        decoded) must be unlinked, never emptied and handed to the next instance. A file with another name
+        (the pipeline's hard link for an overlay) is unlinked too.
         """
         path = self.path(name)
         if name.startswith("tmp/") or not _STORED.fullmatch(name.rsplit("/", 1)[-1]) or not self._recycle(path):
