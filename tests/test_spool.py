@@ -266,3 +266,12 @@ def test_remove_unlinks_so_an_open_reader_keeps_what_it_read(tmp_path: Path) -> 
         assert spool.free_files() == 0
         _placed(spool, b"another patient's instance")
         assert reader.read() == b"the first version"
+
+
+def test_refill_leaves_a_tenth_of_the_inodes_to_everything_else(tmp_path: Path) -> None:
+    with tmpfs("16m", nr_inodes=200) as mnt:
+        spool = Spool(mnt / "spool", 0)
+        made = spool.refill()
+        st = os.statvfs(mnt)
+        assert made > 0 and st.f_favail == st.f_files // 10
+        assert spool.refill() == 0

@@ -185,12 +185,20 @@ class Spool:
         returns how many were made.
 
         Call it while nothing is being received (at start, or from housekeeping when the receiver is idle):
-        the files are made then, not while a study arrives. What one costs depends on the file system's state
-        (30 us to 0.75 ms on the development machine), hence the time bound. An error stops it quietly:
-        ``open_incoming`` makes its own file when none is kept, and says why that fails.
+        the files are made then, not while a study arrives. On a file system that counts inodes, a tenth of
+        them is left free for everything else (heat maps, the journal, other files on that disk). What a file
+        costs to make depends on the file system's state (30 us to 0.75 ms on the development machine), hence
+        the time bound. An error stops it quietly: ``open_incoming`` makes its own file when none is kept, and
+        says why that fails.
         """
         made = 0
         deadline = None if within_seconds is None else time.monotonic() + within_seconds
+        try:
+            st = os.statvfs(self._free_dir)
+        except OSError:
+            return 0
+        if st.f_files > 0:  # a file system that counts inodes: a tenth of them stays for everything else
+            limit = min(limit, max(0, st.f_favail - st.f_files // 10))
         while made < limit and (deadline is None or time.monotonic() < deadline) and self._reserve_free():
             path = self._free_dir / f"{secrets.token_hex(16)}.free"
             try:
