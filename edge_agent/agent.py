@@ -18,7 +18,7 @@ from edge_agent.bus.publisher import Publisher
 from edge_agent.config import AgentConfig, ModelDeployment, PoolKind, Retention
 from edge_agent.dicom.header import InstanceMeta
 from edge_agent.dicom.scp import Receiver
-from edge_agent.dicom.spool import FREE_FILES, Spool
+from edge_agent.dicom.spool import Spool
 from edge_agent.drift import Drift
 from edge_agent.errors import ConfigError, EdgeAgentError, EngineError, StateDirLockedError
 from edge_agent.gpu_metrics import GpuMetrics
@@ -40,7 +40,7 @@ from edge_agent.workers import WorkerPool
 logger = logging.getLogger(__name__)
 
 TICK_SECONDS = 1.0
-# Time spent making the spool's kept empty files (dicom/spool.py FREE_FILES) at start and per idle tick: a
+# Time spent making the spool's kept empty files (dicom/spool.py, FREE_FILES) at start and per idle tick: a
 # study that starts arriving meanwhile waits for little, and a start is not held up by a slow file system.
 _REFILL_SECONDS = 0.05
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -150,7 +150,7 @@ class Agent:
         self.housekeeping.remove_orphans_at_start()
         # The files the first instances will be written to, made now (for at most 0.2 s; idle ticks make the
         # rest) rather than while a study arrives.
-        await asyncio.to_thread(self.spool.refill, FREE_FILES, _REFILL_SECONDS * 4)
+        await asyncio.to_thread(self.spool.refill, within_seconds=_REFILL_SECONDS * 4)
         await self._load_models()
         if self.engine_problems:
             # Without every engine, series routed to the missing one could not be finished: stay up, say why on
@@ -468,4 +468,4 @@ class Agent:
         if self.spool is not None:
             self._spool_writable = self.spool.writable()
             if self.receiver is not None and self.receiver.active_associations() == 0:
-                self.spool.refill(FREE_FILES, _REFILL_SECONDS)
+                self.spool.refill(within_seconds=_REFILL_SECONDS)

@@ -105,7 +105,6 @@ class Spool:
         self._sync_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._free_lock = threading.Lock()
         self._free: list[Path] = []
-        self._free_pending = 0  # files on their way into free/ (counted against FREE_FILES)
         self._keep_free_files()
 
     @property
@@ -161,15 +160,11 @@ class Spool:
         if kept is not None:
             try:
                 os.rename(kept, path)
+                return path, os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC)
             except OSError:
-                with contextlib.suppress(OSError):
-                    kept.unlink()
-            else:
-                try:
-                    return path, os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC)
-                except OSError:
+                for gone in (kept, path):  # whichever name it has now
                     with contextlib.suppress(OSError):
-                        path.unlink()
+                        gone.unlink()
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
         return path, fd
 
@@ -191,22 +186,23 @@ class Spool:
         the time bound. An error stops it quietly: ``open_incoming`` makes its own file when none is kept, and
         says why that fails.
         """
-        made = 0
-        deadline = None if within_seconds is None else time.monotonic() + within_seconds
+        if not self._has_room():
+            return 0
         try:
             st = os.statvfs(self._free_dir)
         except OSError:
             return 0
         if st.f_files > 0:  # a file system that counts inodes: a tenth of them stays for everything else
             limit = min(limit, max(0, st.f_favail - st.f_files // 10))
-        while made < limit and (deadline is None or time.monotonic() < deadline) and self._reserve_free():
+        made = 0
+        deadline = None if within_seconds is None else time.monotonic() + within_seconds
+        while made < limit and (deadline is None or time.monotonic() < deadline) and self._has_room():
             path = self._free_dir / f"{secrets.token_hex(16)}.free"
             try:
                 os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640))
             except OSError:
-                self._kept(None)
                 break
-            self._kept(path)
+            self._add_free(path)
             made += 1
         return made
 
@@ -230,18 +226,14 @@ class Spool:
         with self._free_lock:
             return self._free.pop() if self._free else None
 
-    def _reserve_free(self) -> bool:
-        with self._free_lock:
-            if len(self._free) + self._free_pending >= FREE_FILES:
-                return False
-            self._free_pending += 1
-            return True
+    def _has_room(self) -> bool:
+        # Checked before a file is made or emptied, added after: two threads at once (the release and an idle
+        # tick's refill) may pass FREE_FILES by a file each, which is harmless.
+        return self.free_files() < FREE_FILES
 
-    def _kept(self, path: Path | None) -> None:
+    def _add_free(self, path: Path) -> None:
         with self._free_lock:
-            self._free_pending -= 1
-            if path is not None:
-                self._free.append(path)
+            self._free.append(path)
 
     def _recycle(self, path: Path) -> bool:
         """Empty a released instance's file into ``free/``; False (nothing done) when free/ is full or the file is
@@ -256,27 +248,23 @@ class Spool:
             st = os.fstat(fd)
             # A file with another name (the pipeline's hard link for a heat-map overlay) is only unlinked: the
             # other name still needs its data.
-            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or not self._reserve_free():
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or not self._has_room():
                 return False
             kept = self._free_dir / f"{secrets.token_hex(16)}.free"
             try:
                 # Out of the spool's namespace first, then emptied: its blocks are freed as an unlink frees them.
                 os.rename(path, kept)
             except OSError:
-                self._kept(None)
                 return False
             try:
-                if os.fstat(fd).st_nlink != 1:  # linked between the check and the rename
-                    self._kept(None)
-                    kept.unlink()
+                if os.fstat(fd).st_nlink == 1:  # else linked between the check and the rename: unlinked below
+                    os.ftruncate(fd, 0)
+                    os.fchmod(fd, 0o640)
+                    self._add_free(kept)
                     return True
-                os.ftruncate(fd, 0)
-                os.fchmod(fd, 0o640)
             except OSError:
-                self._kept(None)
-                kept.unlink(missing_ok=True)
-                return True
-            self._kept(kept)
+                pass
+            kept.unlink(missing_ok=True)
             return True
         finally:
             os.close(fd)
