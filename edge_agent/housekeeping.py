@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from edge_agent.config import AgentConfig, Retention
-from edge_agent.dicom.header import content_sha256, read_stored_meta
+from edge_agent.dicom.header import file_digest, read_stored_meta
 from edge_agent.dicom.spool import Spool
 from edge_agent.errors import DecodeError
 from edge_agent.journal import Journal
@@ -133,8 +133,11 @@ class Housekeeping:
         for name in self._spool.adoptable(known, cutoff):
             path = self._spool.path(name)
             try:
-                digest = content_sha256(path)
-                if not Spool.name_matches(name, digest):
+                digest = file_digest(path)
+                # A file placed before the digests were BLAKE3 carries a SHA-256 in its name (dicom/digest.py);
+                # it is recorded with the BLAKE3 digest, which a re-send of it is then compared by.
+                if not (Spool.name_matches(name, digest)
+                        or Spool.name_matches(name, file_digest(path, legacy_sha256=True))):
                     unmatched += 1
                     continue
                 meta = read_stored_meta(path, digest)

@@ -29,7 +29,7 @@ from typing import Any
 
 from edge_agent.dicom.header import InstanceMeta
 from edge_agent.errors import JournalError
-from edge_agent.journal_schema import INDEXES, SCHEMA, SCHEMA_VERSION, migrate_from_1
+from edge_agent.journal_schema import INDEXES, SCHEMA, SCHEMA_VERSION, migrate
 from edge_agent.records import Closing, Counts, InstanceRow, Recorded, SeriesRow
 from edge_agent.series import (
     RELEASABLE_STATES,
@@ -64,8 +64,8 @@ class Journal:
                 row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
                 if row is None:
                     db.execute("INSERT INTO meta(key, value) VALUES('schema_version', ?)", (str(SCHEMA_VERSION),))
-                elif int(row[0]) == 1:
-                    migrate_from_1(db)
+                elif int(row[0]) in (1, 2):
+                    migrate(db, int(row[0]))
                 elif int(row[0]) != SCHEMA_VERSION:
                     raise JournalError(f"journal {path} has schema {row[0]}, this build knows {SCHEMA_VERSION}")
             self._db.executescript(INDEXES)
@@ -147,13 +147,13 @@ class Journal:
         old = None
         if row is not None:
             old = db.execute(
-                "SELECT id, spool_name, released, content_sha256 FROM instances"
+                "SELECT id, spool_name, released, content_digest FROM instances"
                 " WHERE series_id=? AND sop_instance_uid=?",
                 (int(row[0]), meta.sop_instance_uid),
             ).fetchone()
         state = None if row is None else SeriesState(row[1])
         decision = on_arrival(
-            state, 0 if row is None else int(row[2]), None if old is None else str(old[3]), meta.content_sha256
+            state, 0 if row is None else int(row[2]), None if old is None else str(old[3]), meta.content_digest
         )
         if row is not None and old is not None and not decision.changes_series:
             return Recorded(int(row[0]), int(old[0]), decision.revision, False, None, False, spool_name,
@@ -182,7 +182,7 @@ class Journal:
             spool_name,
             size_bytes,
             now,
-            meta.content_sha256,
+            meta.content_digest,
             meta.expected_count,
             meta.acquisition_number,
         )
@@ -194,7 +194,7 @@ class Journal:
                 db.execute("INSERT OR IGNORE INTO dead_files(spool_name) VALUES(?)", (replaced,))
             db.execute(
                 "UPDATE instances SET sop_class_uid=?, transfer_syntax_uid=?, instance_number=?, spool_name=?,"
-                " size_bytes=?, received_at=?, content_sha256=?, expected_count=?, acquisition_number=?,"
+                " size_bytes=?, received_at=?, content_digest=?, expected_count=?, acquisition_number=?,"
                 " released=0, released_at=NULL WHERE id=?",
                 (*fields, int(old[0])),
             )
@@ -202,7 +202,7 @@ class Journal:
         else:
             cur = db.execute(
                 "INSERT INTO instances(sop_class_uid, transfer_syntax_uid, instance_number, spool_name,"
-                " size_bytes, received_at, content_sha256, expected_count, acquisition_number, series_id,"
+                " size_bytes, received_at, content_digest, expected_count, acquisition_number, series_id,"
                 " sop_instance_uid) VALUES(?,?,?,?,?,?,?,?,?,?,?)",
                 (*fields, series_id, meta.sop_instance_uid),
             )

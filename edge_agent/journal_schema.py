@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -44,7 +44,7 @@ CREATE TABLE IF NOT EXISTS instances(
     size_bytes INTEGER NOT NULL,
     received_at REAL NOT NULL,
     released INTEGER NOT NULL DEFAULT 0,
-    content_sha256 TEXT NOT NULL DEFAULT '',
+    content_digest TEXT NOT NULL DEFAULT '',
     expected_count INTEGER,
     acquisition_number INTEGER,
     released_at REAL,
@@ -106,11 +106,15 @@ V2_COLUMNS = (
 )
 
 
-def migrate_from_1(db: sqlite3.Connection) -> None:
-    """Schema 1 -> 2, in place, in the opening transaction: a box upgraded mid-study keeps its work."""
-    for table, column, decl in V2_COLUMNS:
-        have = {str(r[1]) for r in db.execute(f"PRAGMA table_info({table})")}
-        if column not in have:
-            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
-    db.execute("DROP INDEX IF EXISTS outbox_state")  # re-made on (state, next_attempt_at)
+def migrate(db: sqlite3.Connection, version: int) -> None:
+    """Schema ``version`` (1 or 2) -> SCHEMA_VERSION, in place, in the opening transaction: a box upgraded
+    mid-study keeps its work."""
+    if version == 1:
+        for table, column, decl in V2_COLUMNS:
+            have = {str(r[1]) for r in db.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+        db.execute("DROP INDEX IF EXISTS outbox_state")  # re-made on (state, next_attempt_at)
+    # Schema 3: the digests are BLAKE3 now (dicom/digest.py); the SHA-256 ones schema 2 kept stay as they are.
+    db.execute("ALTER TABLE instances RENAME COLUMN content_sha256 TO content_digest")
     db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))

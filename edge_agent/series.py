@@ -99,17 +99,18 @@ class ArrivalDecision:
 
 
 def on_arrival(
-    state: SeriesState | None, revision: int, held_sha256: str | None, content_sha256: str
+    state: SeriesState | None, revision: int, held_digest: str | None, content_digest: str
 ) -> ArrivalDecision:
     """The revision rule. ``state`` is None for a series not seen before.
 
-    ``held_sha256`` is the content hash of the instance with the same SOP Instance UID that the series
-    already holds (released or not), or None when it holds none; an empty hash (a row written before
-    hashes were kept) never matches, so such a re-send counts as new content.
+    ``held_digest`` is the content digest of the instance with the same SOP Instance UID that the series
+    already holds (released or not), or None when it holds none; an empty one (a row written before
+    digests were kept) never matches, nor does one of another kind (a SHA-256 from before BLAKE3,
+    dicom/digest.py), so such a re-send counts as new content.
     """
-    if held_sha256 is not None and content_sha256 and held_sha256 == content_sha256:
+    if held_digest is not None and content_digest and held_digest == content_digest:
         return ArrivalDecision(Arrival.IDENTICAL, revision if state is not None else 0, False)
-    arrival = Arrival.NEW if held_sha256 is None else Arrival.REPLACED
+    arrival = Arrival.NEW if held_digest is None else Arrival.REPLACED
     if state is None:
         return ArrivalDecision(arrival, 0, False)
     if state is SeriesState.OPEN:

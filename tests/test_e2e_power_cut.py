@@ -16,7 +16,8 @@ from typing import Any
 import pydicom
 import pytest
 
-from edge_agent.dicom.header import content_sha256
+from edge_agent.dicom.digest import name_part
+from edge_agent.dicom.header import file_digest
 from tests.daemon import read_findings, storescu
 from tests.dicomfiles import PYDICOM_FILES
 from tests.test_e2e import ct_series
@@ -50,9 +51,12 @@ def test_instances_whose_rows_a_power_cut_lost_are_recorded_again(daemon: Any, n
     state = tmp_path / "state"
     held = sorted(state.glob("spool/instances/*/*.dcm"))
     assert len(held) == 4
-    # Every name ends with the first 16 hex digits of its content's SHA-256.
-    assert all(p.stem[16:] == content_sha256(p)[:16] for p in held)
+    # Every name ends with the first 16 hex digits of its content's digest.
+    assert all(p.stem[16:] == name_part(file_digest(p)) for p in held)
     lose_series(state, series_uid)
+    # One placed before the digests were BLAKE3: its name carries the first 16 hex digits of a SHA-256.
+    legacy = held[1].with_name(f"{held[1].stem[:16]}{file_digest(held[1], legacy_sha256=True)[:16]}.dcm")
+    held[1].rename(legacy)
     # And a file renamed in whose data never reached the disk: its content does not match its name.
     torn = held[0].with_name(f"{'0' * 16}{held[0].stem[16:]}.dcm")
     data = bytearray(held[0].read_bytes())
@@ -67,6 +71,10 @@ def test_instances_whose_rows_a_power_cut_lost_are_recorded_again(daemon: Any, n
     assert "4 stored instance(s) whose journal rows were lost recorded again" in d.log()
     assert "1 unrecorded spool file(s) incomplete or unreadable" in d.log()
     assert not torn.exists()
+    # The legacy-named file was recorded under its name, with its BLAKE3 digest (a re-send is compared by it).
+    legacy_name = f"{legacy.parent.name}/{legacy.name}"
+    assert journal_rows(state, "SELECT content_digest FROM instances WHERE spool_name=?", (legacy_name,)) == \
+        [(file_digest(legacy),)]
     # Recorded as they arrived: the calling AE title came back from the File Meta.
     [(calling,)] = journal_rows(state, "SELECT calling_aet FROM series WHERE series_uid=?", (series_uid,))
     assert calling == "STORESCU"
@@ -93,7 +101,7 @@ def test_a_replaced_file_left_behind_is_not_adopted(daemon: Any, nats_server: An
     [(new_name,)] = journal_rows(state, "SELECT spool_name FROM instances")
     assert new_name != old_name
     # Read now: once the finding is acknowledged the series is released and its file deleted.
-    new_sha = content_sha256(state / "spool" / "instances" / new_name)
+    new_digest = file_digest(state / "spool" / "instances" / new_name)
     # The deletion that a crash (or a failing disk) kept from happening: the old content is back under its name.
     (state / "spool" / "instances" / old_name).write_bytes(old_bytes)
     assert journal_rows(state, "SELECT spool_name FROM dead_files") == [(old_name,)]
@@ -103,7 +111,7 @@ def test_a_replaced_file_left_behind_is_not_adopted(daemon: Any, nats_server: An
     [finding] = read_findings(nats_server.url, 1)
     assert finding["series_instance_uid"] == series_uid
     # The journal still names the replacing file and its content (released or not), never the old one.
-    assert journal_rows(state, "SELECT spool_name, content_sha256 FROM instances") == [(new_name, new_sha)]
+    assert journal_rows(state, "SELECT spool_name, content_digest FROM instances") == [(new_name, new_digest)]
     assert not (state / "spool" / "instances" / old_name).exists()
     assert "recorded again" not in d.log()
     assert journal_rows(state, "SELECT spool_name FROM dead_files") == []
@@ -121,7 +129,7 @@ def test_after_a_clean_stop_nothing_is_adopted(daemon: Any, nats_server: Any, tm
     # content matches its name.
     stray = state / "spool" / "instances" / "20260101"
     stray.mkdir(parents=True, exist_ok=True)
-    copy = stray / f"{'1' * 16}{content_sha256(files[0])[:16]}.dcm"
+    copy = stray / f"{'1' * 16}{name_part(file_digest(files[0]))}.dcm"
     shutil.copyfile(files[0], copy)
     d.start()
     assert not copy.exists()

@@ -13,6 +13,7 @@ import pytest
 from edge_agent.dicom.header import InstanceMeta
 from edge_agent.errors import JournalError
 from edge_agent.journal import Closing, Journal, SeriesRow, SeriesState
+from edge_agent.journal_schema import SCHEMA
 from edge_agent.series import Arrival
 
 CR = "1.2.840.10008.5.1.4.1.1.1"
@@ -40,9 +41,9 @@ def publish(journal: Journal, series_id: int, revision: int = 0, msg_id: str = "
 
 
 def test_instances_group_into_series_and_new_content_replaces_the_file(journal: Journal) -> None:
-    a = journal.record_instance(meta("1", content_sha256="aa"), "f1", 10)
+    a = journal.record_instance(meta("1", content_digest="aa"), "f1", 10)
     b = journal.record_instance(meta("2", expected_count=2), "f2", 20)
-    again = journal.record_instance(meta("1", content_sha256="bb"), "f3", 30)
+    again = journal.record_instance(meta("1", content_digest="bb"), "f3", 30)
     assert a.new_series and not b.new_series and a.series_id == b.series_id
     assert again.replaced_spool_name == "f1" and again.instance_id == a.instance_id
     assert again.arrival is Arrival.REPLACED and again.revision == 0 and not again.reopened
@@ -55,7 +56,7 @@ def test_instances_group_into_series_and_new_content_replaces_the_file(journal: 
 @pytest.mark.parametrize("state", ["open", "queued", "published", "released"])
 def test_an_identical_resend_changes_nothing_in_any_state(journal: Journal, state: str) -> None:
     """Defect 2: a lost C-STORE-RSP or a PACS re-send must not open a revision (or a second finding)."""
-    r = journal.record_instance(meta("1", content_sha256="same"), "f1", 10)
+    r = journal.record_instance(meta("1", content_digest="same"), "f1", 10)
     if state != "open":
         close(journal, r.series_id)
         journal.outbox.enqueue(r.series_id, 0, "m", "id", "s", b"{}")
@@ -64,7 +65,7 @@ def test_an_identical_resend_changes_nothing_in_any_state(journal: Journal, stat
     if state == "released":
         assert journal.claim_releasable(float("inf")) == [(r.series_id, ["f1"])]
     before = journal.series(r.series_id)
-    again = journal.record_instance(meta("1", content_sha256="same"), "f2", 10)
+    again = journal.record_instance(meta("1", content_digest="same"), "f2", 10)
     assert again.identical and not again.reopened and again.revision == 0
     after = journal.series(r.series_id)
     assert (after.state, after.revision, after.last_received) == (before.state, before.revision, before.last_received)
@@ -286,7 +287,32 @@ def test_a_schema_1_journal_is_migrated_in_place(tmp_path: Path) -> None:
     assert (row.msg_id, row.revision) == ("id", 0)
     j.outbox.ack(row.id, 3)
     assert j.series(1).state is SeriesState.PUBLISHED and j.referenced_spool_names() == {"f1"}
-    assert j.read("SELECT value FROM meta WHERE key='schema_version'") == [("2",)]
+    assert j.read("SELECT value FROM meta WHERE key='schema_version'") == [("3",)]
+    assert j.read("SELECT content_digest FROM instances") == [("",)]
+
+
+def test_a_schema_2_journal_keeps_its_sha256_digests_and_a_resend_after_it_counts_as_changed(tmp_path: Path) -> None:
+    """Schema 3 renames content_sha256 to content_digest (BLAKE3 from then on, dicom/digest.py). A held
+    instance's SHA-256 is kept as it was; the same instance re-sent after the upgrade cannot be shown to be
+    the same, so it is taken as changed content (its series is inferred again, nothing is dropped)."""
+    path = tmp_path / "j.sqlite3"
+    sha = "9f" * 32
+    with sqlite3.connect(path) as db:
+        db.executescript(SCHEMA.replace("content_digest", "content_sha256"))
+        db.execute("INSERT INTO meta VALUES('schema_version', '2')")
+        db.execute("INSERT INTO series(series_uid, first_received, last_received, state, updated_at)"
+                   " VALUES('1.2.3', 1, 1, 'open', 1)")
+        db.execute("INSERT INTO instances(series_id, sop_instance_uid, spool_name, size_bytes, received_at,"
+                   " content_sha256) VALUES(1, '1', 'f1', 5, 1, ?)", (sha,))
+    db.close()
+    j = Journal(path)
+    assert j.read("SELECT value FROM meta WHERE key='schema_version'") == [("3",)]
+    assert j.read("SELECT spool_name, content_digest FROM instances") == [("f1", sha)]
+    blake = "blake3:" + "9f" * 32
+    again = j.record_instance(meta("1", content_digest=blake), "f2", 5)
+    assert again.arrival is Arrival.REPLACED and again.replaced_spool_name == "f1"
+    assert j.record_instance(meta("1", content_digest=blake), "f3", 5).identical
+    j.close()
 
 
 V1_SCHEMA = """

@@ -18,7 +18,6 @@ the last one are in docs/receiver-fuzz.md). Inputs worth keeping are replayed fr
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import socket
@@ -35,7 +34,7 @@ from hypothesis import HealthCheck, given, settings
 from pydicom.filereader import read_file_meta_info
 from pynetdicom import AE
 
-from edge_agent.dicom import scp
+from edge_agent.dicom import digest, scp
 from tests.dicomfiles import CT_SMALL, ReceiverHarness, dataset_offset, running_receiver
 from tests.pdu_strategies import CONTEXTS, IVR, Wire, before_association, c_stores, datasets, in_association, store_wire
 from tests.ul import (
@@ -118,7 +117,7 @@ class Fuzz:
         self.outcomes: Counter[str] = Counter()
         self.rss_start = self.rss_peak = rss_bytes()
         self.fds_start = _open_fds()
-        self.held: dict[str, str] = {}  # sha256 (hex) of a stored dataset -> its spool name
+        self.held: dict[str, str] = {}  # the content digest of a stored dataset -> its spool name
         self.started = time.monotonic()
 
     def exchange(self, wire: Wire) -> list[tuple[int, bytes]]:
@@ -222,13 +221,13 @@ class Fuzz:
         self.outcomes.update(f"C-STORE 0x{s:04X}" for s in statuses if s is not None)
         calls = self.h.stored.calls[stored_before:]
         for meta, rec in calls:
-            self.held[meta.content_sha256] = rec.spool_name
+            self.held[meta.content_digest] = rec.spool_name
         replaced = {rec.replaced_spool_name for _, rec in calls}
         for data, status in zip(wire.datasets, statuses, strict=True):
             if status != 0:
                 continue
             # Found by content, so that a re-sent dataset (answered Success, nothing stored anew) is checked too.
-            name = self.held.get(hashlib.sha256(data).hexdigest())
+            name = self.held.get(digest.finish(digest.hasher(data)))
             assert name is not None, "answered Success, but no spool file holds the dataset sent"
             path = Path(self.h.spool.path(name))
             if not path.exists():

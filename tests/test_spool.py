@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import re
 import subprocess
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from edge_agent.dicom import digest
 from edge_agent.dicom import spool as spool_module
 from edge_agent.dicom.spool import Spool, SpoolFullError
 from edge_agent.errors import EdgeAgentError
@@ -159,7 +159,7 @@ def _placed(spool: Spool, data: bytes) -> str:
     path, fd = spool.open_incoming()
     try:
         os.write(fd, data)
-        [name] = spool.place([(path, fd, hashlib.sha256(data).hexdigest())])
+        [name] = spool.place([(path, fd, digest.finish(digest.hasher(data)))])
     finally:
         os.close(fd)
     return name

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -17,6 +17,7 @@ from pydicom.filereader import read_dataset
 from pydicom.multival import MultiValue
 
 from edge_agent.dicom import fastheader
+from edge_agent.dicom.digest import finish, hasher, legacy_hasher
 from edge_agent.errors import DecodeError
 
 logger = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ class InstanceMeta:
     calling_aet: str = ""
     called_aet: str = ""
     acquisition_number: int | None = None
-    content_sha256: str = ""  # of the dataset as encoded (File Meta excluded): what a re-send is compared by
+    content_digest: str = ""  # of the dataset as encoded (digest.py): what a re-send is compared by
 
 
 class SopClassMismatchError(DecodeError):
@@ -94,20 +95,26 @@ def dataset_offset(head: bytes) -> int:
     raise DecodeError("the File Meta group does not end")
 
 
-def content_sha256(path: Path) -> str:
-    """SHA-256 of the dataset as encoded, File Meta excluded.
+def file_digest(path: Path, *, legacy_sha256: bool = False) -> str:
+    """The digest of a stored file's dataset as encoded, File Meta excluded (digest.py).
 
-    The File Meta group is written by the receiving side (pynetdicom names the sender's AE title in it),
-    so a PACS re-sending the same instance from another node would differ there, not in the dataset.
+    ``legacy_sha256`` gives the SHA-256 that spool names carried before BLAKE3, as bare hex.
     """
-    digest = hashlib.sha256()
+    if legacy_sha256:
+        sha = legacy_hasher()
+        _feed_dataset(path, sha.update)
+        return sha.hexdigest()
+    h = hasher()
+    _feed_dataset(path, h.update)
+    return finish(h)
+
+
+def _feed_dataset(path: Path, update: Callable[[bytes], object]) -> None:
     with open(path, "rb") as f:
         head = f.read(64 * 1024)
-        start = dataset_offset(head)
-        digest.update(head[start:])
+        update(head[dataset_offset(head):])
         while chunk := f.read(_HASH_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
+            update(chunk)
 
 
 def _read_header(path: Path) -> Dataset:
@@ -120,16 +127,16 @@ def _read_header(path: Path) -> Dataset:
         raise DecodeError(f"unreadable DICOM header ({type(exc).__name__})") from None
 
 
-def read_meta(path: Path, calling_aet: str, called_aet: str, content_sha: str | None = None) -> InstanceMeta:
+def read_meta(path: Path, calling_aet: str, called_aet: str, digest: str | None = None) -> InstanceMeta:
     """Read an instance's header (pixel data is not read). Raises DecodeError without patient data."""
     ds = _read_header(path)
     file_meta = getattr(ds, "file_meta", None)
     syntax = _text(file_meta, "TransferSyntaxUID") if file_meta is not None else ""
     return meta_from_dataset(ds, syntax, calling_aet, called_aet,
-                             content_sha if content_sha is not None else content_sha256(path))
+                             digest if digest is not None else file_digest(path))
 
 
-def read_stored_meta(path: Path, content_sha: str) -> InstanceMeta:
+def read_stored_meta(path: Path, digest: str) -> InstanceMeta:
     """``read_meta`` of a file the receiver wrote: the AE titles come from its File Meta (Source and Receiving
     Application Entity Title), as the association gave them."""
     ds = _read_header(path)
@@ -138,7 +145,7 @@ def read_stored_meta(path: Path, content_sha: str) -> InstanceMeta:
         raise DecodeError("no File Meta group")
     return meta_from_dataset(ds, _text(file_meta, "TransferSyntaxUID"),
                              _text(file_meta, "SourceApplicationEntityTitle"),
-                             _text(file_meta, "ReceivingApplicationEntityTitle"), content_sha)
+                             _text(file_meta, "ReceivingApplicationEntityTitle"), digest)
 
 
 # The last element meta_from_dataset reads: a dataset read up to a later tag holds everything it needs.
@@ -146,7 +153,7 @@ LAST_TAG_READ = 0x00201002
 
 
 def read_meta_head(head: bytes, transfer_syntax_uid: str, calling_aet: str, called_aet: str,
-                   content_sha: str, *, whole: bool) -> InstanceMeta | None:
+                   digest: str, *, whole: bool) -> InstanceMeta | None:
     """The header from the first bytes of a dataset (no File Meta; Explicit or Implicit VR as negotiated).
 
     ``whole`` says ``head`` is the entire dataset. Otherwise None when the bytes held end before every
@@ -157,7 +164,7 @@ def read_meta_head(head: bytes, transfer_syntax_uid: str, calling_aet: str, call
     if little:
         raw = fastheader.read(head, not implicit, whole=whole)
         if raw is not None:
-            return meta_from_dataset(raw, transfer_syntax_uid, calling_aet, called_aet, content_sha)
+            return meta_from_dataset(raw, transfer_syntax_uid, calling_aet, called_aet, digest)
     try:
         ds = read_dataset(BytesIO(head), implicit, little, stop_when=_at_pixel_data)
     except Exception as exc:
@@ -168,7 +175,7 @@ def read_meta_head(head: bytes, transfer_syntax_uid: str, calling_aet: str, call
         tags = [int(t) for t in ds.keys()]  # noqa: SIM118 (iterating a Dataset yields its elements)
         if not tags or max(tags) <= LAST_TAG_READ:
             return None
-    return meta_from_dataset(ds, transfer_syntax_uid, calling_aet, called_aet, content_sha)
+    return meta_from_dataset(ds, transfer_syntax_uid, calling_aet, called_aet, digest)
 
 
 def _at_pixel_data(tag: Any, vr: Any, length: Any) -> bool:
@@ -176,7 +183,7 @@ def _at_pixel_data(tag: Any, vr: Any, length: Any) -> bool:
 
 
 def meta_from_dataset(ds: Dataset | fastheader.RawHeader, transfer_syntax_uid: str, calling_aet: str, called_aet: str,
-                      content_sha: str) -> InstanceMeta:
+                      digest: str) -> InstanceMeta:
     """What the journal and the router need, from a dataset read without pixel data."""
     try:
         missing = [kw for kw in _REQUIRED if not _text(ds, kw)]
@@ -200,7 +207,7 @@ def meta_from_dataset(ds: Dataset | fastheader.RawHeader, transfer_syntax_uid: s
             calling_aet=calling_aet.strip(),
             called_aet=called_aet.strip(),
             acquisition_number=_int(ds, "AcquisitionNumber"),
-            content_sha256=content_sha,
+            content_digest=digest,
         )
     except DecodeError:
         raise

@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import hashlib
 import logging
 import os
 import queue
@@ -64,7 +63,7 @@ from pynetdicom.sop_class import _STORAGE_CLASSES
 
 from edge_agent import tlsutil
 from edge_agent.config import DicomConfig
-from edge_agent.dicom import acse, status
+from edge_agent.dicom import acse, digest, status
 from edge_agent.dicom.header import InstanceMeta, check_sop_class, read_meta, read_meta_head
 from edge_agent.dicom.hosts import HostMatcher
 from edge_agent.dicom.spool import Spool, start_writeback
@@ -267,9 +266,9 @@ class _Store:
     inflater: Any = None
     inflated: int = 0
     started: float = field(default_factory=time.perf_counter)
-    # The dataset's SHA-256 (as received, deflated or not), taken as the bytes arrive: the sender is busy
-    # sending the next fragment meanwhile, and the file is never read back.
-    hasher: Any = field(default_factory=hashlib.sha256)
+    # The dataset's digest (as received, deflated or not; digest.py), taken as the bytes arrive: the sender is
+    # busy sending the next fragment meanwhile, and the file is never read back.
+    hasher: Any = field(default_factory=digest.hasher)
     unflushed: int = 0  # bytes written since the last writeback was started
 
     def write(self, chunk: memoryview) -> None:
@@ -456,7 +455,7 @@ class _Committer:
         if ready:
             try:
                 names = self._spool.place(
-                    [(group[i].path, group[i].fd, meta.content_sha256) for i, meta in ready])  # type: ignore[misc]
+                    [(group[i].path, group[i].fd, meta.content_digest) for i, meta in ready])  # type: ignore[misc]
             except Exception as exc:
                 for i, _ in ready:
                     results[i] = _refused(group[i], exc)
@@ -531,12 +530,12 @@ def _settle(pairs: list[tuple[asyncio.Future[_Result], _Result]]) -> None:
 
 def _read_meta(st: _Store) -> InstanceMeta:
     assert st.path is not None
-    digest = st.hasher.hexdigest()
+    content = digest.finish(st.hasher)
     whole = (st.inflated if st.inflater is not None else st.size) <= len(st.head)
     syntax = ExplicitVRLittleEndian if st.inflater is not None else st.transfer_syntax
-    meta = read_meta_head(bytes(st.head), syntax, st.calling_aet, st.called_aet, digest, whole=whole)
+    meta = read_meta_head(bytes(st.head), syntax, st.calling_aet, st.called_aet, content, whole=whole)
     if meta is None:
-        meta = read_meta(st.path, st.calling_aet, st.called_aet, digest)
+        meta = read_meta(st.path, st.calling_aet, st.called_aet, content)
     if st.inflater is not None:
         meta = InstanceMeta(**{**meta.__dict__, "transfer_syntax_uid": st.transfer_syntax})
     return meta

@@ -4,7 +4,7 @@ Layout: ``root/instances/<yyyymmdd>/<32 hex>.dcm``, ``root/tmp`` for incoming te
 empty files kept ready to become temp files (``open_incoming``, ``release``, ``refill``). A spool
 name is the path relative to ``root/instances`` ("20261126/3f2a...dcm"). Names are never derived from a
 UID: UIDs come from the peer and must not choose paths. A received instance's name is 16 random hex digits
-and then the first 16 of its content's SHA-256 (``place``): after a power cut, a file whose journal row was
+and then the first 16 of its content's digest (``place``, digest.py): after a power cut, a file whose journal row was
 lost can show that it is whole (``adoptable``, ``name_matches``) and be recorded again.
 """
 
@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from edge_agent.dicom.digest import name_part
 from edge_agent.errors import EdgeAgentError
 
 logger = logging.getLogger(__name__)
@@ -48,13 +49,6 @@ FREE_FILES = 1024
 
 class SpoolFullError(EdgeAgentError, OSError):
     """The spool's file system has no room for another instance."""
-
-
-def _digest_part(content_sha256: str) -> str:
-    part = content_sha256[:16].lower()
-    if len(part) != 16 or not all(c in "0123456789abcdef" for c in part):
-        raise ValueError("not a SHA-256 hex digest")
-    return part
 
 
 def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
@@ -272,7 +266,7 @@ class Spool:
     def place(self, incoming: list[tuple[Path, int, str]]) -> list[str]:
         """Move received temp files into the spool durably and return their spool names, in order.
 
-        ``incoming`` holds ``(temp path, fd open on it, content SHA-256 hex)``; each name ends with the
+        ``incoming`` holds ``(temp path, fd open on it, content digest)``; each name ends with the
         digest's first 16 hex digits. The files are renamed into today's folder, then every file's data is
         fsynced at once, each on its own thread (the first on this one): the file system folds concurrent
         fsyncs into one journal commit, so a group costs about one fsync, not one per file. The folder is
@@ -288,7 +282,7 @@ class Spool:
                 day_dir.mkdir(exist_ok=True)
                 _fsync_dir(self._instances)
             for src, _, digest in incoming:
-                final = day_dir / f"{secrets.token_hex(8)}{_digest_part(digest)}.dcm"
+                final = day_dir / f"{secrets.token_hex(8)}{name_part(digest)}.dcm"
                 os.replace(src, final)
                 placed.append(final)
             if incoming:
@@ -410,9 +404,9 @@ class Spool:
         return [name for _, name in sorted(found)]
 
     @staticmethod
-    def name_matches(name: str, content_sha256: str) -> bool:
-        """Whether a stored file's name carries the digest of the content it holds."""
-        return _STORED.fullmatch(name.rsplit("/", 1)[-1]) is not None and name[-20:-4] == _digest_part(content_sha256)
+    def name_matches(name: str, content_digest: str) -> bool:
+        """Whether a stored file's name carries ``content_digest``, the digest of the content it holds."""
+        return _STORED.fullmatch(name.rsplit("/", 1)[-1]) is not None and name[-20:-4] == name_part(content_digest)
 
     def orphans(self, referenced: set[str], min_age_seconds: float = 0.0) -> list[str]:
         """Spool names on disk that the journal does not reference, and stale temp files.
