@@ -50,7 +50,7 @@ from edge_agent.routing import SeriesFacts, candidate_routes, match_route
 from edge_agent.series import count_says_complete, retry_delay_seconds
 from edge_agent.stages import InstanceStages, series_stage_seconds
 from edge_agent.triage import LabelResult, aggregate
-from edge_agent.workers import WorkerPool
+from edge_agent.workers import SentOnce, WorkerPool
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,11 @@ class LoadedModel:
     card: ModelCard
     batcher: Batcher
     backend: str
+    # The card as preprocessing calls pass it to the worker pool: pickled once, not once per instance.
+    card_for_workers: SentOnce[ModelCard] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.card_for_workers = SentOnce(self.card)
 
 
 @dataclass
@@ -277,7 +282,7 @@ class Pipeline:
         waiting = self._metrics.queue_depth.labels(queue="preprocess")
         waiting.inc()
         try:
-            inputs = await self._pool.run(load_instance_prepared, path, loaded.card)
+            inputs = await self._pool.run(load_instance_prepared, path, loaded.card_for_workers)
         except DecodeError:
             # A re-sent instance replaces (and deletes) the file an earlier task may still be reading: only a
             # file that is still there failed to decode.

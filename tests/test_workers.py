@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from edge_agent.errors import DecodeError
-from edge_agent.workers import LOW_PRIORITY_NICENESS, WorkerPool, at_low_priority
+from edge_agent.workers import LOW_PRIORITY_NICENESS, SentOnce, WorkerPool, at_low_priority
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -118,6 +118,60 @@ def test_thread_pool_runs_the_same_calls() -> None:
             pool.shutdown()
 
     assert asyncio.run(main()) == 42
+
+
+_unpickled = 0  # in a worker: how many Card objects it has unpickled
+
+
+class Card:
+    """Stands in for a model card; counts, in each process, how often one is unpickled."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __setstate__(self, state: dict[str, str]) -> None:
+        global _unpickled
+        _unpickled += 1
+        self.__dict__.update(state)
+
+
+def unpickled_so_far(card: Card, crash: bool = False) -> tuple[str, int, int]:
+    if crash:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return card.name, _unpickled, os.getpid()
+
+
+def test_an_argument_sent_once_is_unpickled_once_per_worker() -> None:
+    async def main() -> tuple[list[tuple[str, int, int]], list[tuple[str, int, int]], tuple[str, int, int]]:
+        pool = WorkerPool(1)
+        try:
+            card = Card("ct-demo")
+            plain = [await pool.run(unpickled_so_far, card) for _ in range(3)]
+            once = SentOnce(Card("cxr"))
+            sent = [await pool.run(unpickled_so_far, once) for _ in range(3)]
+            # The worker dies; the call runs again alone, then the rebuilt pool's new worker takes it afresh.
+            with pytest.raises(DecodeError):
+                await pool.run(unpickled_so_far, once, True)
+            return plain, sent, await pool.run(unpickled_so_far, once)
+        finally:
+            pool.shutdown()
+
+    plain, sent, after = asyncio.run(main())
+    assert [(name, n) for name, n, _ in plain] == [("ct-demo", 1), ("ct-demo", 2), ("ct-demo", 3)]  # every call
+    assert [(name, n) for name, n, _ in sent] == [("cxr", 4)] * 3  # once, then kept
+    assert after[:2] == ("cxr", 1) and after[2] != sent[0][2]
+
+
+def test_a_thread_pool_is_handed_the_value_itself() -> None:
+    async def main(card: Card) -> Card:
+        pool = WorkerPool(1, processes=False)
+        try:
+            return await pool.run(lambda c: c, SentOnce(card))
+        finally:
+            pool.shutdown()
+
+    card = Card("ct-demo")
+    assert asyncio.run(main(card)) is card
 
 
 _CHILD = """

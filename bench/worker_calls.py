@@ -1,0 +1,92 @@
+"""What one preprocessing call on the worker pool costs besides its own work, with the card sent as itself or
+once (``SentOnce``), side by side in one run.
+
+Runs ``WorkerPool`` (two worker processes, as the daemon's default) in this process and calls it as the
+pipeline does, the calls of each way interleaved in rounds; CPU is this process's plus the workers' (from
+/proc), per call.
+
+    .venv/bin/python bench/worker_calls.py [--calls 2000] [--rounds 3]
+
+- "nothing": a function that takes the card and returns at once: the cost of the call itself.
+- "CT slice": ``load_instance_prepared`` on a 512x512 CT slice for ct-demo: the real call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench.ingest_data import CT_SOURCE  # noqa: E402
+from edge_agent.inference.card import ModelCard, load_card  # noqa: E402
+from edge_agent.inference.preprocess import load_instance_prepared  # noqa: E402
+from edge_agent.workers import SentOnce, WorkerPool  # noqa: E402
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def nothing(path: Path, card: ModelCard) -> int:
+    return card.input_shape[0]
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    own = os.times()
+    total = own.user + own.system
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / TICKS
+    return total
+
+
+async def _timed(pool: WorkerPool, pids: list[int], fn: Any, card: Any, calls: int) -> tuple[float, float]:
+    """(wall ms, CPU ms) per call, with as many calls in flight as the pool has workers, twice over."""
+    path = CT_SOURCE
+    cpu0, wall0 = _cpu_seconds(pids), time.perf_counter()
+    pending: set[asyncio.Future[Any]] = set()
+    for _ in range(calls):
+        if len(pending) >= 2 * pool.workers:
+            _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        pending.add(asyncio.ensure_future(pool.run(fn, path, card)))
+    await asyncio.gather(*pending)
+    return (time.perf_counter() - wall0) * 1000 / calls, (_cpu_seconds(pids) - cpu0) * 1000 / calls
+
+
+async def main(args: argparse.Namespace) -> None:
+    card = load_card(REPO / "engines" / "ct-demo")
+    once = SentOnce(card)
+    pool = WorkerPool(2)
+    await pool.warm_up()
+    from edge_agent.workers import _warm
+
+    pids = sorted({await pool.run(_warm) for _ in range(8)})
+    results: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    try:
+        for _ in range(args.rounds):
+            for work, fn, calls in (("nothing", nothing, args.calls), ("CT slice", load_instance_prepared,
+                                                                       args.calls // 4)):
+                for way, arg in (("card as itself", card), ("SentOnce", once)):
+                    results.setdefault((work, way), []).append(await _timed(pool, pids, fn, arg, calls))
+    finally:
+        pool.shutdown()
+    print(f"{args.rounds} rounds, medians; {os.cpu_count()} CPUs, Python {sys.version.split()[0]}\n")
+    print("| call | card | wall per call (ms) | CPU per call, daemon + workers (ms) |")
+    print("|---|---|---:|---:|")
+    for (work, way), runs in results.items():
+        wall = statistics.median(w for w, _ in runs)
+        cpu = statistics.median(c for _, c in runs)
+        print(f"| {work} | {way} | {wall:.3f} | {cpu:.3f} |")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--calls", type=int, default=2000, help="calls per measurement of the empty function")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds; each measures every combination once")
+    asyncio.run(main(ap.parse_args()))
