@@ -25,6 +25,8 @@ Run:  .venv/bin/python bench/ingest.py                      (500 CT of 0.5 MB, 2
           DIR from 'git archive HEAD | tar -x -C DIR' pins the daemon's version while the checkout changes)
       .venv/bin/python bench/ingest.py --only storescp edge-nothing edge-base --baseline-source DIR
           (a change against an earlier version of edge-agent, interleaved in one run)
+      .venv/bin/python bench/ingest.py --only edge-ct edge-ct-base --baseline-source DIR --latency 0
+          (the same, with CT routed to ct-demo in both)
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ LABELS = {
     "edge-nothing": "edge-agent, nothing routed (receive + spool + journal)",
     "edge-ct": "edge-agent, CT routed to ct-demo (inference while receiving)",
     "edge-base": "edge-agent from --baseline-source, nothing routed",
+    "edge-ct-base": "edge-agent from --baseline-source, CT routed to ct-demo",
 }
 
 RECEIVERS = tuple(LABELS)
@@ -79,10 +82,10 @@ RECEIVERS = tuple(LABELS)
 def make_receiver(key: str, root: Path, edge_agent_source: Path = REPO, baseline_source: Path | None = None
                   ) -> Receiver:
     folder, label = root / key, LABELS[key]
-    if key == "edge-base":
+    if key in ("edge-base", "edge-ct-base"):
         if baseline_source is None:
-            raise SystemExit("edge-base needs --baseline-source DIR")
-        return EdgeAgent(key, label, folder, "EDGE_AGENT", routed=False, source=baseline_source)
+            raise SystemExit(f"{key} needs --baseline-source DIR")
+        return EdgeAgent(key, label, folder, "EDGE_AGENT", routed=key == "edge-ct-base", source=baseline_source)
     if key.startswith("storescp"):
         return Storescp(key, label, folder, "STORESCP", fork=key == "storescp-fork")
     if key == "orthanc":
@@ -202,7 +205,9 @@ def run(args: argparse.Namespace, root: Path, stack: ExitStack) -> tuple[list[Me
                                                                          LatencyResult | None, list[str]]:
     notes: list[str] = []
     receivers: list[Receiver] = []
-    for key in args.only or [k for k in RECEIVERS if k != "edge-base" or args.baseline_source is not None]:
+    # edge-ct-base only when asked for (--only): a full run with a baseline compares the receive path.
+    default = [k for k in RECEIVERS if k != "edge-ct-base" and (k != "edge-base" or args.baseline_source)]
+    for key in args.only or default:
         if key == "orthanc" and not os.access(ORTHANC, os.X_OK):
             notes.append("Orthanc is not installed here (apt-get install orthanc): its row is empty")
             continue
@@ -238,7 +243,7 @@ def run(args: argparse.Namespace, root: Path, stack: ExitStack) -> tuple[list[Me
                 r.after_workload()
                 os.sync()
         shutil.rmtree(root / "send", ignore_errors=True)
-    routed = next((r for r in receivers if isinstance(r, EdgeAgent) and r.routed), None)
+    routed = next((r for r in receivers if r.key == "edge-ct"), None)
     latency = cr_latency(routed, args.latency) if routed is not None and args.latency > 0 else None
     return results, idle_rss, latency, notes
 
@@ -311,7 +316,7 @@ def tables(results: list[Measurement], labels: dict[str, str], idle_rss: dict[st
     lines += ["", "Ratios (edge-agent / baseline; above 1 is faster for the rates, costlier for CPU and RSS):", "",
               "| edge-agent / baseline | " + " | ".join(HEADERS.values()) + " |", "|---|" + "---:|" * len(HEADERS)]
     for mine in ("edge-nothing", "edge-ct"):
-        for base in (*BASELINES, "edge-base"):
+        for base in (*BASELINES, "edge-base", "edge-ct-base"):
             if mine in cols and base in cols:
                 cells = [f"{a / b:.2f}x" if (a := cols[mine][c]) and (b := cols[base][c]) else "-" for c in HEADERS]
                 lines.append(f"| {labels[mine]} / {labels[base]} | " + " | ".join(cells) + " |")
@@ -399,7 +404,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="run edge-agent from this source tree (default: this checkout), e.g. a snapshot made with "
                     "'git archive HEAD | tar -x -C DIR'")
     ap.add_argument("--baseline-source", type=Path,
-                    help="an earlier edge-agent source tree to run as the receiver edge-base, beside this one")
+                    help="an earlier edge-agent source tree to run as the receivers edge-base (and, with --only, "
+                         "edge-ct-base), beside this one")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (logs, received files)")
     args = ap.parse_args(argv)
     args.edge_agent_source = args.edge_agent_source.resolve()

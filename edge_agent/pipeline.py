@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import math
 import os
 import secrets
 import socket
@@ -42,7 +44,7 @@ from edge_agent.finding_maker import finding_input, overlay_name, shown_label, s
 from edge_agent.inference.batcher import Batcher
 from edge_agent.inference.card import ModelCard
 from edge_agent.inference.engine import SliceResult
-from edge_agent.inference.preprocess import load_instance_prepared
+from edge_agent.inference.preprocess import Prepared, load_instance_prepared_into
 from edge_agent.journal import InstanceRow, Journal, Recorded, SeriesRow, SeriesState
 from edge_agent.logs import set_log_context
 from edge_agent.metrics import Metrics
@@ -50,7 +52,7 @@ from edge_agent.routing import SeriesFacts, candidate_routes, match_route
 from edge_agent.series import count_says_complete, retry_delay_seconds
 from edge_agent.stages import InstanceStages, series_stage_seconds
 from edge_agent.triage import LabelResult, aggregate
-from edge_agent.workers import SentOnce, WorkerPool
+from edge_agent.workers import Arena, SentOnce, Slot, WorkerPool
 
 logger = logging.getLogger(__name__)
 
@@ -156,6 +158,19 @@ class Pipeline:
             name: Slots(config.pipeline.preprocess_workers + 2 * loaded.batcher.max_batch)
             for name, loaded in models.items()
         }
+        # With worker processes, one input per decoded instance comes back through shared memory (workers.Arena).
+        self._arenas: dict[str, Arena] = {}
+        self._calls: set[asyncio.Future[list[Prepared]]] = set()  # worker calls writing into an arena's slot
+        if pool.processes:
+            try:
+                for name, loaded in models.items():
+                    self._arenas[name] = Arena(self._slots[name].size, 4 * math.prod(loaded.card.input_shape))
+            except OSError as exc:
+                logger.warning("no shared memory for preprocessing results (%s); they come back through the "
+                               "worker pool's pipe", exc.strerror or type(exc).__name__)
+                for arena in self._arenas.values():
+                    arena.close()
+                self._arenas.clear()
         self.finished_series = 0
         self.interrupted_series = 0
 
@@ -277,12 +292,47 @@ class Pipeline:
     async def _decode_and_infer(self, model: str, urgent: bool, spool_name: str,
                                 stages: InstanceStages) -> list[Shaped]:
         loaded = self._models[model]
+        arena = self._arenas.get(model)
+        slot = arena.take() if arena is not None else None
+        if slot is None:
+            inputs = await self._preprocess(loaded, spool_name, None, None, stages)
+            timed = await asyncio.gather(*(loaded.batcher.submit_timed(p.tensor, urgent=urgent) for p in inputs))
+        else:
+            assert arena is not None
+            # The worker's call runs as a task of its own: if this one is cancelled, the worker may still be
+            # writing into the slot, so the slot goes back only once the call has ended too; given back
+            # sooner, the next instance's input could be overwritten by this one's.
+            call = asyncio.ensure_future(self._preprocess(loaded, spool_name, arena, slot, stages))
+            self._calls.add(call)
+            call.add_done_callback(self._calls.discard)
+            call.add_done_callback(_retrieve)
+            try:
+                inputs = await asyncio.shield(call)
+                timed = await asyncio.gather(*(loaded.batcher.submit_timed(p.tensor, urgent=urgent)
+                                               for p in inputs))
+            finally:
+                # Here the batch that read the input has run, or this task was cancelled (the batcher's result
+                # for it, whatever the slot held by then, goes nowhere) or failed.
+                if call.done():
+                    arena.give_back(slot)
+                else:
+                    call.add_done_callback(lambda _: arena.give_back(slot))
+        stages.frames_inferred((q for _, q, _ in timed), (i for _, _, i in timed))
+        results = [r for r, _, _ in timed]
+        self._metrics.instances.labels(outcome="inferred").inc()
+        if self._drift is not None:
+            self._drift.observe(model, inputs, results)
+        return [(r, p.source_shape) for r, p in zip(results, inputs, strict=True)]
+
+    async def _preprocess(self, loaded: LoadedModel, spool_name: str, arena: Arena | None, slot: Slot | None,
+                          stages: InstanceStages) -> list[Prepared]:
+        """Decode and prepare an instance in a worker; the first frame's input in ``slot`` when there is one."""
         path = self._spool_path(spool_name)
         started = time.perf_counter()
         waiting = self._metrics.queue_depth.labels(queue="preprocess")
         waiting.inc()
         try:
-            inputs = await self._pool.run(load_instance_prepared, path, loaded.card_for_workers)
+            inputs, in_slot = await self._pool.run(load_instance_prepared_into, path, loaded.card_for_workers, slot)
         except DecodeError:
             # A re-sent instance replaces (and deletes) the file an earlier task may still be reading: only a
             # file that is still there failed to decode.
@@ -291,15 +341,12 @@ class Pipeline:
             raise
         finally:
             waiting.dec()
+        if in_slot:
+            assert arena is not None and slot is not None
+            inputs[0] = dataclasses.replace(inputs[0], tensor=arena.read(slot, loaded.card.input_shape))
         stages.preprocess = preprocess_seconds = time.perf_counter() - started
         self._metrics.stage_seconds.labels(stage="preprocess").observe(preprocess_seconds)
-        timed = await asyncio.gather(*(loaded.batcher.submit_timed(p.tensor, urgent=urgent) for p in inputs))
-        stages.frames_inferred((q for _, q, _ in timed), (i for _, _, i in timed))
-        results = [r for r, _, _ in timed]
-        self._metrics.instances.labels(outcome="inferred").inc()
-        if self._drift is not None:
-            self._drift.observe(model, inputs, results)
-        return [(r, p.source_shape) for r, p in zip(results, inputs, strict=True)]
+        return inputs
 
     def on_released(self, series_ids: Iterable[int]) -> None:
         """Called on the loop when an association was released normally, with the series it stored into.
@@ -568,6 +615,10 @@ class Pipeline:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._work.clear()
+        # Calls whose task was cancelled may still be writing into a slot: one decode each, then the maps go.
+        await asyncio.gather(*self._calls, return_exceptions=True)
+        for arena in self._arenas.values():
+            arena.close()
 
 
 def _retrieve(task: asyncio.Task[Any]) -> None:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
 import threading
+import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +19,7 @@ from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pydicom
 import pytest
 import yaml
@@ -28,6 +31,7 @@ from edge_agent.dicom.spool import Spool
 from edge_agent.inference.batcher import Batcher
 from edge_agent.inference.card import load_card
 from edge_agent.inference.onnxruntime import OnnxRuntimeEngine
+from edge_agent.inference.preprocess import load_instance_prepared, load_instance_prepared_into
 from edge_agent.journal import Journal, Recorded, SeriesState
 from edge_agent.metrics import Metrics
 from edge_agent.pipeline import LoadedModel, Pipeline
@@ -76,10 +80,10 @@ class Harness:
         self.woken = 0
 
     @asynccontextmanager
-    async def pipeline(self) -> AsyncIterator[Pipeline]:
+    async def pipeline(self, processes: bool = False) -> AsyncIterator[Pipeline]:
         batcher = Batcher("ct-demo", self.engine, 8, 2.0, self.metrics, self.executor)
         await batcher.start()
-        pool = WorkerPool(1, processes=False)
+        pool = WorkerPool(1, processes=processes)
         pipe = Pipeline(self.config, self.journal, self.spool.path, self.metrics,
                         {"ct-demo": LoadedModel(self.card, batcher, "onnxruntime")}, pool, self.wake)
         try:
@@ -235,8 +239,10 @@ def test_a_trusted_count_completes_before_the_quiet_time(tmp_path: Path) -> None
         asyncio.run(main(h))
 
 
-def test_a_slice_that_cannot_be_decoded_is_counted_and_named_in_the_finding(tmp_path: Path) -> None:
-    """Defect 5: failed slices do not vanish."""
+@pytest.mark.parametrize("processes", [False, True], ids=["threads", "processes"])
+def test_a_slice_that_cannot_be_decoded_is_counted_and_named_in_the_finding(tmp_path: Path, processes: bool) -> None:
+    """Defect 5: failed slices do not vanish. With worker processes the inputs come back through shared memory
+    (workers.Arena): every slot taken, the failed slice's too, is given back."""
     slices = make_ct_series(tmp_path / "ct", 3)
     ds = pydicom.dcmread(slices[1])
     ds.PixelData = ds.PixelData[: len(ds.PixelData) // 3]  # truncated pixel data: the header still reads
@@ -244,14 +250,75 @@ def test_a_slice_that_cannot_be_decoded_is_counted_and_named_in_the_finding(tmp_
     broken_uid = str(ds.SOPInstanceUID)
 
     async def main(h: Harness) -> None:
-        async with h.pipeline() as pipe:
+        async with h.pipeline(processes) as pipe:
             for path in slices:
                 h.store(pipe, path)
             [f] = await h.wait_findings(1)
             assert (f["instances_received"], f["instances_inferred"], f["instances_failed"]) == (3, 2, 1)
             assert f["failed_instance_uids"] == [broken_uid] and broken_uid not in f["sop_instance_uids"]
+            # The engine was given the slices' real inputs (here all the same pixels), whichever way they came.
+            [want] = load_instance_prepared(slices[0], h.card)
+            rows = [row for batch in h.engine.calls for row in batch]
+            assert len(rows) == 2 and all(np.array_equal(row, want.tensor) for row in rows)
+            size = h.config.pipeline.preprocess_workers + 2 * 8  # the model's decode slots (the batcher takes 8)
+            free = [a.free for a in pipe._arenas.values()]
+            assert free == ([size] if processes else [])
 
     with harness(tmp_path) as h:
+        asyncio.run(main(h))
+
+
+def test_without_shared_memory_the_inputs_come_back_through_the_pipe(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A box whose sandbox refuses memfd_create still infers; it says so once, at start."""
+    slices = make_ct_series(tmp_path / "ct", 2)
+
+    def refused(*_: Any) -> int:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "memfd_create", refused)
+
+    async def main(h: Harness) -> None:
+        async with h.pipeline(processes=True) as pipe:
+            assert pipe._arenas == {}
+            for path in slices:
+                h.store(pipe, path)
+            [f] = await h.wait_findings(1)
+            assert (f["instances_inferred"], f["instances_failed"]) == (2, 0)
+
+    with harness(tmp_path) as h:
+        asyncio.run(main(h))
+    assert "no shared memory for preprocessing results (Operation not permitted)" in caplog.text
+
+
+def slow_load_into(path: Path, card: Any, slot: Any) -> Any:
+    """The worker's call, a second slower (it runs in a worker process, imported from here)."""
+    time.sleep(1.0)
+    return load_instance_prepared_into(path, card, slot)
+
+
+def test_a_cancelled_instance_gives_its_slot_back_only_once_its_worker_call_has_ended(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Given back at the cancellation, the slot could go to the next instance while the cancelled call's worker
+    still writes into it: the next instance would be inferred on this one's image."""
+    [path] = make_ct_series(tmp_path / "ct", 1)
+    monkeypatch.setattr(pipeline_module, "load_instance_prepared_into", slow_load_into)
+
+    async def main(h: Harness) -> None:
+        async with h.pipeline(processes=True) as pipe:
+            arena = pipe._arenas["ct-demo"]
+            size = arena.free
+            r = h.store(pipe, path)
+            await until(lambda: arena.free == size - 1)  # taken: the call is on its way to a worker
+            pipe._work[r.series_id].instances[r.instance_id].task.cancel()
+            await asyncio.sleep(0.3)
+            assert arena.free == size - 1 and len(pipe._calls) == 1  # the worker is still at it
+            await until(lambda: arena.free == size)
+            assert not pipe._calls
+
+    with harness(tmp_path, quiet_seconds=3600.0) as h:
         asyncio.run(main(h))
 
 
@@ -327,17 +394,17 @@ def test_a_flood_past_the_bound_is_refused_waits_on_the_spool_and_is_all_inferre
     peak = 0
     lock = threading.Lock()
 
-    decode = pipeline_module.load_instance_prepared
+    decode = pipeline_module.load_instance_prepared_into
 
     def counting_decode(*args: Any) -> Any:
         nonlocal peak
-        inputs = decode(*args)
+        inputs, in_slot = decode(*args)
         with lock:
             decoded.extend(weakref.ref(p.tensor) for p in inputs)
             peak = max(peak, sum(r() is not None for r in decoded))
-        return inputs
+        return inputs, in_slot
 
-    monkeypatch.setattr(pipeline_module, "load_instance_prepared", counting_decode)
+    monkeypatch.setattr(pipeline_module, "load_instance_prepared_into", counting_decode)
 
     async def main(h: Harness) -> None:
         h.engine.gate = gate = threading.Event()

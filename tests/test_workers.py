@@ -9,12 +9,18 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 
 from edge_agent.errors import DecodeError
-from edge_agent.workers import LOW_PRIORITY_NICENESS, SentOnce, WorkerPool, at_low_priority
+from edge_agent.inference.card import load_card
+from edge_agent.inference.preprocess import load_instance_prepared, load_instance_prepared_into
+from edge_agent.workers import LOW_PRIORITY_NICENESS, Arena, SentOnce, Slot, WorkerPool, at_low_priority
+from tests.dicomfiles import CT_SMALL, EMRI_SMALL, MR_SMALL_RLE
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -172,6 +178,76 @@ def test_a_thread_pool_is_handed_the_value_itself() -> None:
 
     card = Card("ct-demo")
     assert asyncio.run(main(card)) is card
+
+
+def write_into(slot: Slot, value: float, shape: tuple[int, ...] = (2, 2), dtype: str = "float32") -> bool:
+    return slot.write(np.full(shape, value, dtype))
+
+
+def test_an_input_comes_back_through_the_arena_as_it_would_through_the_pipe() -> None:
+    """The worker's first frame lands in shared memory bit for bit; further frames come through the pipe."""
+    card = load_card(REPO / "engines" / "ct-demo")
+    files = [CT_SMALL, MR_SMALL_RLE, EMRI_SMALL]  # EMRI_SMALL: multi-frame
+
+    async def main() -> list[tuple[Any, bool, Any]]:
+        pool, arena = WorkerPool(2), Arena(2, 4 * int(np.prod(card.input_shape)))
+        try:
+            out = []
+            for path in files:
+                slot = arena.take()
+                assert slot is not None
+                got, in_slot = await pool.run(load_instance_prepared_into, path, SentOnce(card), slot)
+                out.append((got, in_slot, arena.read(slot, card.input_shape).copy() if in_slot else None))
+                arena.give_back(slot)
+            assert arena.free == 2
+            return out
+        finally:
+            pool.shutdown()
+            arena.close()
+
+    for path, (got, in_slot, first) in zip(files, asyncio.run(main()), strict=True):
+        want = load_instance_prepared(path, card)
+        assert in_slot and got[0].tensor.size == 0 and len(got) == len(want)
+        assert first.dtype == np.float32 and np.array_equal(first, want[0].tensor)
+        assert all(np.array_equal(g.tensor, w.tensor) for g, w in zip(got[1:], want[1:], strict=True))
+        assert [replace(g, tensor=None) for g in got] == [replace(w, tensor=None) for w in want]
+    assert len(load_instance_prepared(EMRI_SMALL, card)) > 1
+
+
+def test_an_arena_hands_out_its_slots_once_and_refuses_what_does_not_fit() -> None:
+    async def main() -> None:
+        pool, arena = WorkerPool(1), Arena(2, 16)
+        try:
+            a, b = arena.take(), arena.take()
+            assert a is not None and b is not None and arena.take() is None and a.offset != b.offset
+            assert await pool.run(write_into, a, 1.5) and await pool.run(write_into, b, -2.0)
+            assert not await pool.run(write_into, a, 9.0, (3, 2))  # 24 bytes
+            assert not await pool.run(write_into, a, 9.0, (2, 2), "float64")
+            assert (arena.read(a, (2, 2)) == 1.5).all() and (arena.read(b, (2, 2)) == -2.0).all()
+            arena.give_back(a)
+            assert arena.take() == a
+            # A later arena that gets the same fd number: the worker, which keeps its maps, maps the new one.
+            fd = a.fd
+            arena.close()
+            arena = Arena(1, 16)
+            # As the kernel does when the old number is the lowest free one: the new memfd under the old number.
+            os.dup2(arena._fd, fd)
+            os.close(arena._fd)
+            arena._fd = fd
+            c = arena.take()
+            assert c is not None and c.fd == fd and c.token != a.token
+            assert await pool.run(write_into, c, 7.0)
+            assert (arena.read(c, (2, 2)) == 7.0).all()
+        finally:
+            pool.shutdown()
+            arena.close()
+
+    asyncio.run(main())
+
+
+def test_a_slot_that_cannot_be_mapped_takes_nothing_and_the_input_goes_by_the_pipe() -> None:
+    gone = Slot(owner=2**22 + 1, fd=3, token=b"x", size=16, offset=0, length=16)  # above any pid Linux gives
+    assert not gone.write(np.zeros((2, 2), np.float32))
 
 
 _CHILD = """

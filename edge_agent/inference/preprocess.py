@@ -17,6 +17,7 @@ to float32 rounding; tests/test_preprocess_equivalence.py holds the bound and sa
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ import numpy.typing as npt
 
 from edge_agent.dicom.pixels import Frame, Window, decode_frames
 from edge_agent.inference.card import ModelCard, Preprocessing, WindowSpec
+from edge_agent.workers import Slot
 
 FloatArray = npt.NDArray[np.float32]
 
@@ -341,6 +343,22 @@ def load_instance_prepared(path: Path, card: ModelCard) -> list[Prepared]:
     """Decode an instance and prepare each of its frames for ``card``'s model (what a worker runs)."""
     channels = card.input_shape[0]
     return [prepare(frame, card.preprocessing, channels) for frame in decode_frames(path)]
+
+
+def load_instance_prepared_into(path: Path, card: ModelCard, slot: Slot | None) -> tuple[list[Prepared], bool]:
+    """``load_instance_prepared``, with the first frame's input written into ``slot`` (what a worker runs).
+
+    The second value says whether it was: then that frame's ``tensor`` is an empty array, and the caller reads
+    the input from the slot (``Arena.read``).
+    """
+    prepared = load_instance_prepared(path, card)
+    if slot is None or not prepared or not slot.write(prepared[0].tensor):
+        return prepared, False
+    prepared[0] = dataclasses.replace(prepared[0], tensor=_EMPTY)
+    return prepared, True
+
+
+_EMPTY: FloatArray = np.empty(0, np.float32)
 
 
 def load_instance(path: Path, card: ModelCard) -> list[FloatArray]:
