@@ -56,6 +56,10 @@ from edge_agent.workers import Arena, SentOnce, Slot, WorkerPool
 
 logger = logging.getLogger(__name__)
 
+# At close, how long preprocessing calls whose instance was cancelled may take to end (they write into shared
+# memory the pipeline then unmaps).
+CLOSE_WAIT_SECONDS = 5.0
+
 T = TypeVar("T")
 
 # One frame's result and its image's (rows, columns).
@@ -615,8 +619,10 @@ class Pipeline:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._work.clear()
-        # Calls whose task was cancelled may still be writing into a slot: one decode each, then the maps go.
-        await asyncio.gather(*self._calls, return_exceptions=True)
+        # Calls whose task was cancelled may still be writing into a slot: one decode each, then the maps go. A
+        # decode that does not end in time keeps its worker's own map of the memory; closing ours is safe.
+        if self._calls:
+            await asyncio.wait(set(self._calls), timeout=CLOSE_WAIT_SECONDS)
         for arena in self._arenas.values():
             arena.close()
 

@@ -227,9 +227,13 @@ class Arena:
         return len(self._free)
 
     def close(self) -> None:
+        """Unmap and close (again: nothing)."""
+        if self._fd < 0:
+            return
         with contextlib.suppress(BufferError):  # an array still reads it: the map goes with the last of them
             self._map.close()
-        os.close(self._fd)
+        fd, self._fd = self._fd, -1
+        os.close(fd)
 
 
 @dataclass(frozen=True)

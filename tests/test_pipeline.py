@@ -322,6 +322,33 @@ def test_a_cancelled_instance_gives_its_slot_back_only_once_its_worker_call_has_
         asyncio.run(main(h))
 
 
+def stuck_load_into(path: Path, card: Any, slot: Any) -> Any:
+    """The worker's call, stuck for a while on a pathological file."""
+    time.sleep(3.0)
+    return load_instance_prepared_into(path, card, slot)
+
+
+def test_closing_waits_only_so_long_for_a_cancelled_instances_worker_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    [path] = make_ct_series(tmp_path / "ct", 1)
+    monkeypatch.setattr(pipeline_module, "load_instance_prepared_into", stuck_load_into)
+    monkeypatch.setattr(pipeline_module, "CLOSE_WAIT_SECONDS", 0.3)
+
+    async def main(h: Harness) -> None:
+        async with h.pipeline(processes=True) as pipe:
+            arena = pipe._arenas["ct-demo"]
+            size = arena.free
+            h.store(pipe, path)
+            await until(lambda: arena.free == size - 1)
+            started = time.monotonic()
+            await pipe.close()
+            assert time.monotonic() - started < 2.0 and len(pipe._calls) == 1  # the call still runs
+
+    with harness(tmp_path, quiet_seconds=3600.0) as h:
+        asyncio.run(main(h))
+
+
 def test_a_transient_engine_failure_defers_the_series_instead_of_failing_it(tmp_path: Path) -> None:
     """Defect 5: an engine error that fails every slice is retried with back-off, not failed for good."""
     slices = make_ct_series(tmp_path / "ct", 2)
