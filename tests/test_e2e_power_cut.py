@@ -56,6 +56,7 @@ def test_instances_whose_rows_a_power_cut_lost_are_recorded_again(daemon: Any, n
     lose_series(state, series_uid)
     # One placed before the digests were BLAKE3: its name carries the first 16 hex digits of a SHA-256.
     legacy = held[1].with_name(f"{held[1].stem[:16]}{file_digest(held[1], legacy_sha256=True)[:16]}.dcm")
+    legacy_digest = file_digest(held[1])  # taken now: once its finding is acknowledged the file is released
     held[1].rename(legacy)
     # And a file renamed in whose data never reached the disk: its content does not match its name.
     torn = held[0].with_name(f"{'0' * 16}{held[0].stem[16:]}.dcm")
@@ -74,7 +75,7 @@ def test_instances_whose_rows_a_power_cut_lost_are_recorded_again(daemon: Any, n
     # The legacy-named file was recorded under its name, with its BLAKE3 digest (a re-send is compared by it).
     legacy_name = f"{legacy.parent.name}/{legacy.name}"
     assert journal_rows(state, "SELECT content_digest FROM instances WHERE spool_name=?", (legacy_name,)) == \
-        [(file_digest(legacy),)]
+        [(legacy_digest,)]
     # Recorded as they arrived: the calling AE title came back from the File Meta.
     [(calling,)] = journal_rows(state, "SELECT calling_aet FROM series WHERE series_uid=?", (series_uid,))
     assert calling == "STORESCU"
