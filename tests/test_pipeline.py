@@ -293,8 +293,8 @@ def test_without_shared_memory_the_inputs_come_back_through_the_pipe(
 
 
 def slow_load_into(path: Path, card: Any, slot: Any) -> Any:
-    """The worker's call, a second slower (it runs in a worker process, imported from here)."""
-    time.sleep(1.0)
+    """The worker's call, three seconds slower (it runs in a worker process, imported from here)."""
+    time.sleep(3.0)
     return load_instance_prepared_into(path, card, slot)
 
 
