@@ -322,17 +322,11 @@ def test_a_cancelled_instance_gives_its_slot_back_only_once_its_worker_call_has_
         asyncio.run(main(h))
 
 
-def stuck_load_into(path: Path, card: Any, slot: Any) -> Any:
-    """The worker's call, stuck for a while on a pathological file."""
-    time.sleep(3.0)
-    return load_instance_prepared_into(path, card, slot)
-
-
 def test_closing_waits_only_so_long_for_a_cancelled_instances_worker_call(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     [path] = make_ct_series(tmp_path / "ct", 1)
-    monkeypatch.setattr(pipeline_module, "load_instance_prepared_into", stuck_load_into)
+    monkeypatch.setattr(pipeline_module, "load_instance_prepared_into", slow_load_into)  # stuck, as on a bad file
     monkeypatch.setattr(pipeline_module, "CLOSE_WAIT_SECONDS", 0.3)
 
     async def main(h: Harness) -> None:
