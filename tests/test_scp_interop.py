@@ -11,7 +11,9 @@ lengths and trailing padding), and with dcmtk's ``dcmftest``.
 from __future__ import annotations
 
 import json
+import random
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -53,7 +55,6 @@ from tests.dicomfiles import (
     running_receiver,
     storescu,
 )
-from tests.netutil import free_port
 
 pytestmark = [
     pytest.mark.timeout(60),
@@ -321,27 +322,44 @@ def test_a_whole_study_from_storescu_is_accepted(tmp_path: Path) -> None:
 # -- Orthanc -------------------------------------------------------------------------------------------
 
 
+def _unclaimed_port() -> int:
+    """A port free on every address now, below the kernel's ephemeral range (so free_port() and outgoing
+    connections, which draw from that range, do not hand it to anyone else meanwhile)."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    rng = random.Random()
+    while True:
+        port = rng.randrange(max(1024, low - 12000), low)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
+
+
 class _Orthanc:
     """A real Orthanc with its own ports and storage, that knows our receiver as the modality ``edge``."""
 
     def __init__(self, tmp: Path, receiver_port: int) -> None:
         assert ORTHANC is not None
-        # free_port() hands out a port that is free now; another process may take it before Orthanc binds
-        # it. That, and only that, is tried again on new ports.
-        for attempt in range(3):
+        # Its ports come from below the kernel's ephemeral range (_unclaimed_port), where no connection is
+        # given one on its own; one may still be taken before Orthanc binds it. That, and only that, is tried
+        # again on new ports.
+        for attempt in range(5):
             if self._start(tmp, receiver_port):
                 return
             in_use = "already in use" in (tmp / "orthanc.log").read_text(errors="replace")
-            if not in_use or attempt == 2:
+            if not in_use or attempt == 4:
                 raise AssertionError(f"Orthanc did not start: see {tmp / 'orthanc.log'}")
+            (tmp / "orthanc.log").rename(tmp / f"orthanc-{attempt + 1}.log")
 
     def _start(self, tmp: Path, receiver_port: int) -> bool:
         assert ORTHANC is not None
-        self.http = free_port()
+        self.http = _unclaimed_port()
         config = {
             "Name": "edge-agent-interop", "StorageDirectory": str(tmp / "orthanc"),
             "IndexDirectory": str(tmp / "orthanc"),
-            "HttpPort": self.http, "DicomPort": free_port(), "DicomAet": "ORTHANC", "RemoteAccessAllowed": False,
+            "HttpPort": self.http, "DicomPort": _unclaimed_port(), "DicomAet": "ORTHANC", "RemoteAccessAllowed": False,
             "AuthenticationEnabled": False, "Plugins": [], "DicomScuTimeout": 20, "HttpTimeout": 20,
             "DicomModalities": {"edge": ["EDGE_AGENT", "127.0.0.1", receiver_port]},
         }
