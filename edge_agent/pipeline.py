@@ -298,25 +298,25 @@ class Pipeline:
         loaded = self._models[model]
         arena = self._arenas.get(model)
         slot = arena.take() if arena is not None else None
-        if slot is None:
-            inputs = await self._preprocess(loaded, spool_name, None, None, stages)
-            timed = await asyncio.gather(*(loaded.batcher.submit_timed(p.tensor, urgent=urgent) for p in inputs))
-        else:
-            assert arena is not None
-            # The worker's call runs as a task of its own: if this one is cancelled, the worker may still be
-            # writing into the slot, so the slot goes back only once the call has ended too; given back
-            # sooner, the next instance's input could be overwritten by this one's.
-            call = asyncio.ensure_future(self._preprocess(loaded, spool_name, arena, slot, stages))
-            self._calls.add(call)
-            call.add_done_callback(self._calls.discard)
-            call.add_done_callback(_retrieve)
-            try:
+        call: asyncio.Future[list[Prepared]] | None = None
+        try:
+            if slot is None:
+                inputs = await self._preprocess(loaded, spool_name, None, None, stages)
+            else:
+                # The worker's call runs as a task of its own: if this one is cancelled, the worker may still be
+                # writing into the slot, so the slot goes back only once the call has ended too; given back
+                # sooner, the next instance's input could be overwritten by this one's.
+                call = asyncio.ensure_future(self._preprocess(loaded, spool_name, arena, slot, stages))
+                self._calls.add(call)
+                call.add_done_callback(self._calls.discard)
+                call.add_done_callback(_retrieve)
                 inputs = await asyncio.shield(call)
-                timed = await asyncio.gather(*(loaded.batcher.submit_timed(p.tensor, urgent=urgent)
-                                               for p in inputs))
-            finally:
-                # Here the batch that read the input has run, or this task was cancelled (the batcher's result
-                # for it, whatever the slot held by then, goes nowhere) or failed.
+            timed = await asyncio.gather(*(loaded.batcher.submit_timed(p.tensor, urgent=urgent) for p in inputs))
+        finally:
+            # Here the batch that read the input has run, or this task was cancelled (the batcher's result for
+            # it, whatever the slot held by then, goes nowhere) or failed.
+            if slot is not None:
+                assert arena is not None and call is not None
                 if call.done():
                     arena.give_back(slot)
                 else:
