@@ -4,9 +4,10 @@ The old implementation is tests/reference_preprocess.py (the code before issue 9
 oracle); the new one is edge_agent.inference.preprocess. Both run on the same file in one process, in
 alternating blocks, so both see the same machine. Stages: ``decode`` (read the file, pixel data to
 frames), ``preprocess`` (one decoded frame to the model input: window, resize, place, normalise) and
-``both`` (``load_instance``, what a worker runs per instance). Also shown: the largest difference
-between the two model inputs, in normalised units. OpenCV's own threads are off, as in the daemon
-(the worker pool is the parallelism), so each figure is one core's.
+``both`` (``load_instance``, what a worker runs per instance); and ``decode: pydicom / fast path``,
+today's decoding through pydicom against its fast path for plain native files (both new code). Also
+shown: the largest difference between the two model inputs, in normalised units. OpenCV's own threads
+are off, as in the daemon (the worker pool is the parallelism), so each figure is one core's.
 
 Run:  .venv/bin/python bench/preprocess.py [--repeats 50]
 """
@@ -71,6 +72,8 @@ def rows_for(path: Path, card: ModelCard, repeats: int) -> list[tuple[str, float
             lambda: preprocess(new_frame, prep, channels),
         ),
         "both": (lambda: old.load_instance(path, card), lambda: load_instance(path, card)),
+        # Today's decoding with and without its fast path (pixels._fast_read): "old" is pydicom's dcmread.
+        "decode: pydicom / fast path": (lambda: decode_frames(path, fast_path=False), lambda: decode_frames(path)),
     }
     return [(stage, *median_ms(pair, repeats)) for stage, pair in stages.items()]
 

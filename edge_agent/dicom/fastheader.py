@@ -6,6 +6,9 @@ and stops past the last tag it needs. Anything unusual (Big Endian, a character 
 Latin-1 or UTF-8, a UN of undefined length, tags out of order, bytes that do not parse) returns None and the
 caller reads the header with pydicom: this is a fast path, never a second opinion. tests/test_fastheader.py
 checks it against pydicom on every DICOM file the tests have.
+
+``locate`` is the scan itself, for any set of tags: ``dicom/pixels.py`` finds the pixel data and the attributes
+that describe it with it.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ TAGS: dict[str, int] = {
 _WANTED = frozenset(TAGS.values())
 _LAST = max(_WANTED)
 _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
-_UNDEFINED = 0xFFFFFFFF
+UNDEFINED = 0xFFFFFFFF
 _ENCODINGS = {"": "latin-1", "ISO_IR 6": "latin-1", "ISO_IR 100": "latin-1", "ISO_IR 192": "utf-8"}
 _UNPACK_TAG = struct.Struct("<HH").unpack_from
 _UNPACK_U16 = struct.Struct("<H").unpack_from
@@ -72,7 +75,7 @@ def _skip_undefined(buf: bytes, pos: int, explicit: bool) -> int:
             depth -= 1
             if depth == 0:
                 return pos
-        elif length == _UNDEFINED:
+        elif length == UNDEFINED:
             if vr == b"UN":
                 raise _Unusual  # its content is Implicit VR whatever the syntax (PS3.5 6.2.2)
             depth += 1
@@ -80,31 +83,46 @@ def _skip_undefined(buf: bytes, pos: int, explicit: bool) -> int:
             pos += length
 
 
-def scan(buf: bytes, explicit: bool, *, whole: bool) -> dict[int, bytes] | None:
-    """Raw values of the wanted top-level elements, or None (read it with pydicom instead)."""
-    out: dict[int, bytes] = {}
-    pos, n, last = 0, len(buf), -1
+def locate(buf: bytes, explicit: bool, wanted: frozenset[int], last: int, *, whole: bool,
+           start: int = 0) -> dict[int, tuple[int, int, bytes | None]] | None:
+    """(offset, length, VR) of each wanted top-level element's value, scanning from ``start``, or None.
+
+    The VR is the one the element states (None in Implicit VR); the length is ``UNDEFINED`` for a sequence (or
+    encapsulated pixel data) of undefined length, which is skipped. The scan ends at the first tag past
+    ``last``, or (``whole``: ``buf`` is the entire dataset) at the end of ``buf``. None for anything unusual:
+    the caller reads the dataset with pydicom instead.
+    """
+    out: dict[int, tuple[int, int, bytes | None]] = {}
+    pos, n, prev = start, len(buf), -1
     try:
         while pos < n:
             tag, vr, length, pos = _element(buf, pos, explicit)
-            if tag <= last:
+            if tag <= prev:
                 return None
-            last = tag
-            if tag > _LAST:
+            prev = tag
+            if tag > last:
                 return out
-            if length == _UNDEFINED:
+            if tag in wanted:
+                out[tag] = (pos, length, vr)
+            if length == UNDEFINED:
                 if vr == b"UN":
                     return None
                 pos = _skip_undefined(buf, pos, explicit)
                 continue
             if pos + length > n:
                 return None
-            if tag in _WANTED:
-                out[tag] = buf[pos : pos + length]
             pos += length
     except _Unusual:
         return None
     return out if whole and pos == n else None
+
+
+def scan(buf: bytes, explicit: bool, *, whole: bool) -> dict[int, bytes] | None:
+    """Raw values of the wanted top-level elements, or None (read it with pydicom instead)."""
+    found = locate(buf, explicit, _WANTED, _LAST, whole=whole)
+    if found is None or any(length == UNDEFINED for _, length, _ in found.values()):
+        return None
+    return {tag: buf[pos : pos + length] for tag, (pos, length, _) in found.items()}
 
 
 class RawHeader:
@@ -123,13 +141,17 @@ class RawHeader:
         return text.split("\\") if "\\" in text else text
 
 
+def encoding_of(charset: bytes) -> str | None:
+    """The Python codec for a Specific Character Set value read here, or None for one pydicom must handle."""
+    return _ENCODINGS.get(charset.decode("latin-1").strip(" \0"))
+
+
 def read(buf: bytes, explicit: bool, *, whole: bool) -> RawHeader | None:
     """The header of a Little Endian dataset for meta_from_dataset, or None when pydicom must read it."""
     values = scan(buf, explicit, whole=whole)
     if values is None:
         return None
-    charset = values.get(TAGS["SpecificCharacterSet"], b"").decode("latin-1").strip(" \0")
-    encoding = _ENCODINGS.get(charset)
+    encoding = encoding_of(values.get(TAGS["SpecificCharacterSet"], b""))
     if encoding is None:
         return None
     try:
