@@ -259,3 +259,34 @@ def test_the_fast_path_holds_no_copy_of_the_pixels() -> None:
     [frame] = decode_frames(DATA_STORE / "693_UNCR.dcm")
     assert pixels._fast_read(DATA_STORE / "693_UNCR.dcm") is not None
     assert not frame.stored.flags.writeable and not frame.stored.flags.owndata  # a view on the file's bytes
+
+
+def test_a_negative_frame_count_is_refused_alike(tmp_path: Path) -> None:
+    """Number of Frames -3 parses as an integer; the fast path must leave it to pydicom's error, not raise its own."""
+    path = tmp_path / "x.dcm"
+    path.write_bytes(part10({**plain_elements(frames=3), 0x00280008: (b"IS", b"-3")}, EXPLICIT))
+    assert outcome(path, fast_path=True) == outcome(path, fast_path=False)
+    assert outcome(path, fast_path=True)[0] == "error"
+
+
+MUTATED = {name: part10({**plain_elements(rows=6, cols=5), 0x00280008: (b"IS", b"1 "),
+                         0x00281050: (b"DS", b"40\\400 "), 0x00281051: (b"DS", b"350 "),
+                         0x00281053: (b"DS", b"1.5 ")}, syntax)
+           for name, syntax in (("explicit", EXPLICIT), ("implicit", IMPLICIT))}
+
+
+@settings(max_examples=300, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(sorted(MUTATED)), st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)),
+                                                  min_size=1, max_size=4))
+def test_a_damaged_header_decodes_alike_or_fails_with_a_decode_error(
+        tmp_path_factory: pytest.TempPathFactory, name: str, flips: list[tuple[int, int]]) -> None:
+    """Bytes of the dataset's header overwritten (a hostile or broken sender): whichever path reads the file,
+    decoding ends in frames or a DecodeError, never another exception, and the fast path agrees with pydicom."""
+    data = bytearray(MUTATED[name])
+    start = data.index(b"\x08\x00\x16\x00")  # the dataset's first element, after the File Meta
+    header = len(data) - 6 * 5 * 2 - 12  # up to the Pixel Data element
+    for where, value in flips:
+        data[start + where % (header - start)] = value
+    path = tmp_path_factory.mktemp("damaged") / "x.dcm"
+    path.write_bytes(bytes(data))
+    check_agrees(path)  # raises (and fails) on anything but frames or a DecodeError

@@ -204,7 +204,7 @@ def _native_samples(ds: Dataset | _Attributes, data: Any) -> np.ndarray[Any, Any
     dtype = _NATIVE_DTYPES.get((allocated, _int_attr(ds, "PixelRepresentation", 0)))
     rows, cols, frames = _int_attr(ds, "Rows", 0), _int_attr(ds, "Columns", 0), _int_attr(ds, "NumberOfFrames", 1)
     count = rows * cols * frames
-    if dtype is None or not 0 < stored <= allocated or count == 0 or not isinstance(data, bytes | memoryview):
+    if dtype is None or not 0 < stored <= allocated or count <= 0 or not isinstance(data, bytes | memoryview):
         return None
     if len(data) < count * dtype.itemsize:
         return None  # pydicom names the shortfall
@@ -432,6 +432,8 @@ def decode_frames(path: Path, *, fast_path: bool = True) -> list[Frame]:
         logger.debug("decode: pydicom warned (%s); decoded anyway", ", ".join(warned))
     try:
         frames = _int_attr(ds, "NumberOfFrames", 1)
+        if frames < 1:
+            raise DecodeError("Number of Frames is below 1")
         if arr.size == 0 or arr.ndim < 2:
             raise DecodeError("pixel data is empty")
         stack, photometric = _frame_stack(arr, ds, frames)
