@@ -267,6 +267,8 @@ def cr_latency(routed: EdgeAgent, sends: int) -> LatencyResult:
         if mean is not None:
             latency.daemon_means_ms[what] = mean
     print(latency.summary(), flush=True)
+    if latency.breakdown():
+        print(latency.breakdown(), flush=True)
     return latency
 
 
@@ -374,6 +376,8 @@ def report(args: argparse.Namespace, results: list[Measurement], idle_rss: dict[
            tables(results, labels, idle_rss), "", "Every run:", "", details(results, labels), ""]
     if latency is not None:
         out += [f"CR latency (edge-agent, routes as shipped, idle): {latency.summary()}", ""]
+        if latency.breakdown():
+            out += [f"CR latency, {latency.breakdown()}", ""]
     out += [f"- {n}" for n in notes]
     return "\n".join(out) + "\n"
 

@@ -26,21 +26,41 @@ PAUSE_BETWEEN_SENDS_SECONDS = 0.2  # lets the daemon's release and housekeeping 
 FINDING_TIMEOUT_SECONDS = 60.0
 
 
+def nearest_rank(values: list[float], q: float) -> float:
+    """The ``q``-th percentile by nearest rank: with 50 samples p99 is the largest."""
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    return ordered[max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5))) - 1]
+
+
 @dataclass
 class LatencyResult:
     sends: int
     latencies_ms: list[float] = field(default_factory=list)
+    # Per CR, from its finding's timings.stage_seconds: preprocess, queue and infer (ms), and the rest of its
+    # latency (completion, the finding's commit, publishing, delivery from the stream).
+    stages_ms: list[dict[str, float]] = field(default_factory=list)
     # Means from the daemon's /metrics over the run: preprocessing per CR, engine call per batch.
     daemon_means_ms: dict[str, float] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
 
     def percentile(self, q: float) -> float:
-        values = sorted(self.latencies_ms)
-        if not values:
-            return float("nan")
-        # Nearest rank: with 50 samples p99 is the largest.
-        rank = max(1, min(len(values), round(q / 100 * len(values) + 0.5)))
-        return values[rank - 1]
+        return nearest_rank(self.latencies_ms, q)
+
+    def breakdown(self) -> str:
+        """p50 and p99 of each part of the latency, and the slowest CR's parts."""
+        if not self.stages_ms:
+            return ""
+        parts = ["preprocess", "queue", "infer", "rest"]
+        columns = {k: [stage[k] for stage in self.stages_ms] for k in parts}
+        cells = ", ".join(f"{k} {nearest_rank(v, 50):.1f}/{nearest_rank(v, 99):.1f}" for k, v in columns.items())
+        slowest = self.stages_ms[max(range(len(self.latencies_ms)), key=self.latencies_ms.__getitem__)]
+        worst = ", ".join(f"{k} {slowest[k]:.1f}" for k in parts)
+        first = ", ".join(f"{stage['preprocess']:.1f}" for stage in self.stages_ms[:4])
+        return (f"per CR, p50/p99 ms: {cells} (rest: completion, the finding's commit, publishing and delivery); "
+                f"the slowest CR ({max(self.latencies_ms):.1f} ms): {worst}; the first four CRs' preprocess: "
+                f"{first} ms")
 
     def summary(self) -> str:
         if not self.latencies_ms:
@@ -93,11 +113,15 @@ async def measure_cr_latency(nats_url: str, port: int, called_aet: str, sends: i
                 waiting.pop(ds.SeriesInstanceUID, None)
                 continue
             try:
-                arrived, _ = await asyncio.wait_for(fut, FINDING_TIMEOUT_SECONDS)
+                arrived, finding = await asyncio.wait_for(fut, FINDING_TIMEOUT_SECONDS)
             except TimeoutError:
                 result.problems.append(f"no finding within {FINDING_TIMEOUT_SECONDS:.0f} s")
                 continue
-            result.latencies_ms.append((arrived - succeeded) * 1000)
+            latency_ms = (arrived - succeeded) * 1000
+            result.latencies_ms.append(latency_ms)
+            stages = (finding.get("timings") or {}).get("stage_seconds") or {}
+            parts = {k: 1000 * float(stages.get(k) or 0.0) for k in ("preprocess", "queue", "infer")}
+            result.stages_ms.append({**parts, "rest": latency_ms - sum(parts.values())})
             await asyncio.sleep(PAUSE_BETWEEN_SENDS_SECONDS)
         await sub.unsubscribe()
     finally:
