@@ -26,15 +26,12 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.ingest import send  # noqa: E402
 from bench.ingest_data import ct_template, write_series  # noqa: E402
-from bench.ingest_peers import START_TIMEOUT_SECONDS, EdgeAgent, http_get, wait_until  # noqa: E402
-from tests.natsutil import NatsServer  # noqa: E402
+from bench.ingest_peers import EdgeAgent  # noqa: E402
 
 STEPS = ["sender", "data", "commit", "inline", "wait to place", "place", "flush", "wait to record", "record",
          "hop back", "finish"]
@@ -44,23 +41,19 @@ CPU_FIELDS = ["user", "nice", "system", "idle", "iowait", "irq", "softirq", "ste
 class TimedEdgeAgent(EdgeAgent):
     """The daemon with bench/commit_hooks.py installed before it starts."""
 
-    timings: Path = Path()
+    @property
+    def timings(self) -> Path:
+        return self.root / "timings.json"
 
-    def start(self) -> None:
-        self.nats = NatsServer(self.root / "nats")
-        self.nats.start()
-        path = self.root / "agent.yaml"
-        path.write_text(yaml.safe_dump(self.config()))
-        self.timings = self.root / "timings.json"
-        env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
-        env.update(PYTHONUNBUFFERED="1", PYTHONPATH=f"{self.source}{os.pathsep}{REPO / 'bench'}",
-                   EDGE_AGENT_BENCH_TIMINGS=str(self.timings))
+    def command(self, config_path: Path) -> list[str]:
         code = ("import commit_hooks; commit_hooks.install(); from edge_agent.cli import main; "
-                f"raise SystemExit(main(['serve', '--config', {str(path)!r}]))")
-        self._spawn([sys.executable, "-c", code], env=env, cwd=self.source)
-        assert self.proc is not None
-        wait_until(lambda: http_get(self._url("/readyz"))[0] == 200, self.label, self.proc, self.log_path,
-                   START_TIMEOUT_SECONDS)
+                f"raise SystemExit(main(['serve', '--config', {str(config_path)!r}]))")
+        return [sys.executable, "-c", code]
+
+    def environment(self) -> dict[str, str]:
+        env = super().environment()
+        env.update(PYTHONPATH=f"{self.source}{os.pathsep}{REPO / 'bench'}", EDGE_AGENT_BENCH_TIMINGS=str(self.timings))
+        return env
 
     def take_timings(self) -> dict[str, dict[str, float]]:
         """The steps' percentiles since the last call (the daemon writes them on SIGUSR2)."""

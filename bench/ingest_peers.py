@@ -273,14 +273,21 @@ class EdgeAgent(Receiver):
             raw["models"] = {k: v for k, v in raw["models"].items() if k == "ct-demo"}
         return raw
 
+    def command(self, config_path: Path) -> list[str]:
+        """The daemon's command line."""
+        return [sys.executable, "-m", "edge_agent", "serve", "--config", str(config_path)]
+
+    def environment(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+        env.update(PYTHONUNBUFFERED="1", PYTHONPATH=str(self.source))  # ahead of the venv's editable install
+        return env
+
     def start(self) -> None:
         self.nats = NatsServer(self.root / "nats")
         self.nats.start()
         path = self.root / "agent.yaml"
         path.write_text(yaml.safe_dump(self.config()))
-        env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
-        env.update(PYTHONUNBUFFERED="1", PYTHONPATH=str(self.source))  # ahead of the venv's editable install
-        self._spawn([sys.executable, "-m", "edge_agent", "serve", "--config", str(path)], env=env, cwd=self.source)
+        self._spawn(self.command(path), env=self.environment(), cwd=self.source)
         assert self.proc is not None
         wait_until(lambda: http_get(self._url("/readyz"))[0] == 200, self.label, self.proc, self.log_path,
                    START_TIMEOUT_SECONDS)

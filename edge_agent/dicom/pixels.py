@@ -23,6 +23,7 @@ that failed, the exception type, and the transfer syntax, never a UID or a name.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import threading
 import warnings
@@ -244,11 +245,10 @@ _FAST_ELEMENTS: dict[str, tuple[int, bytes]] = {
     "RescaleIntercept": (0x00281052, b"DS"),
     "RescaleSlope": (0x00281053, b"DS"),
     "VOILUTFunction": (0x00281056, b"CS"),
-    "PixelData": (_PIXEL_DATA, b"O?"),
 }
 # Present at all, these send the file to pydicom: a Modality LUT, functional groups, float pixel data.
 _FAST_REFUSED = frozenset({0x00283000, 0x52009229, 0x52009230, 0x7FE00008, 0x7FE00009})
-_FAST_WANTED = frozenset({tag for tag, _ in _FAST_ELEMENTS.values()} | _FAST_REFUSED)
+_FAST_WANTED = frozenset({tag for tag, _ in _FAST_ELEMENTS.values()} | _FAST_REFUSED | {_PIXEL_DATA})
 _FAST_SYNTAXES: dict[str, bool] = {str(ImplicitVRLittleEndian): False, str(ExplicitVRLittleEndian): True}
 _TRANSFER_SYNTAX = frozenset({0x00020010})
 # One DS or IS value as pydicom reads it without a warning (PS3.5 6.2: at most 16 and 12 characters).
@@ -287,7 +287,7 @@ def _numbers(raw: bytes, pattern: re.Pattern[bytes], most: int, kind: type) -> A
     if any(not pattern.fullmatch(p) or len(p.strip(b" ")) > most for p in parts):
         raise _Slow
     values = [kind(p) for p in parts]
-    if kind is float and not all(np.isfinite(values)):
+    if kind is float and not all(math.isfinite(v) for v in values):
         raise _Slow
     return values[0] if len(values) == 1 else values
 
@@ -314,22 +314,25 @@ def _fast_read(path: Path) -> tuple[_Attributes, np.ndarray[Any, Any]] | None:
     """A native, Little Endian, grey-scale file's attributes and pixels, or None when pydicom must read it."""
     try:
         with open(path, "rb") as f:
+            # The File Meta first: a compressed or Big Endian file, which pydicom reads, is not read whole here too.
+            head = f.read(65536)
+            try:
+                start = dataset_offset(head)
+            except DecodeError:
+                return None
+            # The File Meta group alone (Explicit VR whatever the dataset's syntax).
+            meta = fastheader.locate(head[:start], True, _TRANSFER_SYNTAX, 0x0002FFFF, whole=True, start=132)
+            if meta is None or 0x00020010 not in meta:
+                return None
+            pos, length, _ = meta[0x00020010]
+            syntax = head[pos : pos + length].decode("latin-1").rstrip("\0 ")
+            explicit = _FAST_SYNTAXES.get(syntax)
+            if explicit is None:
+                return None
+            f.seek(0)
             buf = f.read()
     except OSError:
         return None  # pydicom names the failure
-    try:
-        start = dataset_offset(buf[:65536])
-    except DecodeError:
-        return None
-    # The File Meta group alone (Explicit VR whatever the dataset's syntax).
-    meta = fastheader.locate(buf[:start], True, _TRANSFER_SYNTAX, 0x0002FFFF, whole=True, start=132)
-    if meta is None or 0x00020010 not in meta:
-        return None
-    pos, length, _ = meta[0x00020010]
-    syntax = buf[pos : pos + length].decode("latin-1").rstrip("\0 ")
-    explicit = _FAST_SYNTAXES.get(syntax)
-    if explicit is None:
-        return None
     found = fastheader.locate(buf, explicit, _FAST_WANTED, _PIXEL_DATA, whole=True, start=start)
     if found is None or _PIXEL_DATA not in found or not _FAST_REFUSED.isdisjoint(found):
         return None
@@ -340,7 +343,7 @@ def _fast_read(path: Path) -> tuple[_Attributes, np.ndarray[Any, Any]] | None:
     values: dict[str, Any] = {}
     try:
         for keyword, (tag, vr) in _FAST_ELEMENTS.items():
-            if tag not in found or tag == _PIXEL_DATA:
+            if tag not in found:
                 continue
             pos, length, stated = found[tag]
             if length == fastheader.UNDEFINED or (stated is not None and stated != vr):
@@ -351,7 +354,6 @@ def _fast_read(path: Path) -> tuple[_Attributes, np.ndarray[Any, Any]] | None:
     pos, length, stated = found[_PIXEL_DATA]
     if length == fastheader.UNDEFINED or (stated is not None and stated not in (b"OB", b"OW")):
         return None
-    values["PixelData"] = True
     attributes = _Attributes(values, syntax)
     if _expected_bytes(attributes) > MAX_DECODED_BYTES:
         return None  # pydicom's path refuses it, in its words
