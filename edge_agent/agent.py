@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 import signal
@@ -29,6 +30,7 @@ from edge_agent.inference.card import ModelCard, load_card
 from edge_agent.inference.engine import Engine
 from edge_agent.inference.factory import create_engine, resolve_precision
 from edge_agent.inference.plan_cache import PlanUnavailable
+from edge_agent.inference.preprocess import warm_up
 from edge_agent.inference.verify import DEFAULT_TOLERANCE, synthetic_inputs, verify_engine
 from edge_agent.journal import Journal, Recorded, SeriesState
 from edge_agent.metrics import Metrics
@@ -157,7 +159,10 @@ class Agent:
             # /readyz and in the systemd STATUS, and leave DICOM unanswered until the operator fixes it.
             await self._serve_not_ready()
             return
-        await self._pixel_pool.warm_up()
+        # Each worker prepares a synthetic image for each model as it starts, so that the first studies after a
+        # start (or a worker's crash) do not pay for its memory and caches being made.
+        warm = functools.partial(warm_up, [(m.card.preprocessing, m.card.input_shape[0]) for m in self.models.values()])
+        await self._pixel_pool.warm_up(warm)
         self.publisher = Publisher(cfg.bus, self.journal, self.metrics, on_acked=self._on_acked)
         await self.publisher.start()
         spool = self.spool

@@ -103,8 +103,8 @@ def _die_with_parent(parent_pid: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def _init_worker(parent_pid: int, table: Any, row: int | _RowTicket) -> None:
-    """Worker initializer: die with the daemon, and take this worker's row of the pool's call table."""
+def _init_worker(parent_pid: int, table: Any, row: int | _RowTicket, warm: Callable[[], object] | None) -> None:
+    """Worker initializer: die with the daemon, take this worker's row of the pool's call table, warm up."""
     global _worker_table, _worker_row
     _die_with_parent(parent_pid)
     # The daemon passes a _RowTicket, which arrives here as an int. A pool starts no more workers than its
@@ -112,6 +112,17 @@ def _init_worker(parent_pid: int, table: Any, row: int | _RowTicket) -> None:
     if isinstance(row, int) and 2 * row + 1 < len(table):
         table[2 * row] = os.getpid()
         _worker_table, _worker_row = table, row
+    if warm is not None:
+        _run_warm_up(warm)
+
+
+def _run_warm_up(warm: Callable[[], object]) -> None:
+    """``warm()``, whose failure leaves the worker cold but working: an initializer that raised would break
+    the pool for every call."""
+    try:
+        warm()
+    except Exception as exc:  # any failure: the worker serves its calls cold
+        logger.warning("a preprocessing worker's warm-up failed (%s); it starts cold", type(exc).__name__)
 
 
 class _RowTicket:
@@ -377,6 +388,7 @@ class WorkerPool:
         self.workers = workers
         self.processes = processes
         self._on_crash = on_crash
+        self._warm_work: Callable[[], object] | None = None  # run by each worker as it starts (warm_up)
         self._pool = self._make(workers)
         self._quarantine = asyncio.Lock()
         self._call_ids = itertools.count(_IDLE + 1)
@@ -385,7 +397,7 @@ class WorkerPool:
         self.retried_calls = 0
         self.isolated_runs = 0
 
-    def _make(self, workers: int) -> _Pool:
+    def _make(self, workers: int, warm: bool = True) -> _Pool:
         if not self.processes:
             return _Pool(ThreadPoolExecutor(workers, thread_name_prefix="preprocess"), None)
         # spawn: forking this process (threads, sockets, an ONNX Runtime session) would copy state that is
@@ -394,13 +406,28 @@ class WorkerPool:
         # Shared memory must reach a spawned worker at its start (initargs), not with each call.
         calls = _CallTable(ctx.RawArray(ctypes.c_int64, 2 * workers))
         executor = ProcessPoolExecutor(
-            workers, mp_context=ctx, initializer=_init_worker, initargs=(os.getpid(), calls.rows, _RowTicket())
+            workers, mp_context=ctx, initializer=_init_worker,
+            initargs=(os.getpid(), calls.rows, _RowTicket(), self._warm_work if warm else None),
         )
         return _Pool(executor, calls)
 
-    async def warm_up(self) -> None:
-        """Start every worker now rather than on the first study."""
+    async def warm_up(self, work: Callable[[], object] | None = None) -> None:
+        """Start every worker now rather than on the first study, each running ``work`` (picklable) first.
+
+        ``work`` runs in every worker of the pool as it starts, so also in the workers of a pool rebuilt
+        after a crash (not in the lone worker that runs a suspect call again); with a thread pool, once. If
+        it raises, the worker logs it and serves its calls all the same.
+        """
         loop = asyncio.get_running_loop()
+        if work is not None:
+            self._warm_work = work
+            if self.processes:
+                # A pool starts its workers on its first calls, and the pool made at construction has had
+                # none: made again now, its workers get ``work`` in their initializer.
+                unused, self._pool = self._pool, self._make(self.workers)
+                unused.executor.shutdown(wait=False)
+            else:
+                await loop.run_in_executor(self._pool.executor, _run_warm_up, work)
         executor = self._pool.executor
         await asyncio.gather(*(loop.run_in_executor(executor, _warm) for _ in range(self.workers)))
 
@@ -458,7 +485,7 @@ class WorkerPool:
         async with self._quarantine:
             self.isolated_runs += 1
             logger.info("running preprocessing call %d again, alone", call_id)
-            alone = self._make(1)
+            alone = self._make(1, warm=False)
             try:
                 return await loop.run_in_executor(alone.executor, fn, *args)
             except BrokenProcessPool:

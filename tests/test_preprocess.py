@@ -3,6 +3,8 @@ synthetic frames. Equality with the implementation before issue 9 is tests/test_
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +13,16 @@ import pytest
 
 from edge_agent.dicom.pixels import Frame, Window, decode_frames
 from edge_agent.inference.card import Preprocessing, load_card
-from edge_agent.inference.preprocess import apply_window, load_instance, placement, preprocess, resize
-from tests.dicomfiles import CT_SMALL, DATA_STORE, MR_SMALL, RG3_UNCR
+from edge_agent.inference.preprocess import (
+    _area_bands,
+    apply_window,
+    load_instance,
+    placement,
+    preprocess,
+    resize,
+    warm_up,
+)
+from tests.dicomfiles import CT_SMALL, DATA_STORE, MR_SMALL, RG1_UNCR, RG3_UNCR
 
 ENGINES = Path(__file__).resolve().parent.parent / "engines"
 
@@ -104,6 +114,30 @@ def test_resize_area_averages_when_shrinking_and_is_bilinear_when_growing() -> N
     np.testing.assert_allclose(odd, np.ones((256, 241)), rtol=1e-5)
 
 
+def _bands_one_by_one(n_in: int, n_out: int) -> list[tuple[int, int, np.ndarray]]:
+    """The area-average bands as preprocessing computed them before they were computed all at once."""
+    scale = n_in / n_out
+    bands = []
+    for j in range(n_out):
+        start, stop = j * scale, min((j + 1) * scale, float(n_in))
+        first, last = int(np.floor(start)), min(int(np.ceil(stop)), n_in)
+        overlap = np.asarray([min(stop, i + 1) - max(start, i) for i in range(first, last)], dtype=np.float64)
+        bands.append((first, last, (overlap / overlap.sum()).astype(np.float32)))
+    return bands
+
+
+@pytest.mark.parametrize("n_in", [*range(1, 40), 97, 511, 512, 513, 1841, 1955, 2048, 3001])
+def test_area_bands_are_the_band_by_band_weights_bit_for_bit(n_in: int) -> None:
+    outs = {n for n in [*range(1, 40), 224, 256, 300, n_in // 3, n_in - 1, n_in] if 1 <= n <= n_in}
+    for n_out in sorted(outs):
+        got = _area_bands.__wrapped__(n_in, n_out)
+        want = _bands_one_by_one(n_in, n_out)
+        assert [(a, b) for a, b, _ in got] == [(a, b) for a, b, _ in want], (n_in, n_out)
+        for (_, _, g), (_, _, w) in zip(got, want, strict=True):
+            assert g.dtype == np.float32 and not g.flags.writeable
+            assert g.tobytes() == w.tobytes(), (n_in, n_out)
+
+
 def test_letterbox_keeps_aspect_and_pads_with_black() -> None:
     prep = plain(resize=(64, 64), keep_aspect=True)
     frame = Frame(np.tile(np.arange(50, dtype=np.float32), (100, 1)), None, False)
@@ -119,3 +153,35 @@ def test_load_instance_gives_one_input_per_frame() -> None:
     inputs = load_instance(DATA_STORE / "emri_small_jpeg_2k_lossless.dcm", card)
     assert len(inputs) == 10
     assert all(x.shape == (1, 256, 256) and x.dtype == np.float32 for x in inputs)
+
+
+def test_warm_up_runs_for_every_shipped_card() -> None:
+    cards = [load_card(d) for d in sorted(ENGINES.iterdir()) if (d / "model.yaml").exists()]
+    assert len(cards) >= 3
+    warm_up([(card.preprocessing, card.input_shape[0]) for card in cards])
+
+
+_FIRST_CALL = """
+import resource, sys
+from pathlib import Path
+from edge_agent.inference.card import load_card
+from edge_agent.inference.preprocess import load_instance_prepared, warm_up
+card = load_card(Path(sys.argv[1]))
+if sys.argv[3] == "warm":
+    warm_up([(card.preprocessing, card.input_shape[0])])
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+load_instance_prepared(Path(sys.argv[2]), card)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def test_after_the_warm_up_a_workers_first_radiograph_finds_its_memory_faulted_in() -> None:
+    """The warm-up's purpose, counted in page faults (not timed): a fresh process's first 1955x1841 CR."""
+
+    def faults(mode: str) -> int:
+        args = [sys.executable, "-c", _FIRST_CALL, str(ENGINES / "cxr-nodule"), str(RG1_UNCR), mode]
+        return int(subprocess.run(args, capture_output=True, text=True, check=True).stdout)
+
+    cold, warm = faults("cold"), faults("warm")
+    assert cold > 1000  # the CR's 7 MB of file and its float32 strips, faulted in on first use
+    assert warm < cold / 3, (cold, warm)

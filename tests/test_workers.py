@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import functools
 import os
 import signal
 import subprocess
@@ -124,6 +125,69 @@ def test_thread_pool_runs_the_same_calls() -> None:
             pool.shutdown()
 
     assert asyncio.run(main()) == 42
+
+
+def note_warm_up(folder: str) -> None:
+    """A warm-up that leaves a trace: a file named after the worker that ran it, one line per run."""
+    with open(os.path.join(folder, str(os.getpid())), "a") as f:
+        f.write("warmed\n")
+
+
+def warmed_before(folder: str, value: int) -> tuple[int, bool]:
+    """This worker's pid, and whether it had run its warm-up before this call; dies on a negative value."""
+    warmed = os.path.exists(os.path.join(folder, str(os.getpid())))
+    if value < 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(0.05)  # long enough that one call does not take every worker's turn
+    return os.getpid(), warmed
+
+
+def test_every_worker_warms_up_once_before_its_first_call_also_in_a_pool_rebuilt_after_a_crash(tmp_path: Path) -> None:
+    folder = str(tmp_path)
+
+    async def main() -> tuple[set[int], set[int]]:
+        pool = WorkerPool(2, on_crash=lambda: None)
+        try:
+            await pool.warm_up(functools.partial(note_warm_up, folder))
+            first = await asyncio.gather(*(pool.run(warmed_before, folder, v) for v in range(6)))
+            assert all(warmed for _, warmed in first)
+            with pytest.raises(DecodeError):
+                await pool.run(warmed_before, folder, -1)  # its worker dies, and again when it runs alone
+            after = await asyncio.gather(*(pool.run(warmed_before, folder, v) for v in range(6)))
+            assert all(warmed for _, warmed in after)
+            return {pid for pid, _ in first}, {pid for pid, _ in after}
+        finally:
+            pool.shutdown()
+
+    first, after = asyncio.run(main())
+    assert len(first) == 2 and after and not first & after  # the rebuilt pool's workers are new processes
+    runs = {int(p.name): p.read_text() for p in tmp_path.iterdir()}
+    assert first | after <= set(runs)
+    assert all(text == "warmed\n" for text in runs.values())  # once per worker
+    # Two pools of two workers (six calls at once start both of a pool's workers); the lone worker that ran the
+    # suspect call again, and died again, did not warm up: it would be a fifth.
+    assert len(runs) == 4
+
+
+def failing_warm_up() -> None:
+    raise RuntimeError("no memory for the warm-up image")
+
+
+@pytest.mark.parametrize("processes", [True, False])
+def test_a_warm_up_that_fails_leaves_the_workers_serving_and_says_so(
+    processes: bool, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    async def main() -> int:
+        pool = WorkerPool(2, processes=processes)
+        try:
+            await pool.warm_up(failing_warm_up)
+            return await pool.run(crash_on, 21)
+        finally:
+            pool.shutdown()
+
+    assert asyncio.run(main()) == 42
+    said = capfd.readouterr().err + caplog.text  # a worker process logs to its stderr
+    assert "preprocessing worker's warm-up failed (RuntimeError); it starts cold" in said
 
 
 _unpickled = 0  # in a worker: how many Card objects it has unpickled
