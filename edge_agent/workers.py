@@ -55,6 +55,10 @@ MAX_POOL_BREAKS_PER_CALL = 2
 VERDICT_WAIT_SECONDS = 2.0
 
 _IDLE = 0  # the call id in the row of a worker that is running nothing; real call ids start at 1
+_STARTING = -1  # ... and in the row of a worker still in its initializer (warming up)
+
+# How long warm_up waits for every worker to have started (imported, warmed up) before it lets calls come.
+WORKER_START_SECONDS = 60.0
 
 # In a worker process: the pool's call table and this worker's row in it (see _CallTable).
 _worker_table: Any = None
@@ -110,10 +114,13 @@ def _init_worker(parent_pid: int, table: Any, row: int | _RowTicket, warm: Calla
     # The daemon passes a _RowTicket, which arrives here as an int. A pool starts no more workers than its
     # size (no max_tasks_per_child), so rows do not run out; if they did, the worker would go untracked.
     if isinstance(row, int) and 2 * row + 1 < len(table):
+        table[2 * row + 1] = _STARTING
         table[2 * row] = os.getpid()
         _worker_table, _worker_row = table, row
     if warm is not None:
         _run_warm_up(warm)
+    if _worker_table is not None:
+        _worker_table[2 * _worker_row + 1] = _IDLE
 
 
 def _run_warm_up(warm: Callable[[], object]) -> None:
@@ -339,6 +346,10 @@ class _CallTable:
     def running(self, row: int) -> int:
         return int(self.rows[2 * row + 1])
 
+    def started(self) -> int:
+        """How many workers have left their initializer (and are serving calls)."""
+        return sum(1 for row, _ in self.workers() if self.running(row) != _STARTING)
+
     def culprits(self) -> frozenset[int]:
         """After the pool broke: the calls whose worker died while running them. Then stops the other workers.
 
@@ -355,7 +366,8 @@ class _CallTable:
         """
         if sys.platform != "linux":
             return frozenset()  # no pidfds: no culprit is named, and MAX_POOL_BREAKS_PER_CALL isolates
-        busy = {row: call for row in range(len(self.rows) // 2) if (call := self.running(row)) != _IDLE}
+        # A worker that died in its initializer (_STARTING) was running no call.
+        busy = {row: call for row in range(len(self.rows) // 2) if (call := self.running(row)) > _IDLE}
         fds = {row: fd for row, pid in self.workers() if (fd := _open_worker(pid)) is not None}
         try:
             if busy and not _ended_rows(busy, fds):
@@ -389,6 +401,7 @@ class WorkerPool:
         self.processes = processes
         self._on_crash = on_crash
         self._warm_work: Callable[[], object] | None = None  # run by each worker as it starts (warm_up)
+        self._called = False  # whether run() has been called: the pool's workers may have started
         self._pool = self._make(workers)
         self._quarantine = asyncio.Lock()
         self._call_ids = itertools.count(_IDLE + 1)
@@ -416,20 +429,29 @@ class WorkerPool:
 
         ``work`` runs in every worker of the pool as it starts, so also in the workers of a pool rebuilt
         after a crash (not in the lone worker that runs a suspect call again); with a thread pool, once. If
-        it raises, the worker logs it and serves its calls all the same.
+        it raises, the worker logs it and serves its calls all the same. Called after the pool has run calls,
+        it leaves the running workers as they are, and only pools made from then on warm up.
         """
         loop = asyncio.get_running_loop()
         if work is not None:
             self._warm_work = work
-            if self.processes:
-                # A pool starts its workers on its first calls, and the pool made at construction has had
-                # none: made again now, its workers get ``work`` in their initializer.
+            if self.processes and not self._called:
+                # A pool starts its workers on its first calls, and this one has had none: made again now, its
+                # workers get ``work`` in their initializer.
                 unused, self._pool = self._pool, self._make(self.workers)
                 unused.executor.shutdown(wait=False)
-            else:
+            elif not self.processes:
                 await loop.run_in_executor(self._pool.executor, _run_warm_up, work)
-        executor = self._pool.executor
-        await asyncio.gather(*(loop.run_in_executor(executor, _warm) for _ in range(self.workers)))
+        # As many calls as workers start every worker (a pool starts one for a call that finds none idle), but
+        # a worker that started first may run them all while the others still import and warm up: wait for
+        # every worker to have started, through the call table, where each says when it has.
+        await asyncio.gather(*(self.run(_warm) for _ in range(self.workers)))
+        pool, deadline = self._pool, loop.time() + WORKER_START_SECONDS
+        while pool is self._pool and pool.calls is not None and pool.calls.started() < self.workers:
+            if loop.time() > deadline:
+                logger.warning("preprocessing workers still starting after %.0f s; going on", WORKER_START_SECONDS)
+                break
+            await asyncio.sleep(0.01)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` in a worker.
@@ -442,6 +464,7 @@ class WorkerPool:
         """
         loop = asyncio.get_running_loop()
         call_id = next(self._call_ids)
+        self._called = True
         breaks = 0
         if any(isinstance(a, SentOnce) for a in args):
             fn, args = _with_values, (fn, *args)

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from edge_agent import workers
 from edge_agent.errors import DecodeError
 from edge_agent.inference.card import load_card
 from edge_agent.inference.preprocess import load_instance_prepared, load_instance_prepared_into
@@ -127,8 +128,11 @@ def test_thread_pool_runs_the_same_calls() -> None:
     assert asyncio.run(main()) == 42
 
 
-def note_warm_up(folder: str) -> None:
-    """A warm-up that leaves a trace: a file named after the worker that ran it, one line per run."""
+def note_warm_up(folder: str, slow_row: int | None = None) -> None:
+    """A warm-up that leaves a trace: a file named after the worker that ran it, one line per run; in the
+    pool's worker ``slow_row``, a second late."""
+    if slow_row is not None and workers._worker_row == slow_row:
+        time.sleep(1.0)
     with open(os.path.join(folder, str(os.getpid())), "a") as f:
         f.write("warmed\n")
 
@@ -148,11 +152,14 @@ def test_every_worker_warms_up_once_before_its_first_call_also_in_a_pool_rebuilt
     async def main() -> tuple[set[int], set[int]]:
         pool = WorkerPool(2, on_crash=lambda: None)
         try:
-            await pool.warm_up(functools.partial(note_warm_up, folder))
+            await pool.warm_up(functools.partial(note_warm_up, folder, slow_row=1))
+            # Both workers have started, the slow one too (the other could have run every warm-up call alone).
+            assert len(os.listdir(folder)) == 2
             first = await asyncio.gather(*(pool.run(warmed_before, folder, v) for v in range(6)))
             assert all(warmed for _, warmed in first)
             with pytest.raises(DecodeError):
                 await pool.run(warmed_before, folder, -1)  # its worker dies, and again when it runs alone
+            await pool.warm_up()  # waits for every worker of the rebuilt pool to have started
             after = await asyncio.gather(*(pool.run(warmed_before, folder, v) for v in range(6)))
             assert all(warmed for _, warmed in after)
             return {pid for pid, _ in first}, {pid for pid, _ in after}
@@ -160,13 +167,43 @@ def test_every_worker_warms_up_once_before_its_first_call_also_in_a_pool_rebuilt
             pool.shutdown()
 
     first, after = asyncio.run(main())
-    assert len(first) == 2 and after and not first & after  # the rebuilt pool's workers are new processes
+    assert len(first) == 2 and len(after) == 2 and not first & after  # the rebuilt pool's are new processes
     runs = {int(p.name): p.read_text() for p in tmp_path.iterdir()}
     assert first | after <= set(runs)
     assert all(text == "warmed\n" for text in runs.values())  # once per worker
-    # Two pools of two workers (six calls at once start both of a pool's workers); the lone worker that ran the
-    # suspect call again, and died again, did not warm up: it would be a fifth.
+    # Two pools of two workers; the lone worker that ran the suspect call again, and died again, did not warm up:
+    # it would be a fifth.
     assert len(runs) == 4
+
+
+def test_a_warm_up_asked_for_after_calls_leaves_the_running_workers_alone(tmp_path: Path) -> None:
+    folder = str(tmp_path)
+
+    async def main() -> tuple[int, int]:
+        pool = WorkerPool(1)
+        try:
+            running = asyncio.create_task(pool.run(read_gate, str(gate)))
+            await asyncio.sleep(0)
+            # The warm-up waits for the worker, which the call in flight holds until the gate opens.
+            warming = asyncio.create_task(pool.warm_up(functools.partial(note_warm_up, folder)))
+            await asyncio.sleep(0)
+            await asyncio.to_thread(gate.write_text, "open")
+            assert await running == "open"  # the call in flight was not disturbed
+            await warming
+            pid, warmed = await pool.run(warmed_before, folder, 1)
+            assert not warmed
+            with pytest.raises(DecodeError):
+                await pool.run(warmed_before, folder, -1)
+            new_pid, warmed = await pool.run(warmed_before, folder, 1)
+            assert warmed  # the pool made after the crash warms up
+            return pid, new_pid
+        finally:
+            pool.shutdown()
+
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)
+    pid, new_pid = asyncio.run(main())
+    assert new_pid != pid and str(pid) not in {p.name for p in tmp_path.iterdir()}
 
 
 def failing_warm_up() -> None:
