@@ -380,10 +380,10 @@ def warm_up(models: Sequence[tuple[Preprocessing, int]]) -> None:
 
     A new worker's first two large images are slow: their allocations fault fresh memory in (about 3400 and
     2500 pages for the 1955x1841 CR), after which freed memory is reused. Measured on that CR in fresh
-    processes: first call 17.6-20.6 ms, second 11.5-13.9 ms, then 4.3-6.2 ms; after a warm-up like this
-    one, 7.1-7.9 ms and 4.5-5.0 ms. The file's bytes, which decoding reads into one buffer, are a buffer of
-    the same size here, written as a read writes it. This is also the first use of OpenCV's and numpy's
-    paths in the process.
+    processes (``bench/preprocess.py``): first call 14.9 ms, second 9.9 ms, then 4.2 ms; after this warm-up
+    5.9 ms and 4.0 ms. The file's bytes, which decoding reads into one buffer, are a buffer of the same size
+    here, written as a read writes it. This is also the first use of OpenCV's and numpy's paths in the
+    process.
     """
     rows, cols = WARM_UP_SHAPE
     for _ in range(2):
