@@ -27,6 +27,8 @@ Run:  .venv/bin/python bench/ingest.py                      (500 CT of 0.5 MB, 2
           (a change against an earlier version of edge-agent, interleaved in one run)
       .venv/bin/python bench/ingest.py --only edge-ct edge-ct-base --baseline-source DIR --latency 0
           (the same, with CT routed to ct-demo in both)
+      .venv/bin/python bench/ingest.py --only storescp-fork orthanc edge-nothing edge-ct --receiver-cpus 0 0-1
+          (how each receiver scales from one CPU to two, side by side in one run)
 """
 
 from __future__ import annotations
@@ -79,18 +81,41 @@ LABELS = {
 RECEIVERS = tuple(LABELS)
 
 
-def make_receiver(key: str, root: Path, edge_agent_source: Path = REPO, baseline_source: Path | None = None
-                  ) -> Receiver:
-    folder, label = root / key, LABELS[key]
+def _cpu_list(text: str) -> tuple[str, frozenset[int] | None]:
+    """'0', '0-3', '0,2,4-5' -> (the text, a set of CPU numbers, as taskset -c reads them); 'all' -> no pinning."""
+    if text == "all":
+        return text, None
+    cpus: set[int] = set()
+    for part in text.split(","):
+        first, _, last = part.strip().partition("-")
+        cpus.update(range(int(first), int(last or first) + 1))
+    if not cpus or not cpus <= os.sched_getaffinity(0):
+        raise argparse.ArgumentTypeError(f"{text!r}: not CPUs this machine lets the bench use")
+    return text, frozenset(cpus)
+
+
+def make_receiver(key: str, root: Path, edge_agent_source: Path = REPO, baseline_source: Path | None = None,
+                  cpus: frozenset[int] | None = None, on: str = "") -> Receiver:
+    """The receiver ``key``; with ``on`` (a --receiver-cpus spec) its key and label say on which CPUs it runs."""
+    folder, label = root / (f"{key}@{on}" if on else key), LABELS[key] + (f", on CPUs {on}" if on else "")
+    receiver = _make_receiver(key, folder, label, edge_agent_source, baseline_source, cpus)
+    if on:
+        receiver.key = f"{key}@{on}"
+    return receiver
+
+
+def _make_receiver(key: str, folder: Path, label: str, edge_agent_source: Path, baseline_source: Path | None,
+                   cpus: frozenset[int] | None) -> Receiver:
     if key in ("edge-base", "edge-ct-base"):
         if baseline_source is None:
             raise SystemExit(f"{key} needs --baseline-source DIR")
-        return EdgeAgent(key, label, folder, "EDGE_AGENT", routed=key == "edge-ct-base", source=baseline_source)
+        return EdgeAgent(key, label, folder, "EDGE_AGENT", cpus=cpus, routed=key == "edge-ct-base",
+                         source=baseline_source)
     if key.startswith("storescp"):
-        return Storescp(key, label, folder, "STORESCP", fork=key == "storescp-fork")
+        return Storescp(key, label, folder, "STORESCP", cpus=cpus, fork=key == "storescp-fork")
     if key == "orthanc":
-        return Orthanc(key, label, folder, "ORTHANC")
-    return EdgeAgent(key, label, folder, "EDGE_AGENT", routed=key == "edge-ct", source=edge_agent_source)
+        return Orthanc(key, label, folder, "ORTHANC", cpus=cpus)
+    return EdgeAgent(key, label, folder, "EDGE_AGENT", cpus=cpus, routed=key == "edge-ct", source=edge_agent_source)
 
 
 @dataclass
@@ -207,15 +232,22 @@ def run(args: argparse.Namespace, root: Path, stack: ExitStack) -> tuple[list[Me
     receivers: list[Receiver] = []
     # edge-ct-base only when asked for (--only): a full run with a baseline compares the receive path.
     default = [k for k in RECEIVERS if k != "edge-ct-base" and (k != "edge-base" or args.baseline_source)]
+    specs = args.receiver_cpus or [("", None)]
+    if len(specs) == 1:  # every receiver on the same CPUs: the usual table, with a note
+        if specs[0][1] is not None:
+            notes.append(f"every receiver ran on CPUs {specs[0][0]} only")
+        specs = [("", specs[0][1])]
     for key in args.only or default:
         if key == "orthanc" and not os.access(ORTHANC, os.X_OK):
             notes.append("Orthanc is not installed here (apt-get install orthanc): its row is empty")
             continue
-        r = make_receiver(key, root, args.edge_agent_source, args.baseline_source)
-        stack.callback(r.stop)
-        print(f"starting {r.label} ...", flush=True)
-        r.start()
-        receivers.append(r)
+        for on, cpus in specs:
+            r = make_receiver(key, root, args.edge_agent_source, args.baseline_source, cpus, on)
+            stack.callback(r.stop)
+            print(f"starting {r.label} ...", flush=True)
+            r.start()
+            receivers.append(r)
+            LABELS.setdefault(r.key, r.label)
     idle_rss: dict[str, int] = {}
     for r in receivers:
         wait_idle(r.pid, timeout_seconds=120)
@@ -243,7 +275,7 @@ def run(args: argparse.Namespace, root: Path, stack: ExitStack) -> tuple[list[Me
                 r.after_workload()
                 os.sync()
         shutil.rmtree(root / "send", ignore_errors=True)
-    routed = next((r for r in receivers if r.key == "edge-ct"), None)
+    routed = next((r for r in receivers if r.key.partition("@")[0] == "edge-ct"), None)
     latency = cr_latency(routed, args.latency) if routed is not None and args.latency > 0 else None
     return results, idle_rss, latency, notes
 
@@ -315,6 +347,8 @@ def tables(results: list[Measurement], labels: dict[str, str], idle_rss: dict[st
     for key, label in labels.items():
         cells = [FORMATS[c].format(v) if (v := cols[key][c]) is not None else "-" for c in HEADERS]
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {idle_rss.get(key, 0) / 2**20:.0f} MB |")
+    if any("@" in key for key in cols):  # --receiver-cpus: each receiver against itself on fewer CPUs
+        return "\n".join([*lines, "", scaling(cols, labels)])
     lines += ["", "Ratios (edge-agent / baseline; above 1 is faster for the rates, costlier for CPU and RSS):", "",
               "| edge-agent / baseline | " + " | ".join(HEADERS.values()) + " |", "|---|" + "---:|" * len(HEADERS)]
     for mine in ("edge-nothing", "edge-ct"):
@@ -322,6 +356,21 @@ def tables(results: list[Measurement], labels: dict[str, str], idle_rss: dict[st
             if mine in cols and base in cols:
                 cells = [f"{a / b:.2f}x" if (a := cols[mine][c]) and (b := cols[base][c]) else "-" for c in HEADERS]
                 lines.append(f"| {labels[mine]} / {labels[base]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def scaling(cols: dict[str, dict[str, float | None]], labels: dict[str, str]) -> str:
+    """Each receiver on each further set of CPUs against itself on the first (--receiver-cpus)."""
+    lines = ["Ratios (a receiver on more CPUs / the same receiver on the first CPUs given; above 1 is faster for the "
+             "rates, costlier for CPU and RSS):", "",
+             "| receiver | " + " | ".join(HEADERS.values()) + " |", "|---|" + "---:|" * len(HEADERS)]
+    keys = list(cols)
+    for i, key in enumerate(keys):
+        base = next((k for k in keys[:i] if k.partition("@")[0] == key.partition("@")[0]), None)
+        if base is None:
+            continue
+        cells = [f"{a / b:.2f}x" if (a := cols[key][c]) and (b := cols[base][c]) else "-" for c in HEADERS]
+        lines.append(f"| {labels[key]} / {labels[base].rpartition(', on CPUs ')[2]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -367,8 +416,7 @@ def machine(edge_agent_source: Path) -> str:
 
 def report(args: argparse.Namespace, results: list[Measurement], idle_rss: dict[str, int],
            latency: LatencyResult | None, notes: list[str], command: str, minutes: float) -> str:
-    labels = {k: LABELS[k] for k in (args.only or RECEIVERS)
-              if any(m.receiver == k for m in results)}
+    labels = {k: LABELS[k] for k in dict.fromkeys(m.receiver for m in results)}
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     out = [f"- command: `{command}`", f"- machine: {machine(args.edge_agent_source)}",
            f"- date: {now}; {minutes:.1f} minutes in all; {args.reps} repetition(s), medians; {args.ct} CT "
@@ -411,6 +459,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="an earlier edge-agent source tree to run as the receivers edge-base (and, with --only, "
                          "edge-ct-base), beside this one")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (logs, received files)")
+    ap.add_argument("--receiver-cpus", type=_cpu_list, nargs="+", metavar="CPUS",
+                    help="run each receiver once per CPUS given, pinned to those CPUs (and so every process it "
+                         "starts), in the same interleaved run: e.g. '0 all' (all: not pinned), '0-1 0-7 0-15'. How "
+                         "each receiver scales with cores; the senders and nats-server may use every CPU. A pinned "
+                         "edge-agent runs one preprocessing worker per CPU it may use")
     args = ap.parse_args(argv)
     args.edge_agent_source = args.edge_agent_source.resolve()
     args.baseline_source = args.baseline_source.resolve() if args.baseline_source else None

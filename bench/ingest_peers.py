@@ -97,6 +97,8 @@ class Receiver:
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     notes: list[str] = field(default_factory=list)
+    # The CPUs the receiver (and every process it starts) may run on; None: all of them.
+    cpus: frozenset[int] | None = None
 
     @property
     def pid(self) -> int:
@@ -111,8 +113,10 @@ class Receiver:
         self.root.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             # Its own session: a Ctrl-C at the terminal reaches the bench, which then stops it in order.
+            cpus = self.cpus
+            pin = None if cpus is None else (lambda: os.sched_setaffinity(0, cpus))
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env=env, cwd=cwd or self.root, start_new_session=True)
+                                         env=env, cwd=cwd or self.root, start_new_session=True, preexec_fn=pin)
 
     def start(self) -> None:
         raise NotImplementedError
@@ -268,6 +272,8 @@ class EdgeAgent(Receiver):
         raw["dicom"]["ae_title"] = self.called_aet
         raw["http"]["port"] = self.http_port
         raw["bus"]["url"] = self.nats.url
+        if self.cpus is not None:  # pinned (bench/ingest.py --receiver-cpus): a preprocessing worker per CPU
+            raw["pipeline"]["preprocess_workers"] = len(self.cpus)
         if not self.routed:
             raw["routes"] = [{"name": "nothing", "match": {"modality": ["NM"]}, "model": "ct-demo"}]
             raw["models"] = {k: v for k, v in raw["models"].items() if k == "ct-demo"}
