@@ -142,7 +142,7 @@ def warmed_before(folder: str, value: int) -> tuple[int, bool]:
     warmed = os.path.exists(os.path.join(folder, str(os.getpid())))
     if value < 0:
         os.kill(os.getpid(), signal.SIGKILL)
-    time.sleep(0.05)  # long enough that one call does not take every worker's turn
+    time.sleep(0.1)  # long enough that one worker does not take every call while the other is runnable
     return os.getpid(), warmed
 
 
