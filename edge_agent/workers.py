@@ -358,7 +358,8 @@ class _CallTable:
         worker that ended with its row still naming a call died inside that call; a worker still alive, or
         whose row moved on, was running an innocent call (CPython 3.11 only sends it SIGTERM, which workers
         ignore). A crash outside any call (while unpickling one) finds no culprit here, and
-        MAX_POOL_BREAKS_PER_CALL bounds what follows.
+        MAX_POOL_BREAKS_PER_CALL bounds what follows. A worker that ended while still in its initializer
+        (warming up) adds ``_STARTING`` to the set.
 
         The survivors are then killed: their calls have already failed with the pool, and left alone they
         would run calls still queued in the broken pool, then block forever handing back a result larger
@@ -366,13 +367,13 @@ class _CallTable:
         """
         if sys.platform != "linux":
             return frozenset()  # no pidfds: no culprit is named, and MAX_POOL_BREAKS_PER_CALL isolates
-        # A worker that died in its initializer (_STARTING) was running no call.
-        busy = {row: call for row in range(len(self.rows) // 2) if (call := self.running(row)) > _IDLE}
+        # Rows naming a call, and those of workers still in their initializer (_STARTING), running no call.
+        busy = {row: call for row, _ in self.workers() if (call := self.running(row)) != _IDLE}
         fds = {row: fd for row, pid in self.workers() if (fd := _open_worker(pid)) is not None}
         try:
             if busy and not _ended_rows(busy, fds):
                 # A pidfd reads ready when its process has ended.
-                select.select([fds[row] for row in busy], [], [], VERDICT_WAIT_SECONDS)
+                select.select([fds[row] for row in busy if row in fds], [], [], VERDICT_WAIT_SECONDS)
             dead = _ended_rows(busy, fds)
             found = frozenset(call for row, call in busy.items() if row in dead and self.running(row) == call)
             for fd in fds.values():
@@ -444,14 +445,21 @@ class WorkerPool:
                 await loop.run_in_executor(self._pool.executor, _run_warm_up, work)
         # As many calls as workers start every worker (a pool starts one for a call that finds none idle), but
         # a worker that started first may run them all while the others still import and warm up: wait for
-        # every worker to have started, through the call table, where each says when it has.
-        await asyncio.gather(*(self.run(_warm) for _ in range(self.workers)))
-        pool, deadline = self._pool, loop.time() + WORKER_START_SECONDS
-        while pool is self._pool and pool.calls is not None and pool.calls.started() < self.workers:
-            if loop.time() > deadline:
-                logger.warning("preprocessing workers still starting after %.0f s; going on", WORKER_START_SECONDS)
-                break
-            await asyncio.sleep(0.01)
+        # every worker to have started, through the call table, where each says when it has. If the pool broke
+        # under these calls (a warm-up that kills its worker), start the pool that replaced it.
+        deadline = loop.time() + WORKER_START_SECONDS
+        for _ in range(MAX_POOL_BREAKS_PER_CALL + 1):
+            pool = self._pool
+            await asyncio.gather(*(self.run(_warm) for _ in range(self.workers)))
+            if pool is not self._pool:
+                continue
+            while pool is self._pool and pool.calls is not None and pool.calls.started() < self.workers:
+                if loop.time() > deadline:
+                    logger.warning("preprocessing workers still starting after %.0f s; going on",
+                                   WORKER_START_SECONDS)
+                    return
+                await asyncio.sleep(0.01)
+            return
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` in a worker.
@@ -496,7 +504,13 @@ class WorkerPool:
             assert broken.calls is not None  # only process pools break
             # An executor future, not a task of this call: a cancelled caller must not take the verdict with it.
             broken.verdict = asyncio.get_running_loop().run_in_executor(None, broken.calls.culprits)
-        return await asyncio.shield(broken.verdict)
+        culprits = await asyncio.shield(broken.verdict)
+        if _STARTING in culprits and self._warm_work is not None:
+            # The warm-up kills its worker (the OOM killer, a fault): every pool would break as it starts. The
+            # pool made above still warms up (and breaks once more if calls reach it); the ones after it do not.
+            logger.warning("a preprocessing worker died while warming up; workers start cold from now on")
+            self._warm_work = None
+        return culprits
 
     async def _run_alone(self, call_id: int, fn: Callable[..., T], *args: Any) -> T:
         """Run a suspected call alone: if its worker dies again it was the cause, and fails with DecodeError.

@@ -206,6 +206,31 @@ def test_a_warm_up_asked_for_after_calls_leaves_the_running_workers_alone(tmp_pa
     assert new_pid != pid and str(pid) not in {p.name for p in tmp_path.iterdir()}
 
 
+def warm_up_that_kills_its_worker() -> None:
+    """As the OOM killer would end a worker whose warm-up image does not fit."""
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_warm_up_that_kills_its_worker_is_given_up_and_the_pool_serves_cold(caplog: pytest.LogCaptureFixture) -> None:
+    crashes: list[int] = []
+
+    async def main() -> tuple[list[int], int, int]:
+        pool = WorkerPool(2, on_crash=lambda: crashes.append(1))
+        try:
+            await pool.warm_up(warm_up_that_kills_its_worker)  # returns: its workers start cold in the end
+            isolated = pool.isolated_runs
+            results = await asyncio.gather(*(pool.run(crash_on, v) for v in range(6)))
+            return results, isolated, pool.isolated_runs
+        finally:
+            pool.shutdown()
+
+    results, isolated_during_warm_up, isolated_after = asyncio.run(main())
+    assert results == [0, 2, 4, 6, 8, 10]
+    assert isolated_after == isolated_during_warm_up  # the calls after the warm-up ran on a pool, none alone
+    assert 1 <= len(crashes) <= 2  # the warmed-up pool, and perhaps the one made before the verdict
+    assert "a preprocessing worker died while warming up; workers start cold from now on" in caplog.text
+
+
 def failing_warm_up() -> None:
     raise RuntimeError("no memory for the warm-up image")
 
