@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import json
 import shutil
-import socket
 import subprocess
 import time
 import urllib.error
@@ -21,6 +20,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from edge_agent.http import HttpServer, parse_request_line
 from edge_agent.metrics import Metrics
+from tests.netutil import free_port
 
 # A direct opener: an http_proxy in the environment must not reroute requests to loopback.
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -295,12 +295,6 @@ def test_parse_request_line(head: bytes, expected: tuple[str, str] | None) -> No
 
 
 # -- a real Prometheus ----------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 def query_up(prom_port: int) -> str | None:
     q = urllib.parse.urlencode({"query": 'up{job="edge-agent"}'})
