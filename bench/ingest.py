@@ -97,25 +97,18 @@ def _cpu_list(text: str) -> tuple[str, frozenset[int] | None]:
 def make_receiver(key: str, root: Path, edge_agent_source: Path = REPO, baseline_source: Path | None = None,
                   cpus: frozenset[int] | None = None, on: str = "") -> Receiver:
     """The receiver ``key``; with ``on`` (a --receiver-cpus spec) its key and label say on which CPUs it runs."""
-    folder, label = root / (f"{key}@{on}" if on else key), LABELS[key] + (f", on CPUs {on}" if on else "")
-    receiver = _make_receiver(key, folder, label, edge_agent_source, baseline_source, cpus)
-    if on:
-        receiver.key = f"{key}@{on}"
-    return receiver
-
-
-def _make_receiver(key: str, folder: Path, label: str, edge_agent_source: Path, baseline_source: Path | None,
-                   cpus: frozenset[int] | None) -> Receiver:
+    name = f"{key}@{on}" if on else key
+    folder, label = root / name, LABELS[key] + (f", on CPUs {on}" if on else "")
     if key in ("edge-base", "edge-ct-base"):
         if baseline_source is None:
             raise SystemExit(f"{key} needs --baseline-source DIR")
-        return EdgeAgent(key, label, folder, "EDGE_AGENT", cpus=cpus, routed=key == "edge-ct-base",
+        return EdgeAgent(name, label, folder, "EDGE_AGENT", cpus=cpus, routed=key == "edge-ct-base",
                          source=baseline_source)
     if key.startswith("storescp"):
-        return Storescp(key, label, folder, "STORESCP", cpus=cpus, fork=key == "storescp-fork")
+        return Storescp(name, label, folder, "STORESCP", cpus=cpus, fork=key == "storescp-fork")
     if key == "orthanc":
-        return Orthanc(key, label, folder, "ORTHANC", cpus=cpus)
-    return EdgeAgent(key, label, folder, "EDGE_AGENT", cpus=cpus, routed=key == "edge-ct", source=edge_agent_source)
+        return Orthanc(name, label, folder, "ORTHANC", cpus=cpus)
+    return EdgeAgent(name, label, folder, "EDGE_AGENT", cpus=cpus, routed=key == "edge-ct", source=edge_agent_source)
 
 
 @dataclass

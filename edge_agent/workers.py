@@ -368,12 +368,12 @@ class _CallTable:
         if sys.platform != "linux":
             return frozenset()  # no pidfds: no culprit is named, and MAX_POOL_BREAKS_PER_CALL isolates
         # Rows naming a call, and those of workers still in their initializer (_STARTING), running no call.
-        busy = {row: call for row, _ in self.workers() if (call := self.running(row)) != _IDLE}
+        busy = {row: call for row in range(len(self.rows) // 2) if (call := self.running(row)) != _IDLE}
         fds = {row: fd for row, pid in self.workers() if (fd := _open_worker(pid)) is not None}
         try:
             if busy and not _ended_rows(busy, fds):
                 # A pidfd reads ready when its process has ended.
-                select.select([fds[row] for row in busy if row in fds], [], [], VERDICT_WAIT_SECONDS)
+                select.select([fds[row] for row in busy], [], [], VERDICT_WAIT_SECONDS)
             dead = _ended_rows(busy, fds)
             found = frozenset(call for row, call in busy.items() if row in dead and self.running(row) == call)
             for fd in fds.values():
