@@ -161,7 +161,7 @@ class Metrics:
             self.stage_seconds.labels(stage=stage)
         self.worker_crashes = Counter(
             "edge_agent_preprocess_worker_crashes_total",
-            "Preprocessing worker processes that died (pool rebuilt)",
+            "Preprocessing worker processes that died (each replaced by a new one)",
             registry=r,
         )
         self.publish_errors = Counter(

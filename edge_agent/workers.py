@@ -1,20 +1,29 @@
 """The preprocessing worker pool: CPU work (decode, window, resize) off the event loop and off the GIL.
 
 Worker processes, not threads, by default: pydicom is Python and holds the GIL, so in threads the
-decoding of one study takes turns with the receiver's association threads. A process pool has two
-failure modes that threads do not, and both are handled here:
+decoding of one study takes turns with the receiver for it. Each worker has two pipes of its own, one
+for its calls and one for its results, and the event loop drives both: it writes a call straight to an
+idle worker's pipe and reads the result as the worker's pipe becomes readable. No thread stands between
+them (``concurrent.futures.ProcessPoolExecutor`` has two, a call queue's feeder and a manager, and each
+call crossed both on its way out and the manager on its way back).
 
-- a worker that crashes (a decoder fault on a hostile file) breaks the whole pool
-  (``BrokenProcessPool``): the pool is rebuilt, the call that killed its worker is found and fails
-  alone, and the other calls that were in flight run again, all at once, on the new pool;
-- a daemon killed with SIGKILL cannot tell its workers to stop, and they would live on as orphans
-  (multiprocessing workers hold both ends of their call queue, so they never see EOF): each worker
-  asks the kernel for SIGKILL when its parent dies (``PR_SET_PDEATHSIG``).
+A worker runs one call at a time, and the pool knows which: so a process pool's two failure modes are
+handled without guessing.
+
+- A worker that dies (a decoder fault on a hostile file, the OOM killer) fails nothing else: the pool
+  starts a new worker in its place, and the call it was running runs again alone, in a worker of its
+  own; if that one dies too, the call fails with DecodeError. A worker that dies while it warms up
+  turns the warm-up off for the workers after it.
+- A daemon killed with SIGKILL cannot tell its workers to stop: each worker asks the kernel for SIGKILL
+  when its parent dies (``PR_SET_PDEATHSIG``), and one whose call pipe closes (the pool shut down)
+  returns.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
+import collections
 import contextlib
 import ctypes
 import hashlib
@@ -25,13 +34,13 @@ import multiprocessing
 import os
 import pickle
 import secrets
-import select
 import signal
+import struct
 import sys
 import threading
-from collections.abc import Callable, Iterable
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+import weakref
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -46,24 +55,12 @@ T = TypeVar("T")
 
 _PR_SET_PDEATHSIG = 1
 
-# A call that was in flight when this many pools broke runs alone even if no worker was seen dying with it:
-# a crash outside the tracked part of a call (unpickling its arguments) leaves no trace in the call table,
-# and without this bound such a call would break pool after pool.
-MAX_POOL_BREAKS_PER_CALL = 2
-
-# How long to wait, after a pool broke, for the kernel to report its dead worker as ended (normally at once).
-VERDICT_WAIT_SECONDS = 2.0
-
-_IDLE = 0  # the call id in the row of a worker that is running nothing; real call ids start at 1
-_STARTING = -1  # ... and in the row of a worker still in its initializer (warming up)
-
 # How long warm_up waits for every worker to have started (imported, warmed up) before it lets calls come.
 WORKER_START_SECONDS = 60.0
 
-# In a worker process: the pool's call table and this worker's row in it (see _CallTable).
-_worker_table: Any = None
-_worker_row = -1
-
+# A worker that dies before it has started (a broken install, memory too short to import) is started again
+# after a pause that doubles each time, up to this; calls wait for it meanwhile.
+WORKER_RESTART_MAX_SECONDS = 30.0
 
 # Work nobody waits on (a finding's overlay picture) runs on a thread of its own at this niceness, so that
 # on a box with few cores it takes CPU from preprocessing and inference only when they leave some.
@@ -94,69 +91,84 @@ def at_low_priority(fn: Callable[..., T], *args: Any) -> T:
 
 
 def _die_with_parent(parent_pid: int) -> None:
-    """Worker initializer: be killed when the daemon dies, however it dies."""
+    """In a worker, first: be killed when the daemon dies, however it dies."""
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent_pid:  # the parent died before the prctl took effect
         os._exit(1)
-    # SIGTERM/SIGINT are the daemon's to handle; a worker finishes its item and is stopped by the pool.
-    # It also keeps a broken pool's other workers alive through the pool's SIGTERM (CPython 3.11), so that
-    # _CallTable.culprits can tell them from the one that died before it kills them.
+    # SIGTERM/SIGINT are the daemon's to handle (systemd signals the whole unit): a worker finishes its call,
+    # and the pool stops it (its call pipe closes) once the daemon has drained.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def _init_worker(parent_pid: int, table: Any, row: int | _RowTicket, warm: Callable[[], object] | None) -> None:
-    """Worker initializer: die with the daemon, take this worker's row of the pool's call table, warm up."""
-    global _worker_table, _worker_row
+# A frame on a worker's pipes: its length (8 bytes, little-endian), then a pickle. A worker's first frame
+# says it has started (its pid); after that each frame is the result of the call it was last sent.
+_FRAME = struct.Struct("<Q")
+_READ_BYTES = 1 << 20
+
+
+def _read_exactly(fd: int, n: int) -> bytes | None:
+    """``n`` bytes from the blocking ``fd``, or None at its end."""
+    parts: list[bytes] = []
+    while n:
+        chunk = os.read(fd, min(n, _READ_BYTES))
+        if not chunk:
+            return None
+        parts.append(chunk)
+        n -= len(chunk)
+    return b"".join(parts)
+
+
+def _write_frame(fd: int, payload: bytes) -> None:
+    """One frame to the blocking ``fd``."""
+    header = _FRAME.pack(len(payload))
+    sent = os.writev(fd, [header, payload])
+    left = memoryview(payload)[max(0, sent - len(header)):]
+    if sent < len(header):  # a signal cut the write short before the payload; rare enough to send it whole again
+        os.write(fd, header[sent:])
+    while left:
+        left = left[os.write(fd, left):]
+
+
+def _reply(ok: bool, value: object) -> bytes:
+    try:
+        return pickle.dumps((ok, value), protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:  # a result or an error that does not pickle: say so instead
+        what = "result" if ok else f"error ({type(value).__name__})"
+        error = RuntimeError(f"a preprocessing worker's {what} could not be sent back: {type(exc).__name__}")
+        return pickle.dumps((False, error), protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _worker_main(calls: Any, results: Any, parent_pid: int, warm: Callable[[], object] | None) -> None:
+    """A worker process: die with the daemon, warm up, say so, then run the calls its pipe brings, one at a time,
+    until the pipe closes."""
     _die_with_parent(parent_pid)
-    # The daemon passes a _RowTicket, which arrives here as an int. A pool starts no more workers than its
-    # size (no max_tasks_per_child), so rows do not run out; if they did, the worker would go untracked.
-    if isinstance(row, int) and 2 * row + 1 < len(table):
-        table[2 * row + 1] = _STARTING
-        table[2 * row] = os.getpid()
-        _worker_table, _worker_row = table, row
     if warm is not None:
         _run_warm_up(warm)
-    if _worker_table is not None:
-        _worker_table[2 * _worker_row + 1] = _IDLE
+    calls_fd, results_fd = calls.fileno(), results.fileno()
+    _write_frame(results_fd, pickle.dumps(os.getpid()))
+    while True:
+        header = _read_exactly(calls_fd, _FRAME.size)
+        payload = None if header is None else _read_exactly(calls_fd, _FRAME.unpack(header)[0])
+        if payload is None:
+            return  # the pool has shut down
+        try:
+            fn, args = pickle.loads(payload)
+            reply = _reply(True, fn(*args))
+        except Exception as exc:
+            reply = _reply(False, exc)
+        _write_frame(results_fd, reply)
 
 
 def _run_warm_up(warm: Callable[[], object]) -> None:
-    """``warm()``, whose failure leaves the worker cold but working: an initializer that raised would break
-    the pool for every call."""
+    """``warm()``, whose failure leaves the worker cold but working: a worker that failed to start would serve
+    nothing."""
     try:
         warm()
     except Exception as exc:  # any failure: the worker serves its calls cold
         logger.warning("a preprocessing worker's warm-up failed (%s); it starts cold", type(exc).__name__)
-
-
-class _RowTicket:
-    """In a pool's initargs, unpickles as a new row number in each worker: 0, 1, 2, ...
-
-    The spawn context pickles a worker's arguments when it starts that worker, once per worker. A shared
-    counter would need a lock, and a multiprocessing lock is a named semaphore that is unlinked when the
-    daemon drops it, which a worker still starting up after ``shutdown(wait=False)`` then fails to open.
-    """
-
-    def __init__(self) -> None:
-        self._rows = itertools.count()
-
-    def __reduce__(self) -> tuple[type[int], tuple[int]]:
-        return int, (next(self._rows),)
-
-
-def _tracked(call_id: int, fn: Callable[..., T], *args: Any) -> T:
-    """Run ``fn(*args)`` in a worker with ``call_id`` in this worker's row for as long as it runs."""
-    table = _worker_table
-    if table is None:
-        return fn(*args)
-    table[2 * _worker_row + 1] = call_id
-    try:
-        return fn(*args)
-    finally:
-        table[2 * _worker_row + 1] = _IDLE
 
 
 class SentOnce(Generic[T]):
@@ -303,234 +315,386 @@ def _warm() -> int:
     return os.getpid()
 
 
-def _open_worker(pid: int) -> int | None:
-    """A pidfd for our worker ``pid``, or None if it has been reaped (the pid may since name another process)."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return None
-    try:
-        os.waitid(os.P_PIDFD, fd, os.WEXITED | os.WNOHANG | os.WNOWAIT)  # WNOWAIT: the pool reaps its own
-    except ChildProcessError:  # not our child: our worker was reaped and its pid reused
-        os.close(fd)
-        return None
-    return fd
-
-
-def _has_ended(fd: int) -> bool:
-    try:
-        return os.waitid(os.P_PIDFD, fd, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
-    except ChildProcessError:  # the pool has reaped it since the pidfd was opened
-        return True
-
-
-def _ended_rows(rows: Iterable[int], fds: dict[int, int]) -> set[int]:
-    """Those of ``rows`` whose worker has ended (no pidfd: it was reaped already)."""
-    return {row for row in rows if row not in fds or _has_ended(fds[row])}
-
-
 @dataclass(slots=True, eq=False)
-class _CallTable:
-    """Which call each worker of one process pool is running, in memory the workers share with the daemon.
+class _Call:
+    id: int
+    payload: bytes  # pickled (fn, args)
+    future: asyncio.Future[Any]
 
-    Two int64 per worker: its pid, and the id of the call it is running (``_IDLE`` between calls). Each
-    worker writes only its own row (see _RowTicket) and the daemon only reads, so no lock guards the table.
-    """
 
-    rows: Any
+class _Worker:
+    """One worker process and the loop's ends of its two pipes (non-blocking)."""
 
-    def workers(self) -> list[tuple[int, int]]:
-        """(row, pid) of every worker started so far."""
-        return [(row, int(self.rows[2 * row])) for row in range(len(self.rows) // 2) if self.rows[2 * row]]
-
-    def running(self, row: int) -> int:
-        return int(self.rows[2 * row + 1])
-
-    def started(self) -> int:
-        """How many workers have left their initializer (and are serving calls)."""
-        return sum(1 for row, _ in self.workers() if self.running(row) != _STARTING)
-
-    def culprits(self) -> frozenset[int]:
-        """After the pool broke: the calls whose worker died while running them. Then stops the other workers.
-
-        Blocks (run it in a thread) until a busy worker has ended, at most VERDICT_WAIT_SECONDS: the pool
-        notices a death when the worker's pipes close, a moment before the kernel reports it as ended. A
-        worker that ended with its row still naming a call died inside that call; a worker still alive, or
-        whose row moved on, was running an innocent call (CPython 3.11 only sends it SIGTERM, which workers
-        ignore). A crash outside any call (while unpickling one) finds no culprit here, and
-        MAX_POOL_BREAKS_PER_CALL bounds what follows. A worker that ended while still in its initializer
-        (warming up) adds ``_STARTING`` to the set.
-
-        The survivors are then killed: their calls have already failed with the pool, and left alone they
-        would run calls still queued in the broken pool, then block forever handing back a result larger
-        than a pipe's buffer that nobody reads (with the pool's manager thread waiting on them).
-        """
-        if sys.platform != "linux":
-            return frozenset()  # no pidfds: no culprit is named, and MAX_POOL_BREAKS_PER_CALL isolates
-        # Rows naming a call, and those of workers still in their initializer (_STARTING), running no call.
-        busy = {row: call for row in range(len(self.rows) // 2) if (call := self.running(row)) != _IDLE}
-        fds = {row: fd for row, pid in self.workers() if (fd := _open_worker(pid)) is not None}
+    def __init__(self, warm: Callable[[], object] | None, lone: bool) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        # spawn: forking this process (threads, sockets, an ONNX Runtime session) would copy state that is not
+        # safe to copy. The pipes reach the worker as its arguments; the worker's ends are closed here after.
+        calls_in, calls_out = ctx.Pipe(duplex=False)
+        results_in, results_out = ctx.Pipe(duplex=False)
         try:
-            if busy and not _ended_rows(busy, fds):
-                # A pidfd reads ready when its process has ended.
-                select.select([fds[row] for row in busy], [], [], VERDICT_WAIT_SECONDS)
-            dead = _ended_rows(busy, fds)
-            found = frozenset(call for row, call in busy.items() if row in dead and self.running(row) == call)
-            for fd in fds.values():
-                if not _has_ended(fd):
-                    with contextlib.suppress(ProcessLookupError):  # it ended since
-                        signal.pidfd_send_signal(fd, signal.SIGKILL)
-            return found
+            self.process = ctx.Process(target=_worker_main, name="edge-agent-preprocess",
+                                       args=(calls_in, results_out, os.getpid(), warm))
+            self.process.start()
+        except BaseException:
+            calls_out.close()
+            results_in.close()
+            raise
         finally:
-            for fd in fds.values():
-                os.close(fd)
+            calls_in.close()
+            results_out.close()
+        _started_workers.add(self.process)
+        self._calls, self._results = calls_out, results_in
+        self.calls_fd, self.results_fd = calls_out.fileno(), results_in.fileno()
+        os.set_blocking(self.calls_fd, False)
+        os.set_blocking(self.results_fd, False)
+        self.warm = warm is not None
+        self.lone = lone  # runs one suspect call, then goes
+        self.pid: int | None = None  # set when the worker says it has started
+        self.call: _Call | None = None  # the call it was sent and has not answered
+        self.inbox = bytearray()
+        self.outbox: memoryview | None = None  # what is left to write of a call too large for the pipe at once
+        self.retired = False  # its call pipe is closed: it ends, and nobody needs to be told
+
+    def close_pipes(self) -> None:
+        self._calls.close()
+        self._results.close()
 
 
-@dataclass(slots=True, eq=False)
-class _Pool:
-    executor: Executor
-    calls: _CallTable | None  # None for a thread pool, which cannot break
-    # Set when the pool broke: the calls whose worker died running them (one verdict, awaited by every call).
-    verdict: asyncio.Future[frozenset[int]] | None = None
+# Every worker process started and not yet seen ended: stopped at exit (before multiprocessing's own exit
+# handler, which waits for every child and would wait forever for one that is busy, or idle and holding its
+# pipe open).
+_started_workers: weakref.WeakSet[multiprocessing.process.BaseProcess] = weakref.WeakSet()
+
+
+def _stop_workers_at_exit() -> None:
+    for process in list(_started_workers):
+        with contextlib.suppress(Exception):  # already ended and reaped, or never fully started
+            process.kill()
+            process.join(5)
 
 
 class WorkerPool:
-    """Runs CPU-bound functions in worker processes (or threads), rebuilding the pool if a worker dies."""
+    """Runs CPU-bound functions in worker processes (or threads), starting a new worker for one that dies."""
 
     def __init__(self, workers: int, processes: bool = True, on_crash: Callable[[], None] | None = None) -> None:
         self.workers = workers
         self.processes = processes
         self._on_crash = on_crash
         self._warm_work: Callable[[], object] | None = None  # run by each worker as it starts (warm_up)
-        self._called = False  # whether run() has been called: the pool's workers may have started
-        self._pool = self._make(workers)
+        self._threads = None if processes else ThreadPoolExecutor(workers, thread_name_prefix="preprocess")
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop that drives the workers' pipes
+        self._workers: list[_Worker] = []  # the pool's workers, started or starting (not the lone ones)
+        self._idle: list[_Worker] = []  # started, running nothing
+        self._queue: collections.deque[_Call] = collections.deque()
+        self._lone: set[_Worker] = set()
+        self._isolating: set[asyncio.Task[None]] = set()
         self._quarantine = asyncio.Lock()
-        self._call_ids = itertools.count(_IDLE + 1)
-        # For logs and tests: calls run again on the shared pool after it broke under them, and calls run
-        # again alone because their worker died while running them (or their pools kept breaking).
-        self.retried_calls = 0
+        self._call_ids = itertools.count(1)
+        self._start_failures = 0  # workers in a row that died before they had started (cold)
+        self._restart: asyncio.TimerHandle | None = None
+        self._closed = False
+        # For logs and tests: calls run again alone because their worker died while running them.
         self.isolated_runs = 0
 
-    def _make(self, workers: int, warm: bool = True) -> _Pool:
-        if not self.processes:
-            return _Pool(ThreadPoolExecutor(workers, thread_name_prefix="preprocess"), None)
-        # spawn: forking this process (threads, sockets, an ONNX Runtime session) would copy state that is
-        # not safe to copy; forkserver on CPython 3.11 leaves server and workers holding each other's pipes.
-        ctx = multiprocessing.get_context("spawn")
-        # Shared memory must reach a spawned worker at its start (initargs), not with each call.
-        calls = _CallTable(ctx.RawArray(ctypes.c_int64, 2 * workers))
-        executor = ProcessPoolExecutor(
-            workers, mp_context=ctx, initializer=_init_worker,
-            initargs=(os.getpid(), calls.rows, _RowTicket(), self._warm_work if warm else None),
-        )
-        return _Pool(executor, calls)
-
-    async def warm_up(self, work: Callable[[], object] | None = None) -> None:
-        """Start every worker now rather than on the first study, each running ``work`` (picklable) first.
-
-        ``work`` runs in every worker of the pool as it starts, so also in the workers of a pool rebuilt
-        after a crash (not in the lone worker that runs a suspect call again); with a thread pool, once. If
-        it raises, the worker logs it and serves its calls all the same. Called after the pool has run calls,
-        it leaves the running workers as they are, and only pools made from then on warm up.
-        """
-        loop = asyncio.get_running_loop()
-        if work is not None:
-            self._warm_work = work
-            if self.processes and not self._called:
-                # A pool starts its workers on its first calls, and this one has had none: made again now, its
-                # workers get ``work`` in their initializer.
-                unused, self._pool = self._pool, self._make(self.workers)
-                unused.executor.shutdown(wait=False)
-            elif not self.processes:
-                await loop.run_in_executor(self._pool.executor, _run_warm_up, work)
-        # As many calls as workers start every worker (a pool starts one for a call that finds none idle), but
-        # a worker that started first may run them all while the others still import and warm up: wait for
-        # every worker to have started, through the call table, where each says when it has. If the pool broke
-        # under these calls (a warm-up that kills its worker), start the pool that replaced it.
-        deadline = loop.time() + WORKER_START_SECONDS
-        for _ in range(MAX_POOL_BREAKS_PER_CALL + 1):
-            pool = self._pool
-            await asyncio.gather(*(self.run(_warm) for _ in range(self.workers)))
-            if pool is not self._pool:
-                continue
-            while pool is self._pool and pool.calls is not None and pool.calls.started() < self.workers:
-                if loop.time() > deadline:
-                    logger.warning("preprocessing workers still starting after %.0f s; going on",
-                                   WORKER_START_SECONDS)
-                    return
-                await asyncio.sleep(0.01)
-            return
+    # -- calls -----------------------------------------------------------------------------------
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` in a worker.
 
-        When a worker dies, every call in flight on that pool fails with BrokenProcessPool. The pool is
-        rebuilt, and the call table says which call each worker was running: the call whose worker died
-        under it runs again alone, in a single-worker pool of its own, where killing its worker again makes
-        it fail with DecodeError. Every other call (queued, or running in a worker that lived) runs again on
-        the rebuilt pool straight away, alongside the others.
+        If the worker dies while it runs the call, the call runs again alone, in a worker started for it
+        alone, where a second death makes it fail with DecodeError: a worker can also die of something outside
+        the call (the kernel's OOM killer, an operator's kill), and then the call succeeds there. No other call
+        is disturbed: a new worker takes the dead one's place.
         """
-        loop = asyncio.get_running_loop()
-        call_id = next(self._call_ids)
-        self._called = True
-        breaks = 0
         if any(isinstance(a, SentOnce) for a in args):
             fn, args = _with_values, (fn, *args)
-        while True:
-            pool = self._pool
-            try:
-                if pool.calls is None:
-                    return await loop.run_in_executor(pool.executor, fn, *args)
-                return await loop.run_in_executor(pool.executor, _tracked, call_id, fn, *args)
-            except BrokenProcessPool:
-                breaks += 1
-                culprits = await self._after_break(pool)
-                if call_id in culprits:
-                    logger.warning("preprocessing call %d was running in the worker that died", call_id)
-                    return await self._run_alone(call_id, fn, *args)
-                if breaks >= MAX_POOL_BREAKS_PER_CALL:
-                    logger.warning("preprocessing call %d was in flight when %d pools broke", call_id, breaks)
-                    return await self._run_alone(call_id, fn, *args)
-                self.retried_calls += 1
+        loop = asyncio.get_running_loop()
+        if self._threads is not None:
+            return await loop.run_in_executor(self._threads, fn, *args)
+        if self._closed:
+            raise RuntimeError("the worker pool has been shut down")
+        payload = pickle.dumps((fn, args), protocol=pickle.HIGHEST_PROTOCOL)
+        self._start_all(loop)
+        call = _Call(next(self._call_ids), payload, loop.create_future())
+        self._queue.append(call)
+        self._dispatch()
+        # Cancelled here, the call's future is cancelled with it: a queued call is then skipped, and the result
+        # of a running one is dropped when it comes.
+        result: T = await call.future
+        return result
 
-    async def _after_break(self, broken: _Pool) -> frozenset[int]:
-        """Replace the broken pool (once: the first of its failed calls to get here does it); its culprits."""
-        if broken.verdict is None:
-            logger.error("a preprocessing worker died; starting a new pool of %d workers", self.workers)
-            broken.executor.shutdown(wait=False, cancel_futures=True)
-            self._pool = self._make(self.workers)
-            if self._on_crash is not None:
-                self._on_crash()
-            assert broken.calls is not None  # only process pools break
-            # An executor future, not a task of this call: a cancelled caller must not take the verdict with it.
-            broken.verdict = asyncio.get_running_loop().run_in_executor(None, broken.calls.culprits)
-        culprits = await asyncio.shield(broken.verdict)
-        if _STARTING in culprits and self._warm_work is not None:
-            # The warm-up kills its worker (the OOM killer, a fault): every pool would break as it starts. The
-            # pool made above still warms up (and breaks once more if calls reach it); the ones after it do not.
-            logger.warning("a preprocessing worker died while warming up; workers start cold from now on")
-            self._warm_work = None
-        return culprits
+    async def warm_up(self, work: Callable[[], object] | None = None) -> None:
+        """Start every worker now rather than on the first study, each running ``work`` (picklable) first.
 
-    async def _run_alone(self, call_id: int, fn: Callable[..., T], *args: Any) -> T:
-        """Run a suspected call alone: if its worker dies again it was the cause, and fails with DecodeError.
-
-        It runs again rather than failing at once because a worker can also die of something outside the
-        call (the kernel's OOM killer, an operator's kill); then the call succeeds here.
+        ``work`` runs in every worker as it starts, so also in one started in place of a worker that died (not
+        in the lone worker that runs a suspect call again); with a thread pool, once. If it raises, the worker
+        logs it and serves its calls all the same. Called after the pool has started its workers, it leaves
+        them as they are, and only workers started from then on warm up. Returns once every worker has started.
         """
         loop = asyncio.get_running_loop()
-        async with self._quarantine:
-            self.isolated_runs += 1
-            logger.info("running preprocessing call %d again, alone", call_id)
-            alone = self._make(1, warm=False)
-            try:
-                return await loop.run_in_executor(alone.executor, fn, *args)
-            except BrokenProcessPool:
-                if self._on_crash is not None:
-                    self._on_crash()  # a second real crash, of the single worker
-                raise DecodeError("a preprocessing worker died while decoding this instance") from None
-            finally:
-                alone.executor.shutdown(wait=False, cancel_futures=True)
+        if work is not None:
+            self._warm_work = work
+        if self._threads is not None:
+            if work is not None:
+                await loop.run_in_executor(self._threads, _run_warm_up, work)
+            return
+        self._start_all(loop)
+        deadline = loop.time() + WORKER_START_SECONDS
+        while sum(1 for w in self._workers if w.pid is not None) < self.workers and not self._closed:
+            if loop.time() > deadline:
+                logger.warning("preprocessing workers still starting after %.0f s; going on", WORKER_START_SECONDS)
+                return
+            await asyncio.sleep(0.01)
+
+    def pids(self) -> list[int]:
+        """The process ids of the pool's workers, started or starting (none for a thread pool)."""
+        return [w.process.pid for w in self._workers if w.process.pid is not None]
 
     def shutdown(self) -> None:
-        self._pool.executor.shutdown(wait=False, cancel_futures=True)
+        """Stop the workers: an idle one ends at once (its call pipe closes), a busy or starting one is killed
+        (what it would say goes nowhere); calls waiting or running are cancelled."""
+        if self._threads is not None:
+            self._threads.shutdown(wait=False, cancel_futures=True)
+            return
+        self._closed = True
+        if self._restart is not None:
+            self._restart.cancel()
+        while self._queue:
+            self._queue.popleft().future.cancel()
+        for w in [*self._workers, *self._lone]:
+            if w.call is not None or w.pid is None:
+                with contextlib.suppress(OSError, ValueError):  # ended already
+                    w.process.kill()
+            self._retire(w)
+            self._forget(w)  # multiprocessing reaps it (at its next start, or at exit)
+        for task in self._isolating:
+            task.cancel()
+
+    # -- the loop's side of the pipes -----------------------------------------------------------
+
+    def _start_all(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._loop is None:
+            self._loop = loop
+        while len(self._workers) < self.workers and self._restart is None and not self._closed:
+            if self._start(lone=False) is None:
+                break
+
+    def _start(self, lone: bool) -> _Worker | None:
+        """A new worker, its pipes watched by the loop; None (and a retry later) if the system refuses one."""
+        assert self._loop is not None
+        try:
+            w = _Worker(None if lone else self._warm_work, lone)
+        except OSError as exc:
+            if lone:
+                raise
+            self._restart_later(f"could not start a preprocessing worker ({type(exc).__name__}: {exc})")
+            return None
+        if not _stopping_registered:
+            _register_exit_stop()
+        self._loop.add_reader(w.results_fd, self._readable, w)
+        self._loop.add_reader(w.process.sentinel, self._ended, w)
+        (self._lone.add if lone else self._workers.append)(w)
+        return w
+
+    def _restart_later(self, why: str) -> None:
+        assert self._loop is not None
+        self._start_failures += 1
+        delay = min(WORKER_RESTART_MAX_SECONDS, 0.5 * 2 ** (self._start_failures - 1))
+        logger.error("%s; starting another in %.1f s", why, delay)
+        if self._restart is None:
+            self._restart = self._loop.call_later(delay, self._restarted)
+
+    def _restarted(self) -> None:
+        self._restart = None
+        assert self._loop is not None
+        self._start_all(self._loop)
+
+    def _dispatch(self) -> None:
+        while self._queue and self._idle:
+            call = self._queue.popleft()
+            if not call.future.done():  # cancelled while it waited
+                self._send(self._idle.pop(), call)
+
+    def _send(self, w: _Worker, call: _Call) -> None:
+        w.call = call
+        data = _FRAME.pack(len(call.payload)) + call.payload
+        try:
+            sent = os.write(w.calls_fd, data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            return  # the worker has ended: its sentinel says so, and its call runs again alone
+        if sent < len(data):
+            assert self._loop is not None
+            w.outbox = memoryview(data)[sent:]
+            self._loop.add_writer(w.calls_fd, self._writable, w)
+
+    def _writable(self, w: _Worker) -> None:
+        assert self._loop is not None and w.outbox is not None
+        try:
+            w.outbox = w.outbox[os.write(w.calls_fd, w.outbox):]
+        except BlockingIOError:
+            return
+        except OSError:
+            w.outbox = memoryview(b"")
+        if not w.outbox:
+            w.outbox = None
+            self._loop.remove_writer(w.calls_fd)
+
+    def _readable(self, w: _Worker) -> None:
+        while True:
+            try:
+                chunk = os.read(w.results_fd, _READ_BYTES)
+            except BlockingIOError:
+                break
+            except OSError:
+                chunk = b""
+            if not chunk:  # the worker has ended, or is ending: its sentinel will say so
+                assert self._loop is not None
+                self._loop.remove_reader(w.results_fd)
+                break
+            w.inbox += chunk
+            if len(chunk) < _READ_BYTES:
+                break
+        while len(w.inbox) >= _FRAME.size:
+            (size,) = _FRAME.unpack_from(w.inbox)
+            if len(w.inbox) < _FRAME.size + size:
+                break
+            frame = bytes(w.inbox[_FRAME.size:_FRAME.size + size])
+            del w.inbox[:_FRAME.size + size]
+            self._frame(w, frame)
+
+    def _frame(self, w: _Worker, frame: bytes) -> None:
+        if w.pid is None:
+            w.pid = pickle.loads(frame)
+            if not w.lone:
+                self._start_failures = 0
+                self._idle.append(w)
+                self._dispatch()
+            return
+        call, w.call = w.call, None
+        if call is not None and not call.future.done():  # else cancelled meanwhile: the result goes nowhere
+            try:
+                ok, value = pickle.loads(frame)
+            except Exception as exc:  # an error type that does not unpickle here
+                ok, value = False, RuntimeError(f"a preprocessing worker's reply could not be read: "
+                                                f"{type(exc).__name__}")
+            if ok:
+                call.future.set_result(value)
+            else:
+                call.future.set_exception(value)
+        if not w.lone and not w.retired:
+            self._idle.append(w)
+            self._dispatch()
+
+    def _ended(self, w: _Worker) -> None:
+        """The worker's process has ended: take in what it wrote last, then replace it or rerun its call."""
+        assert self._loop is not None
+        if not w.retired:
+            self._readable(w)  # its last result may be waiting in the pipe
+        self._forget(w)
+        _started_workers.discard(w.process)
+        # The sentinel reads ready as the process closes its files, a moment before the kernel can report it
+        # as ended: the wait is that moment.
+        w.process.join(1.0)
+        if w.process.exitcode is None:  # cannot be: a process that closed its files is exiting
+            w.process.kill()
+            w.process.join()
+        code = w.process.exitcode
+        w.process.close()
+        if w.retired:
+            return
+        if self._on_crash is not None:
+            self._on_crash()
+        how = f"signal {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
+        call = w.call
+        if w.lone:
+            if call is not None and not call.future.done():
+                call.future.set_exception(DecodeError("a preprocessing worker died while decoding this instance"))
+            return
+        if w.pid is None and w.warm:
+            if self._warm_work is not None:
+                # The warm-up kills its worker (the OOM killer, a fault): every worker would die as it starts.
+                logger.warning("a preprocessing worker died while warming up; workers start cold from now on")
+                self._warm_work = None
+            self._start_all(self._loop)
+        elif w.pid is None:
+            self._restart_later(f"a preprocessing worker died before it started ({how})")
+        else:
+            logger.error("a preprocessing worker died (%s); starting another", how)
+            self._start_all(self._loop)
+        if call is not None and not call.future.done():
+            logger.warning("preprocessing call %d was running in the worker that died", call.id)
+            task = self._loop.create_task(self._run_alone(call))
+            self._isolating.add(task)
+            task.add_done_callback(self._isolating.discard)
+
+    def _forget(self, w: _Worker) -> None:
+        """Stop watching the worker's pipes, close them, and drop it from the pool (its process is left to end)."""
+        assert self._loop is not None
+        if not self._loop.is_closed():
+            self._loop.remove_reader(w.results_fd)
+            self._loop.remove_reader(w.process.sentinel)
+            if not w.retired:  # (a retired worker's call pipe is closed: its number may be another file's now)
+                self._loop.remove_writer(w.calls_fd)
+        if w in self._idle:
+            self._idle.remove(w)
+        if w in self._workers:
+            self._workers.remove(w)
+        self._lone.discard(w)
+        w.close_pipes()
+
+    def _retire(self, w: _Worker) -> None:
+        """Close the worker's call pipe, which ends it after its call; its call (if any) is cancelled."""
+        if w.retired:
+            return
+        w.retired = True
+        if w.call is not None:
+            w.call.future.cancel()
+            w.call = None
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_writer(w.calls_fd)
+        w._calls.close()  # EOF for the worker; its sentinel says when it has ended
+        if w in self._idle:
+            self._idle.remove(w)
+
+    async def _run_alone(self, call: _Call) -> None:
+        """Run the call whose worker died again, alone, and settle its future with what that gives."""
+        async with self._quarantine:
+            if call.future.done() or self._closed:
+                return
+            self.isolated_runs += 1
+            logger.info("running preprocessing call %d again, alone", call.id)
+            assert self._loop is not None
+            alone = _Call(call.id, call.payload, self._loop.create_future())
+            try:
+                w = self._start(lone=True)
+            except OSError as exc:
+                call.future.set_exception(exc)
+                return
+            assert w is not None
+            self._send(w, alone)
+            try:
+                value = await alone.future
+            except asyncio.CancelledError:
+                call.future.cancel()
+                raise
+            except Exception as exc:  # the call's own error, or DecodeError when the lone worker died too
+                if not call.future.done():
+                    call.future.set_exception(exc)
+            else:
+                if not call.future.done():
+                    call.future.set_result(value)
+            finally:
+                if w in self._lone and not w.retired:  # still running (it has not died): it ends now
+                    self._retire(w)
+
+
+_stopping_registered = False
+
+
+def _register_exit_stop() -> None:
+    # Registered once a worker has started, so after multiprocessing's own exit handler: it runs first.
+    global _stopping_registered
+    atexit.register(_stop_workers_at_exit)
+    _stopping_registered = True
