@@ -145,6 +145,7 @@ def _worker_main(calls: Any, results: Any, parent_pid: int, warm: Callable[[], o
     """A worker process: die with the daemon, warm up, say so, then run the calls its pipe brings, one at a time,
     until the pipe closes."""
     _die_with_parent(parent_pid)
+    _warm()  # before the worker says it has started: its first call does not wait for pydicom and OpenCV to load
     if warm is not None:
         _run_warm_up(warm)
     calls_fd, results_fd = calls.fileno(), results.fileno()
