@@ -31,6 +31,7 @@ import itertools
 import logging
 import mmap
 import multiprocessing
+import multiprocessing.util
 import os
 import pickle
 import secrets
@@ -356,8 +357,12 @@ class _Worker:
         self.outbox: memoryview | None = None  # what is left to write of a call too large for the pipe at once
         self.retired = False  # its call pipe is closed: it ends, and nobody needs to be told
 
-    def close_pipes(self) -> None:
+    def close_calls(self) -> None:
+        """Close the call pipe: the worker reads its end and returns (closing it again does nothing)."""
         self._calls.close()
+
+    def close_pipes(self) -> None:
+        self.close_calls()
         self._results.close()
 
 
@@ -372,6 +377,10 @@ def _stop_workers_at_exit() -> None:
         with contextlib.suppress(Exception):  # already ended and reaped, or never fully started
             process.kill()
             process.join(5)
+
+
+# multiprocessing.util registers its exit handler as it is imported (above); exit handlers run last first.
+atexit.register(_stop_workers_at_exit)
 
 
 class WorkerPool:
@@ -490,8 +499,6 @@ class WorkerPool:
                 raise
             self._restart_later(f"could not start a preprocessing worker ({type(exc).__name__}: {exc})")
             return None
-        if not _stopping_registered:
-            _register_exit_stop()
         self._loop.add_reader(w.results_fd, self._readable, w)
         self._loop.add_reader(w.process.sentinel, self._ended, w)
         (self._lone.add if lone else self._workers.append)(w)
@@ -655,7 +662,7 @@ class WorkerPool:
             w.call = None
         if self._loop is not None and not self._loop.is_closed():
             self._loop.remove_writer(w.calls_fd)
-        w._calls.close()  # EOF for the worker; its sentinel says when it has ended
+        w.close_calls()  # its sentinel says when it has ended
         if w in self._idle:
             self._idle.remove(w)
 
@@ -690,12 +697,3 @@ class WorkerPool:
                 if w in self._lone and not w.retired:  # still running (it has not died): it ends now
                     self._retire(w)
 
-
-_stopping_registered = False
-
-
-def _register_exit_stop() -> None:
-    # Registered once a worker has started, so after multiprocessing's own exit handler: it runs first.
-    global _stopping_registered
-    atexit.register(_stop_workers_at_exit)
-    _stopping_registered = True
