@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from edge_agent.bus.publisher import Publisher
 from edge_agent.config import AgentConfig, ModelDeployment, PoolKind, Retention
 from edge_agent.dicom.header import InstanceMeta
+from edge_agent.dicom.receivers import ReceiverProcesses
 from edge_agent.dicom.scp import Receiver
 from edge_agent.dicom.spool import Spool
 from edge_agent.drift import Drift
@@ -85,7 +86,7 @@ class Agent:
         self.notifier = Notifier()
         self.journal: Journal | None = None
         self.spool: Spool | None = None
-        self.receiver: Receiver | None = None
+        self.receiver: Receiver | ReceiverProcesses | None = None
         self.publisher: Publisher | None = None
         self.pipeline: Pipeline | None = None
         # Input and score drift per model (issue 10); ``drift.snapshot()`` is what /status shows.
@@ -177,8 +178,9 @@ class Agent:
             logger.info("resumed %d open and %d complete series from the journal", resumed_open, resumed_complete)
         self.http = self._http_server()
         await self.http.start()
-        self.receiver = Receiver(cfg.dicom, spool, self.journal, self.metrics, self._stored_from_thread,
-                                 admission=self.pipeline.admission, on_released=self._released_from_thread)
+        kind = ReceiverProcesses if cfg.dicom.receiver_processes > 1 else Receiver
+        self.receiver = kind(cfg.dicom, spool, self.journal, self.metrics, self._stored_from_thread,
+                             admission=self.pipeline.admission, on_released=self._released_from_thread)
         self.receiver.start()
         self._spool_writable = spool.writable()
         self.housekeeping.update_gauges()

@@ -151,6 +151,10 @@ class DicomConfig(_Strict):
     # An association that sends nothing for this long is aborted.
     network_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
     tls: DicomTLSConfig | None = None
+    # 1: the receiver runs on a loop of the daemon's own process. More: that many receiver processes, each
+    # with its own loop, spool writes and journal connection, handed the connections the daemon accepts
+    # (edge_agent/dicom/receivers.py; README "Receiver processes" says when they pay).
+    receiver_processes: Annotated[int, Field(ge=1, le=64)] = 1
 
     @field_validator("ae_title")
     @classmethod

@@ -25,7 +25,6 @@ import asyncio
 import atexit
 import collections
 import contextlib
-import ctypes
 import hashlib
 import itertools
 import logging
@@ -37,7 +36,6 @@ import pickle
 import secrets
 import signal
 import struct
-import sys
 import threading
 import weakref
 from collections.abc import Callable
@@ -48,13 +46,13 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 import numpy.typing as npt
 
+from edge_agent.children import die_with_parent
 from edge_agent.errors import DecodeError
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-_PR_SET_PDEATHSIG = 1
 
 # How long warm_up waits for every worker to have started (imported, warmed up) before it lets calls come.
 WORKER_START_SECONDS = 60.0
@@ -89,19 +87,6 @@ def at_low_priority(fn: Callable[..., T], *args: Any) -> T:
                                                initializer=_lower_this_thread)
         pool = _low_priority
     return pool.submit(fn, *args).result()
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """In a worker, first: be killed when the daemon dies, however it dies."""
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent_pid:  # the parent died before the prctl took effect
-        os._exit(1)
-    # SIGTERM/SIGINT are the daemon's to handle (systemd signals the whole unit): a worker finishes its call,
-    # and the pool stops it (its call pipe closes) once the daemon has drained.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 # A frame on a worker's pipes: its length (8 bytes, little-endian), then a pickle. A worker's first frame
@@ -145,7 +130,7 @@ def _reply(ok: bool, value: object) -> bytes:
 def _worker_main(calls: Any, results: Any, parent_pid: int, warm: Callable[[], object] | None) -> None:
     """A worker process: die with the daemon, warm up, say so, then run the calls its pipe brings, one at a time,
     until the pipe closes."""
-    _die_with_parent(parent_pid)
+    die_with_parent(parent_pid)
     _warm()  # before the worker says it has started: its first call does not wait for pydicom and OpenCV to load
     if warm is not None:
         _run_warm_up(warm)

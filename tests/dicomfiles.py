@@ -176,11 +176,13 @@ class ReceiverHarness:
 def running_receiver(tmp: Path, *, spool_root: Path | None = None, journal_path: Path | None = None,
                      min_free_bytes: int = 0, admission: Any = None, on_released: Any = None,
                      **dicom: Any) -> Iterator[ReceiverHarness]:
-    """A started Receiver on a free loopback port with its own Journal, Spool and Metrics.
+    """A started Receiver on a free loopback port with its own Journal, Spool and Metrics (ReceiverProcesses
+    when ``receiver_processes`` is above 1).
 
     ``admission`` and ``on_released`` are the receiver's hooks.
     """
     from edge_agent.config import DicomConfig
+    from edge_agent.dicom.receivers import ReceiverProcesses
     from edge_agent.dicom.scp import Receiver
     from edge_agent.dicom.spool import Spool
     from edge_agent.journal import Journal
@@ -192,8 +194,9 @@ def running_receiver(tmp: Path, *, spool_root: Path | None = None, journal_path:
     spool = Spool(spool_root or tmp / "spool", min_free_bytes)
     metrics = Metrics()
     stored = StoredLog()
-    receiver = Receiver(DicomConfig(**dicom), spool, journal, metrics, stored, admission=admission,
-                        on_released=on_released)
+    config = DicomConfig(**dicom)
+    kind = ReceiverProcesses if config.receiver_processes > 1 else Receiver
+    receiver = kind(config, spool, journal, metrics, stored, admission=admission, on_released=on_released)
     receiver.start()
     try:
         yield ReceiverHarness(receiver, spool, journal, metrics, stored)

@@ -34,6 +34,7 @@ import os
 import queue
 import re
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -588,6 +589,7 @@ class _Connection(asyncio.Protocol):
         self.series: set[int] = set()
         self.released = False
         self.associated = False  # counted among the receiver's associations (else among its pending connections)
+        self.token = 0  # the accepting process's name for it, in a receiver process (receivers.py)
 
     # -- asyncio callbacks --
 
@@ -927,16 +929,67 @@ class _Connection(asyncio.Protocol):
 
 
 
+class ConnectionGate:
+    """Which connections may come in: per host, waiting to associate, and associations; counts them.
+
+    One owner calls it (a receiver's loop, or the process that accepts for receiver processes).
+    """
+
+    def __init__(self, config: DicomConfig) -> None:
+        self._config = config
+        self._per_host: dict[str, int] = {}
+        self.pending = 0
+        self.associations = 0
+
+    def admit(self, peer: str) -> str | None:
+        """None, counting the connection among ``peer``'s and the pending ones; else why it is refused."""
+        cfg = self._config
+        if self._per_host.get(peer, 0) >= cfg.max_connections_per_host:
+            return f"{cfg.max_connections_per_host} connections already open from one host " \
+                   "(dicom.max_connections_per_host)"
+        if self.pending >= cfg.max_pending_connections:
+            return f"{cfg.max_pending_connections} connections waiting to associate (dicom.max_pending_connections)"
+        self._per_host[peer] = self._per_host.get(peer, 0) + 1
+        self.pending += 1
+        return None
+
+    def associated(self) -> None:
+        self.pending -= 1
+        self.associations += 1
+
+    def forget(self, peer: str, associated: bool) -> None:
+        n = self._per_host.get(peer, 1) - 1
+        if n:
+            self._per_host[peer] = n
+        else:
+            self._per_host.pop(peer, None)
+        if associated:
+            self.associations -= 1
+        else:
+            self.pending -= 1
+
+
 _THREAD_NAME = "dicom-receiver"
+_BACKLOG = 128
+
+
+def cannot_listen(host: str, port: int, tls: bool, exc: OSError) -> EdgeAgentError:
+    return EdgeAgentError(
+        f"cannot listen for DICOM{' TLS' if tls else ''} on {host}:{port}: {exc.strerror or exc} "
+        "(is another DICOM service using the port? see dicom.host / dicom.port / dicom.tls.port)")
 
 
 class Receiver:
     """The Storage SCP. ``start()`` binds and serves on a loop of its own; ``stop()`` drains.
 
+    A receiver process (receivers.py) runs a subclass that is handed its connections instead of listening.
+
     ``on_stored(meta, recorded)`` and ``on_released(series_ids)`` run on the receiver's thread: an owner on
     another loop hands them over (``call_soon_threadsafe``). ``admission()`` is asked before each C-STORE's
     dataset is taken: a reason (str) refuses it with 0xA700.
     """
+
+    _announce = True  # log where it listens, and how it stopped
 
     def __init__(self, config: DicomConfig, spool: Spool, journal: Journal, metrics: Metrics,
                  on_stored: OnStored, *, admission: Admission | None = None,
@@ -957,9 +1010,7 @@ class Receiver:
         self._servers: list[asyncio.Server] = []
         self._committer = _Committer(spool, journal)
         self._conns: set[_Connection] = set()
-        self._per_host: dict[str, int] = {}
-        self._pending = 0
-        self._associations = 0
+        self._gate = ConnectionGate(config)
         self._accepting = False
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = threading.Lock()
@@ -982,6 +1033,11 @@ class Receiver:
         except BaseException:
             self._shutdown_loop()
             raise
+        self._started()
+
+    def _started(self) -> None:
+        if not self._announce:
+            return
         cfg = self.config
         where = ", ".join(f"{cfg.host}:{p}{' (TLS)' if tls else ''}" for p, tls in self._listening())
         logger.info("DICOM receiver listening on %s as %s", where, cfg.ae_title)
@@ -996,32 +1052,36 @@ class Receiver:
         return out
 
     async def _open(self) -> None:
+        await self._hosts.refresh()
+        await self._listen()
+        self._accepting = True
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._sweep()), loop.create_task(self._hosts.run_refresh())]
+
+    async def _listen(self) -> None:
         cfg = self.config
         loop = asyncio.get_running_loop()
-        await self._hosts.refresh()
         listeners: list[tuple[int, Any]] = []
         if cfg.tls is None or not cfg.tls.only:
             listeners.append((cfg.port, None))
         if cfg.tls is not None:
-            ctx = tlsutil.server_context(cfg.tls.cert_file, cfg.tls.key_file, cfg.tls.ca_file,
-                                         cfg.tls.require_client_cert)
-            listeners.append((cfg.tls.port, ctx))
+            listeners.append((cfg.tls.port, self._tls_context()))
         for port, ctx in listeners:
             try:
                 server = await loop.create_server(
                     lambda tls=ctx is not None: _Connection(self, tls), cfg.host, port, reuse_address=True,
-                    backlog=128, ssl=ctx, ssl_handshake_timeout=cfg.acse_timeout_seconds if ctx else None)
+                    backlog=_BACKLOG, ssl=ctx, ssl_handshake_timeout=cfg.acse_timeout_seconds if ctx else None)
             except OSError as exc:
                 for s in self._servers:
                     s.close()
-                raise EdgeAgentError(
-                    f"cannot listen for DICOM{' TLS' if ctx else ''} on {cfg.host}:{port}: {exc.strerror or exc} "
-                    "(is another DICOM service using the port? see dicom.host / dicom.port / dicom.tls.port)"
-                ) from exc
+                raise cannot_listen(cfg.host, port, ctx is not None, exc) from exc
             self._servers.append(server)
             self._ports.append(int(server.sockets[0].getsockname()[1]))
-        self._accepting = True
-        self._tasks = [loop.create_task(self._sweep()), loop.create_task(self._hosts.run_refresh())]
+
+    def _tls_context(self) -> ssl.SSLContext:
+        tls = self.config.tls
+        assert tls is not None
+        return tlsutil.server_context(tls.cert_file, tls.key_file, tls.ca_file, tls.require_client_cert)
 
     @property
     def port(self) -> int:
@@ -1039,20 +1099,24 @@ class Receiver:
         return self._loop is not None and self._accepting
 
     def active_associations(self) -> int:
-        return self._associations
+        return self._gate.associations
 
-    def stop(self, timeout_seconds: float) -> None:
-        """Stop accepting, let running associations finish for up to ``timeout_seconds``, then abort the rest."""
+    def stop(self, timeout_seconds: float) -> tuple[int, int]:
+        """Stop accepting, let running associations finish for up to ``timeout_seconds``, then abort the rest.
+
+        Returns how many associations finished and how many were aborted."""
         # A second caller (a second signal, the owner's finally) waits for the first, then finds nothing to do.
         with self._stopping:
             loop = self._loop
             if loop is None:
-                return
+                return 0, 0
             try:
                 finished, aborted = asyncio.run_coroutine_threadsafe(self._close(timeout_seconds), loop).result()
             finally:
                 self._shutdown_loop()
-            logger.info("DICOM receiver stopped: %d associations finished, %d aborted", finished, aborted)
+            if self._announce:
+                logger.info("DICOM receiver stopped: %d associations finished, %d aborted", finished, aborted)
+            return finished, aborted
 
     def _shutdown_loop(self) -> None:
         loop, thread = self._loop, self._thread
@@ -1110,32 +1174,21 @@ class Receiver:
     # -- called by connections (on the receiver's loop) --
 
     def _admit_connection(self, conn: _Connection) -> str | None:
-        cfg = self.config
         if not self._accepting:
             return "the receiver is stopping"
-        if self._per_host.get(conn.peer, 0) >= cfg.max_connections_per_host:
-            return f"{cfg.max_connections_per_host} connections already open from one host " \
-                   "(dicom.max_connections_per_host)"
-        if self._pending >= cfg.max_pending_connections:
-            return f"{cfg.max_pending_connections} connections waiting to associate (dicom.max_pending_connections)"
-        self._conns.add(conn)
-        self._per_host[conn.peer] = self._per_host.get(conn.peer, 0) + 1
-        self._pending += 1
-        return None
+        why = self._gate.admit(conn.peer)
+        if why is None:
+            self._conns.add(conn)
+        return why
 
     def _forget(self, conn: _Connection) -> None:
-        if conn not in self._conns:
-            return
-        self._conns.discard(conn)
-        n = self._per_host.get(conn.peer, 1) - 1
-        if n:
-            self._per_host[conn.peer] = n
-        else:
-            self._per_host.pop(conn.peer, None)
-        if conn.associated:
-            self._associations -= 1
-        else:
-            self._pending -= 1
+        if conn in self._conns:
+            self._conns.discard(conn)
+            self._gate.forget(conn.peer, conn.associated)
+
+    def _associations_now(self) -> int:
+        """Associations open now, counted against ``max_associations``."""
+        return self._gate.associations
 
     def _check_association(self, conn: _Connection, calling: str) -> tuple[tuple[int, int, int], str, str] | None:
         cfg = self.config
@@ -1145,14 +1198,13 @@ class Receiver:
             return _RJ_CALLING_AET, "rejected_calling_aet", "calling AE not allowed"
         if not self._hosts.allows(calling, conn.peer):
             return _RJ_CALLING_AET, "rejected_host", "calling AE not allowed from this host"
-        if self._associations >= cfg.max_associations:
+        if self._associations_now() >= cfg.max_associations:
             return _RJ_BUSY, "rejected_busy", f"{cfg.max_associations} associations already active"
         return None
 
     def _associated(self, conn: _Connection) -> None:
         conn.associated = True
-        self._pending -= 1
-        self._associations += 1
+        self._gate.associated()
         self._count_association("accepted")
 
     def _choose_syntax(self, abstract: str, proposed: list[str]) -> str | int:

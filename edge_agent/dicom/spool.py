@@ -45,6 +45,8 @@ _SYNC_THREADS = 8
 # where bench/ingest.py runs, more than a 0.5 MB CT slice's SHA-256, against 0.03 ms to take a kept one. A CT
 # study of up to a thousand slices arrives without one file made; empty, they hold an inode each and no data.
 FREE_FILES = 1024
+# A receiver process whose free files ran out looks in free/ again at most this often.
+_RESCAN_SECONDS = 1.0
 
 
 class SpoolFullError(EdgeAgentError, OSError):
@@ -87,7 +89,9 @@ def _fsync_dir(path: Path) -> None:
 class Spool:
     """Durable storage for received instances (see the module docstring for the layout)."""
 
-    def __init__(self, root: Path, min_free_bytes: int) -> None:
+    def __init__(self, root: Path, min_free_bytes: int, *, taker: tuple[int, int] | None = None) -> None:
+        """``taker``: ``(index, count)`` in a receiver process (dicom/receivers.py), which takes its share of the
+        empty files in ``free/`` (the daemon's process makes them) and leaves the folder's upkeep to the daemon."""
         self.root = root
         self.min_free_bytes = min_free_bytes
         self._instances = root / "instances"
@@ -99,7 +103,15 @@ class Spool:
         self._sync_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._free_lock = threading.Lock()
         self._free: list[Path] = []
-        self._keep_free_files()
+        self._taker = taker
+        self._shared = taker is not None
+        self._scanned = 0.0
+        if taker is None:
+            self._keep_free_files()
+
+    def share_free_files(self) -> None:
+        """Receiver processes take the empty files in ``free/`` themselves: ``refill`` counts what is there."""
+        self._shared = True
 
     @property
     def tmp_dir(self) -> Path:
@@ -180,6 +192,9 @@ class Spool:
         the time bound. An error stops it quietly: ``open_incoming`` makes its own file when none is kept, and
         says why that fails.
         """
+        if self._shared:
+            with self._free_lock:
+                self._free = self._scan_free()[:FREE_FILES]
         if not self._has_room():
             return 0
         try:
@@ -218,7 +233,29 @@ class Spool:
 
     def _take_free(self) -> Path | None:
         with self._free_lock:
+            if not self._free and self._taker is not None and time.monotonic() - self._scanned > _RESCAN_SECONDS:
+                self._scanned = time.monotonic()
+                self._free = self._scan_free(self._taker)
             return self._free.pop() if self._free else None
+
+    def _scan_free(self, share: tuple[int, int] | None = None) -> list[Path]:
+        """The empty files in ``free/``, or those of ``share`` (index, count): a file's name says whose it is, so
+        that receiver processes do not reach for the same ones (a file taken by another fails its rename, and
+        the taker makes a new one)."""
+        out: list[Path] = []
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(self._free_dir):
+                name = entry.name
+                if not name.endswith(".free"):
+                    continue
+                if share is not None:
+                    try:
+                        if int(name[:8], 16) % share[1] != share[0]:
+                            continue
+                    except ValueError:
+                        continue
+                out.append(Path(entry.path))
+        return out
 
     def _has_room(self) -> bool:
         # Checked before a file is made or emptied, added after: two threads at once (the release and an idle
