@@ -74,6 +74,8 @@ LABELS = {
     "orthanc": "Orthanc (fsync)",
     "edge-nothing": "edge-agent, nothing routed (receive + spool + journal)",
     "edge-ct": "edge-agent, CT routed to ct-demo (inference while receiving)",
+    "edge-nothing-procs": "edge-agent, nothing routed, in receiver processes",
+    "edge-ct-procs": "edge-agent, CT routed to ct-demo, in receiver processes",
     "edge-base": "edge-agent from --baseline-source, nothing routed",
     "edge-ct-base": "edge-agent from --baseline-source, CT routed to ct-demo",
 }
@@ -95,10 +97,14 @@ def _cpu_list(text: str) -> tuple[str, frozenset[int] | None]:
 
 
 def make_receiver(key: str, root: Path, edge_agent_source: Path = REPO, baseline_source: Path | None = None,
-                  cpus: frozenset[int] | None = None, on: str = "") -> Receiver:
+                  cpus: frozenset[int] | None = None, on: str = "", receiver_processes: int = 2) -> Receiver:
     """The receiver ``key``; with ``on`` (a --receiver-cpus spec) its key and label say on which CPUs it runs."""
     name = f"{key}@{on}" if on else key
     folder, label = root / name, LABELS[key] + (f", on CPUs {on}" if on else "")
+    if key.endswith("-procs"):
+        return EdgeAgent(name, label.replace("receiver processes", f"{receiver_processes} receiver processes"),
+                         folder, "EDGE_AGENT", cpus=cpus, routed=key == "edge-ct-procs", source=edge_agent_source,
+                         receiver_processes=receiver_processes)
     if key in ("edge-base", "edge-ct-base"):
         if baseline_source is None:
             raise SystemExit(f"{key} needs --baseline-source DIR")
@@ -235,7 +241,8 @@ def run(args: argparse.Namespace, root: Path, stack: ExitStack) -> tuple[list[Me
             notes.append("Orthanc is not installed here (apt-get install orthanc): its row is empty")
             continue
         for on, cpus in specs:
-            r = make_receiver(key, root, args.edge_agent_source, args.baseline_source, cpus, on)
+            r = make_receiver(key, root, args.edge_agent_source, args.baseline_source, cpus, on,
+                              args.receiver_processes)
             stack.callback(r.stop)
             print(f"starting {r.label} ...", flush=True)
             r.start()
@@ -457,6 +464,8 @@ def main(argv: list[str] | None = None) -> int:
                          "starts), in the same interleaved run: e.g. '0 all' (all: not pinned), '0-1 0-7 0-15'. How "
                          "each receiver scales with cores; the senders and nats-server may use every CPU. A pinned "
                          "edge-agent runs one preprocessing worker per CPU it may use")
+    ap.add_argument("--receiver-processes", type=int, default=2, metavar="N",
+                    help="dicom.receiver_processes of the receivers edge-nothing-procs and edge-ct-procs (default 2)")
     args = ap.parse_args(argv)
     args.edge_agent_source = args.edge_agent_source.resolve()
     args.baseline_source = args.baseline_source.resolve() if args.baseline_source else None

@@ -261,6 +261,7 @@ class EdgeAgent(Receiver):
     source: Path = REPO
     http_port: int = field(default_factory=free_port)
     nats: NatsServer | None = None
+    receiver_processes: int = 1  # dicom.receiver_processes
 
     def config(self) -> dict[str, Any]:
         raw: dict[str, Any] = yaml.safe_load((self.source / "configs" / "agent.yaml").read_text())
@@ -270,6 +271,8 @@ class EdgeAgent(Receiver):
         raw["model_repository"] = str(self.source / "engines")
         raw["dicom"]["port"] = self.port
         raw["dicom"]["ae_title"] = self.called_aet
+        if self.receiver_processes > 1:
+            raw["dicom"]["receiver_processes"] = self.receiver_processes
         raw["http"]["port"] = self.http_port
         raw["bus"]["url"] = self.nats.url
         if self.cpus is not None:  # pinned (bench/ingest.py --receiver-cpus): a preprocessing worker per CPU

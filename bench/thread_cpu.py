@@ -8,6 +8,7 @@ Threads are named from `py-spy dump`, taken after the workload; a thread that is
 own, for one) has no name there.
 
 Run:  .venv/bin/python bench/thread_cpu.py --routed [--workload ct4] [--ct 1500] [--edge-agent-source DIR]
+      [--receiver-processes N]
 """
 
 from __future__ import annotations
@@ -60,10 +61,13 @@ def main() -> None:
     parser.add_argument("--workload", choices=[w for w in WORKLOADS if w != "dx"], default="ct4")
     parser.add_argument("--ct", type=int, default=1500, help="CT slices sent")
     parser.add_argument("--edge-agent-source", type=Path, default=REPO)
+    parser.add_argument("--receiver-processes", type=int, default=1, metavar="N", help="dicom.receiver_processes")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="edge-threads-") as folder:
         root = Path(folder)
-        daemon = make_receiver("edge-ct" if args.routed else "edge-nothing", root, args.edge_agent_source.resolve())
+        key = ("edge-ct" if args.routed else "edge-nothing") + ("-procs" if args.receiver_processes > 1 else "")
+        daemon = make_receiver(key, root, args.edge_agent_source.resolve(),
+                               receiver_processes=args.receiver_processes)
         daemon.start()
         try:
             wait_idle(daemon.pid, timeout_seconds=120)
@@ -85,7 +89,7 @@ def main() -> None:
     for (pid, tid), ms in sorted(per.items(), key=lambda kv: -kv[1]):
         if ms < 0.01:
             continue
-        where = "daemon" if pid == daemon.pid else f"worker {pid}"
+        where = "daemon" if pid == daemon.pid else f"child {pid}"
         name = names.get(tid) or ("(main thread)" if tid == pid else "(not a Python thread, or ended)")
         print(f"| {where} | {name} | {ms:.2f} |")
     print(f"| all | | {sum(per.values()):.2f} |")

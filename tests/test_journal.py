@@ -388,3 +388,26 @@ def test_the_requeue_command_gives_rejected_findings_another_try(tmp_path: Path)
     assert main(["requeue-rejected", "--config", str(config)]) == 0  # beside an open connection, as a daemon's
     assert [row.msg_id for row in j.outbox.pending()] == ["id"]
     j.close()
+
+
+def test_writers_in_other_processes_take_turns_on_the_lock_file(tmp_path: Path) -> None:
+    import fcntl
+    import os
+
+    journal = Journal(tmp_path / "journal.db")
+    journal.share_with_processes()
+    other = os.open(tmp_path / "journal.db.lock", os.O_RDWR)  # another process's writer, as flock sees it
+    try:
+        fcntl.flock(other, fcntl.LOCK_EX)
+        done = threading.Event()
+        writer = threading.Thread(target=lambda: (journal.record_instance(meta("1.1"), "a.dcm", 1), done.set()))
+        writer.start()
+        assert not done.wait(0.3), "a write went ahead while another process held the lock"
+        fcntl.flock(other, fcntl.LOCK_UN)
+        assert done.wait(5)
+        writer.join()
+        assert journal.read("SELECT COUNT(*) FROM instances") == [(1,)]
+    finally:
+        os.close(other)
+    journal.close()
+    assert journal._writers is None

@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -32,7 +33,9 @@ from edge_agent.errors import EdgeAgentError
 from edge_agent.journal import Journal
 from edge_agent.metrics import Metrics
 from tests.certs import CertPaths
-from tests.dicomfiles import CT_SMALL, StoredLog, free_port, running_receiver, storescu
+from tests.daemon import read_findings
+from tests.daemon import storescu as daemon_storescu
+from tests.dicomfiles import CT_SMALL, DATA_STORE, StoredLog, free_port, make_ct_series, running_receiver, storescu
 from tests.test_scp_tls import _store as tls_store
 from tests.test_scp_tls import _tls
 from tests.ul import RawPeer, associate_rq
@@ -288,3 +291,53 @@ def test_a_receiver_process_that_cannot_start_fails_the_start_with_its_reason(tm
         raise AssertionError("the port is still open after a failed start")
     assert receivers.pids() == []
     journal.close()
+
+
+# -- in the daemon ---------------------------------------------------------------------------------------------
+
+
+def _children(pid: int) -> set[int]:
+    out = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.add(int(entry.name))
+    return out
+
+
+def _is_receiver(pid: int) -> bool:
+    """A child of the daemon with the journal open is a receiver process (preprocessing workers never open it)."""
+    with contextlib.suppress(OSError):
+        return any(Path(os.readlink(fd)).name.startswith("journal") for fd in Path(f"/proc/{pid}/fd").iterdir())
+    return False
+
+
+def test_the_daemon_with_receiver_processes_takes_studies_to_findings_and_stops_them(
+        daemon: Any, nats_server: Any, tmp_path: Path) -> None:
+    d = daemon(**{"dicom.receiver_processes": 2}).start()
+    assert d.http("/readyz")[0] == 200
+    assert d.proc is not None
+    receivers = {c for c in _children(d.proc.pid) if _is_receiver(c)}
+    assert len(receivers) == 2
+    cr = DATA_STORE / "RG1_UNCR.dcm"
+    ct = make_ct_series(tmp_path / "ct", 8, images_in_acquisition=True)
+    assert daemon_storescu(d.dicom_port, cr).returncode == 0
+    assert daemon_storescu(d.dicom_port, *ct).returncode == 0
+    findings = read_findings(nats_server.url, 2)
+    assert sorted(f["model"]["name"] for f in findings) == ["ct-demo", "cxr-nodule"]
+    d.wait_metric("edge_agent_instances_total", 9, outcome="stored")
+    assert d.metric("edge_agent_associations_total", outcome="accepted") == 2
+    assert d.terminate() == 0
+    assert "DICOM receiver stopped: 2 associations finished" not in d.log()  # both had ended before the stop
+    assert "DICOM receiver stopped: 0 associations finished, 0 aborted" in d.log()
+    assert not any(Path(f"/proc/{pid}").exists() and _is_receiver(pid) for pid in receivers)
+
+
+def test_receiver_processes_die_with_a_killed_daemon(daemon: Any) -> None:
+    d = daemon(**{"dicom.receiver_processes": 2}).start()
+    assert d.proc is not None
+    receivers = {c for c in _children(d.proc.pid) if _is_receiver(c)}
+    assert len(receivers) == 2
+    d.kill9()
+    _wait(lambda: not any(Path(f"/proc/{pid}").exists() for pid in receivers), what="the receivers gone")

@@ -144,6 +144,7 @@ class ReceiverProcesses:
         self._tasks: list[asyncio.Task[None]] = []
         self._repeated = RepeatedLog(logger)
         spool.share_free_files()
+        journal.share_with_processes()
 
     # -- lifecycle --
 
@@ -673,6 +674,7 @@ def _receiver_main(index: int, count: int, config: DicomConfig, spool_root: Path
     try:
         spool = Spool(spool_root, min_free_bytes, taker=(index, count))
         journal = Journal(journal_path)
+        journal.share_with_processes()
         receiver = _ProcessReceiver(config, spool, journal, events, index, associations, lambda: gate[0])
         receiver.start()
     except Exception as exc:
