@@ -16,6 +16,11 @@ process keeps its own count (two processes that accept at the same moment may pa
 back-pressure gate goes the other way, sent to every process when the pipeline's reason changes (each may
 accept a few instances more than a receiver in the daemon's process would, while the change is on its way).
 
+A receiver process answers Success once the instance is durable and recorded, as the receiver in the daemon's
+process does; its record reaches the pipeline just after (it cannot make the answer a failure, as a failed
+hand-over in the daemon's process does: a hand-over that fails is logged, and the journalled instance is taken
+up by the pipeline's resume at the next start).
+
 Not ``SO_REUSEPORT`` (one listening socket per process): the kernel would spread connections by a hash of
 their addresses, the per-host and pending limits would hold per process only, and the connections waiting on
 a process that dies would be reset.
