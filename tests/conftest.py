@@ -14,6 +14,7 @@ from edge_agent.metrics import Metrics
 from tests.certs import CertPaths, make_certs
 from tests.daemon import Daemon, write_config
 from tests.natsutil import NatsServer
+from tests.ul import RawPeer
 
 
 @pytest.fixture
@@ -65,3 +66,12 @@ def daemon(tmp_path: Path, nats_server: NatsServer) -> Iterator[Callable[..., Da
             d.proc.send_signal(signal.SIGCONT)  # a test may have stopped it
             d.kill9()
         d.close()
+
+
+@pytest.fixture
+def peers() -> Iterator[list[RawPeer]]:
+    """Raw Upper Layer peers a test opens (tests/ul.py), closed at its end."""
+    opened: list[RawPeer] = []
+    yield opened
+    for p in opened:
+        p.close()

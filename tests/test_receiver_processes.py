@@ -15,7 +15,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,14 +64,6 @@ def _slices(series_uid: str, count: int) -> list[tuple[bytes, str, str]]:
         write_dataset(buf, ds)
         out.append((buf.getvalue(), str(ds.SOPClassUID), str(ds.SOPInstanceUID)))
     return out
-
-
-@pytest.fixture
-def peers() -> Iterator[list[RawPeer]]:
-    opened: list[RawPeer] = []
-    yield opened
-    for p in opened:
-        p.close()
 
 
 def _context() -> list[tuple[int, str, str]]:

@@ -12,7 +12,6 @@ import threading
 import time
 import tracemalloc
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
@@ -35,14 +34,6 @@ from tests.ul import RawPeer, associate_rq, pdata, store_command
 pytestmark = pytest.mark.timeout(120)
 
 GIB = 1 << 30
-
-
-@pytest.fixture
-def peers() -> Iterator[list[RawPeer]]:
-    opened: list[RawPeer] = []
-    yield opened
-    for p in opened:
-        p.close()
 
 
 def _ct_dataset(syntax: str = str(ExplicitVRLittleEndian)) -> tuple[bytes, str, str]:

@@ -61,6 +61,7 @@ from edge_agent.dicom.scp import (
     OnReleased,
     OnStored,
     Receiver,
+    ServedOnALoop,
     _Connection,
     cannot_listen,
 )
@@ -73,7 +74,6 @@ from edge_agent.records import Recorded
 
 logger = logging.getLogger(__name__)
 
-_THREAD_NAME = "dicom-accept"
 _CONTROL_BYTES = 4096  # a control message (a connection's token, a gate's reason, stop) is far smaller
 _START_SECONDS = 60.0  # a receiver process imports, opens the journal and says it is ready within this
 _RESTART_SECONDS, _RESTART_MAX_SECONDS = 0.5, 30.0
@@ -113,16 +113,18 @@ class _Handed:
     associated: bool = False
 
 
-class ReceiverProcesses:
+class ReceiverProcesses(ServedOnALoop):
     """``scp.Receiver``'s interface (start, stop, port, accepting, active_associations), served by processes.
 
     ``on_stored`` and ``on_released`` run on this object's own thread, as the receiver's do on its.
     """
 
+    _THREAD = "dicom-accept"
+
     def __init__(self, config: DicomConfig, spool: Spool, journal: Journal, metrics: Metrics,
                  on_stored: OnStored, *, admission: Admission | None = None,
                  on_released: OnReleased | None = None, processes: int | None = None) -> None:
-        self.config = config
+        super().__init__(config)
         self._spool = spool
         self._journal_path = journal.path
         self._metrics = metrics
@@ -139,12 +141,8 @@ class ReceiverProcesses:
         self._tokens: dict[int, _Handed] = {}
         self._next_token = itertools.count(1)
         self._listeners: list[tuple[socket.socket, bool]] = []
-        self._ports: list[int] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
         self._accepting = False
-        self._stopping = False
-        self._stop_lock = threading.Lock()
+        self._closing = False
         self._reason: str | None = None  # the gate's reason as last sent to the processes
         self._tasks: list[asyncio.Task[None]] = []
         self._repeated = RepeatedLog(logger)
@@ -156,19 +154,7 @@ class ReceiverProcesses:
     def start(self) -> None:
         """Start the processes, then bind and accept. Raises EdgeAgentError if a port cannot be bound or a
         process cannot start."""
-        if self._loop is not None:
-            raise EdgeAgentError("the DICOM receiver is already running")
-        loop = asyncio.new_event_loop()
-        thread = threading.Thread(target=loop.run_forever, name=_THREAD_NAME, daemon=True)
-        thread.start()
-        self._loop, self._thread = loop, thread
-        try:
-            asyncio.run_coroutine_threadsafe(self._open(), loop).result()
-        except BaseException:
-            with contextlib.suppress(Exception):
-                asyncio.run_coroutine_threadsafe(self._close(0.0), loop).result()
-            self._shutdown_loop()
-            raise
+        self._run_open()
         cfg = self.config
         where = ", ".join(f"{cfg.host}:{p}{' (TLS)' if tls else ''}"
                           for p, (_, tls) in zip(self._ports, self._listeners, strict=True))
@@ -203,17 +189,6 @@ class ReceiverProcesses:
         self._tasks = [loop.create_task(self._watch_admission())]
 
     @property
-    def port(self) -> int:
-        """The bound plain TCP port (the TLS port when only TLS is served)."""
-        if not self._ports:
-            raise EdgeAgentError("the DICOM receiver is not running")
-        return self._ports[0]
-
-    @property
-    def tls_port(self) -> int | None:
-        return self._ports[-1] if self._ports and self.config.tls is not None else None
-
-    @property
     def accepting(self) -> bool:
         return self._loop is not None and self._accepting and any(c.ready for c in self._children)
 
@@ -228,23 +203,9 @@ class ReceiverProcesses:
         """How many connections each receiver process (by index) has been handed since the start."""
         return [c.handed for c in self._children]
 
-    def stop(self, timeout_seconds: float) -> tuple[int, int]:
-        """Stop accepting; each process lets its associations finish for up to ``timeout_seconds``, aborts the
-        rest and exits. Returns how many associations finished and how many were aborted."""
-        with self._stop_lock:
-            loop = self._loop
-            if loop is None:
-                return 0, 0
-            try:
-                finished, aborted = asyncio.run_coroutine_threadsafe(self._close(timeout_seconds), loop).result()
-            finally:
-                self._shutdown_loop()
-            logger.info("DICOM receiver stopped: %d associations finished, %d aborted", finished, aborted)
-            return finished, aborted
-
     async def _close(self, timeout_seconds: float) -> tuple[int, int]:
         self._accepting = False
-        self._stopping = True
+        self._closing = True
         loop = asyncio.get_running_loop()
         for task in self._tasks:
             task.cancel()
@@ -269,17 +230,8 @@ class ReceiverProcesses:
             await self._reap(child, 5.0)
         return finished, aborted
 
-    def _shutdown_loop(self) -> None:
-        loop, thread = self._loop, self._thread
-        if loop is not None:
-            loop.call_soon_threadsafe(loop.stop)
-        if thread is not None:
-            thread.join()
-        if loop is not None:
-            loop.close()
+    def _after_loop(self) -> None:
         self._spool.close()
-        self._loop = self._thread = None
-        self._ports = []
 
     # -- the processes --
 
@@ -382,7 +334,7 @@ class ReceiverProcesses:
             child.started.set_exception(EdgeAgentError("a DICOM receiver process exited while starting"))
             if not self._accepting:
                 return  # the daemon's start fails with it
-        if self._stopping:
+        if self._closing:
             return
         process = child.process
         if process is not None:
@@ -400,7 +352,7 @@ class ReceiverProcesses:
         loop.call_later(wait, self._respawn, child)
 
     def _respawn(self, child: _Child) -> None:
-        if self._stopping or child.process is not None:
+        if self._closing or child.process is not None:
             return
         try:
             self._spawn(child)

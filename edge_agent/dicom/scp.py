@@ -969,7 +969,6 @@ class ConnectionGate:
             self.pending -= 1
 
 
-_THREAD_NAME = "dicom-receiver"
 _BACKLOG = 128
 
 
@@ -979,7 +978,88 @@ def cannot_listen(host: str, port: int, tls: bool, exc: OSError) -> EdgeAgentErr
         "(is another DICOM service using the port? see dicom.host / dicom.port / dicom.tls.port)")
 
 
-class Receiver:
+class ServedOnALoop:
+    """A DICOM front on an event loop of its own thread: the Receiver, and the front of receiver processes
+    (receivers.py). Subclasses give ``_open`` (bind, start serving; fills ``_ports``), ``_close`` (drain; returns
+    how many associations finished and how many were aborted) and ``_after_loop`` (what is left once the loop
+    has ended)."""
+
+    _announce = True  # log how it stopped
+    _THREAD: str = "dicom-receiver"
+
+    def __init__(self, config: DicomConfig) -> None:
+        self.config = config
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._ports: list[int] = []
+        self._stopping = threading.Lock()
+
+    def _run_open(self) -> None:
+        if self._loop is not None:
+            raise EdgeAgentError("the DICOM receiver is already running")
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_forever, name=self._THREAD, daemon=True)
+        thread.start()
+        self._loop, self._thread = loop, thread
+        try:
+            asyncio.run_coroutine_threadsafe(self._open(), loop).result()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(self._close(0.0), loop).result()
+            self._shutdown_loop()
+            raise
+
+    async def _open(self) -> None:
+        raise NotImplementedError
+
+    async def _close(self, timeout_seconds: float) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def _after_loop(self) -> None:
+        pass
+
+    @property
+    def port(self) -> int:
+        """The bound plain TCP port (the TLS port when only TLS is served)."""
+        if not self._ports:
+            raise EdgeAgentError("the DICOM receiver is not running")
+        return self._ports[0]
+
+    @property
+    def tls_port(self) -> int | None:
+        return self._ports[-1] if self._ports and self.config.tls is not None else None
+
+    def stop(self, timeout_seconds: float) -> tuple[int, int]:
+        """Stop accepting, let running associations finish for up to ``timeout_seconds``, then abort the rest.
+
+        Returns how many associations finished and how many were aborted."""
+        # A second caller (a second signal, the owner's finally) waits for the first, then finds nothing to do.
+        with self._stopping:
+            loop = self._loop
+            if loop is None:
+                return 0, 0
+            try:
+                finished, aborted = asyncio.run_coroutine_threadsafe(self._close(timeout_seconds), loop).result()
+            finally:
+                self._shutdown_loop()
+            if self._announce:
+                logger.info("DICOM receiver stopped: %d associations finished, %d aborted", finished, aborted)
+            return finished, aborted
+
+    def _shutdown_loop(self) -> None:
+        loop, thread = self._loop, self._thread
+        if loop is not None:
+            loop.call_soon_threadsafe(loop.stop)
+        if thread is not None:
+            thread.join()
+        if loop is not None:
+            loop.close()
+        self._after_loop()
+        self._loop = self._thread = None
+        self._ports = []
+
+
+class Receiver(ServedOnALoop):
     """The Storage SCP. ``start()`` binds and serves on a loop of its own; ``stop()`` drains.
 
     A receiver process (receivers.py) runs a subclass that is handed its connections instead of listening.
@@ -989,12 +1069,10 @@ class Receiver:
     dataset is taken: a reason (str) refuses it with 0xA700.
     """
 
-    _announce = True  # log where it listens, and how it stopped
-
     def __init__(self, config: DicomConfig, spool: Spool, journal: Journal, metrics: Metrics,
                  on_stored: OnStored, *, admission: Admission | None = None,
                  on_released: OnReleased | None = None) -> None:
-        self.config = config
+        super().__init__(config)
         self._spool = spool
         self._journal = journal
         self._metrics = metrics
@@ -1005,34 +1083,20 @@ class Receiver:
         self._classes = frozenset(config.sop_classes) if config.sop_classes else STORAGE_SOP_CLASSES
         self._syntaxes = tuple(str(ts) for ts in TRANSFER_SYNTAXES
                                if config.accept_deflate or ts != DeflatedExplicitVRLittleEndian)
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
         self._servers: list[asyncio.Server] = []
         self._committer = _Committer(spool, journal)
         self._conns: set[_Connection] = set()
         self._gate = ConnectionGate(config)
         self._accepting = False
         self._tasks: list[asyncio.Task[None]] = []
-        self._stopping = threading.Lock()
         self._repeated = RepeatedLog(logger)  # a flood of refusals is not a flood of log lines
-        self._ports: list[int] = []
         self._spares: list[tuple[Path, int]] = []  # temp files created ahead, while the loop waits on fsyncs
 
     # -- lifecycle --
 
     def start(self) -> None:
         """Bind and serve. Raises EdgeAgentError if a port cannot be bound."""
-        if self._loop is not None:
-            raise EdgeAgentError("the DICOM receiver is already running")
-        loop = asyncio.new_event_loop()
-        thread = threading.Thread(target=loop.run_forever, name=_THREAD_NAME, daemon=True)
-        thread.start()
-        self._loop, self._thread = loop, thread
-        try:
-            asyncio.run_coroutine_threadsafe(self._open(), loop).result()
-        except BaseException:
-            self._shutdown_loop()
-            raise
+        self._run_open()
         self._started()
 
     def _started(self) -> None:
@@ -1084,53 +1148,17 @@ class Receiver:
         return tlsutil.server_context(tls.cert_file, tls.key_file, tls.ca_file, tls.require_client_cert)
 
     @property
-    def port(self) -> int:
-        """The bound plain TCP port (the TLS port when only TLS is served)."""
-        if not self._ports:
-            raise EdgeAgentError("the DICOM receiver is not running")
-        return self._ports[0]
-
-    @property
-    def tls_port(self) -> int | None:
-        return self._ports[-1] if self._ports and self.config.tls is not None else None
-
-    @property
     def accepting(self) -> bool:
         return self._loop is not None and self._accepting
 
     def active_associations(self) -> int:
         return self._gate.associations
 
-    def stop(self, timeout_seconds: float) -> tuple[int, int]:
-        """Stop accepting, let running associations finish for up to ``timeout_seconds``, then abort the rest.
-
-        Returns how many associations finished and how many were aborted."""
-        # A second caller (a second signal, the owner's finally) waits for the first, then finds nothing to do.
-        with self._stopping:
-            loop = self._loop
-            if loop is None:
-                return 0, 0
-            try:
-                finished, aborted = asyncio.run_coroutine_threadsafe(self._close(timeout_seconds), loop).result()
-            finally:
-                self._shutdown_loop()
-            if self._announce:
-                logger.info("DICOM receiver stopped: %d associations finished, %d aborted", finished, aborted)
-            return finished, aborted
-
-    def _shutdown_loop(self) -> None:
-        loop, thread = self._loop, self._thread
-        if loop is not None:
-            loop.call_soon_threadsafe(loop.stop)
-        if thread is not None:
-            thread.join()
-        if loop is not None:
-            loop.close()
+    def _after_loop(self) -> None:
         self._committer.close()
         self._drop_spares()
         self._spool.close()
-        self._loop = self._thread = None
-        self._servers, self._ports = [], []
+        self._servers = []
 
     async def _close(self, timeout_seconds: float) -> tuple[int, int]:
         self._accepting = False
