@@ -134,7 +134,11 @@ def _reset_at_once(port: int) -> bool:
 
 
 def _connects(port: int) -> bool:
-    peer = RawPeer(port)
+    """A new association is accepted and released (a refused connection may be reset before connect returns)."""
+    try:
+        peer = RawPeer(port)
+    except OSError:
+        return False
     try:
         peer.associate(contexts=_context())
         peer.release()
@@ -176,10 +180,10 @@ def test_back_pressure_reaches_every_process_and_lifts(tmp_path: Path, peers: li
         gate[0] = "inference is behind (a test)"
         # Within the gate's polling interval every process refuses, on every association.
         _wait(lambda: one.store(*next(slices)) == OUT_OF_RESOURCES, what="a refusal on the first association")
-        assert two.store(*next(slices)) == OUT_OF_RESOURCES
+        _wait(lambda: two.store(*next(slices)) == OUT_OF_RESOURCES, what="a refusal on the second association")
         gate[0] = None
         _wait(lambda: two.store(*next(slices)) == SUCCESS, what="a Success once the gate reopened")
-        assert one.store(*next(slices)) == SUCCESS
+        _wait(lambda: one.store(*next(slices)) == SUCCESS, what="a Success on the first association")
         _wait(lambda: h.instances("backpressure") >= 2, what="the refusals counted")
 
 
