@@ -63,6 +63,7 @@ from edge_agent.dicom.scp import (
     Receiver,
     ServedOnALoop,
     _Connection,
+    _describe,
     cannot_listen,
 )
 from edge_agent.dicom.spool import Spool
@@ -95,13 +96,12 @@ class _Child:
     control: socket.socket | None = None
     events: Any = None  # the read end of its pipe
     ready: bool = False
-    connections: int = 0  # open now
     handed: int = 0  # since the daemon started, by this process and those it replaced
     started_at: float = 0.0
     restart_seconds: float = _RESTART_SECONDS
     started: asyncio.Future[None] | None = None
     stopped: asyncio.Future[tuple[int, int]] | None = None
-    tokens: set[int] = field(default_factory=set)
+    tokens: set[int] = field(default_factory=set)  # the connections it has open now
 
 
 @dataclass(eq=False)
@@ -123,7 +123,7 @@ class ReceiverProcesses(ServedOnALoop):
 
     def __init__(self, config: DicomConfig, spool: Spool, journal: Journal, metrics: Metrics,
                  on_stored: OnStored, *, admission: Admission | None = None,
-                 on_released: OnReleased | None = None, processes: int | None = None) -> None:
+                 on_released: OnReleased | None = None) -> None:
         super().__init__(config)
         self._spool = spool
         self._journal_path = journal.path
@@ -131,9 +131,7 @@ class ReceiverProcesses(ServedOnALoop):
         self._on_stored = on_stored
         self._admission = admission
         self._on_released = on_released
-        self._count = processes if processes is not None else config.receiver_processes
-        if self._count < 1:
-            raise ValueError("at least one receiver process")
+        self._count = config.receiver_processes
         self._ctx = multiprocessing.get_context("spawn")
         self._associations = self._ctx.RawArray("i", self._count)
         self._children = [_Child(i) for i in range(self._count)]
@@ -151,15 +149,8 @@ class ReceiverProcesses(ServedOnALoop):
 
     # -- lifecycle --
 
-    def start(self) -> None:
-        """Start the processes, then bind and accept. Raises EdgeAgentError if a port cannot be bound or a
-        process cannot start."""
-        self._run_open()
-        cfg = self.config
-        where = ", ".join(f"{cfg.host}:{p}{' (TLS)' if tls else ''}"
-                          for p, (_, tls) in zip(self._ports, self._listeners, strict=True))
-        logger.info("DICOM receiver listening on %s as %s, in %d receiver processes", where, cfg.ae_title,
-                    self._count)
+    def _how_served(self) -> str:
+        return f", in {self._count} receiver processes"
 
     async def _open(self) -> None:
         cfg = self.config
@@ -216,8 +207,7 @@ class ReceiverProcesses(ServedOnALoop):
         self._listeners = []
         waiting = []
         for child in self._children:
-            live = child.process is not None and child.stopped is not None
-            if live and child.stopped is not None and self._send(child, ("stop", timeout_seconds)):
+            if child.process is not None and child.stopped is not None and self._send(child, ("stop", timeout_seconds)):
                 waiting.append(child.stopped)
         finished = aborted = 0
         if waiting:
@@ -251,7 +241,7 @@ class ReceiverProcesses(ServedOnALoop):
             events_out.close()
         ours.setblocking(False)
         child.process, child.control, child.events = process, ours, events_in
-        child.ready, child.connections, child.started_at = False, 0, time.monotonic()
+        child.ready, child.started_at = False, time.monotonic()
         child.started, child.stopped = loop.create_future(), loop.create_future()
         self._associations[child.index] = 0
         loop.add_reader(events_in.fileno(), self._read_events, child)
@@ -291,7 +281,6 @@ class ReceiverProcesses(ServedOnALoop):
             handed = self._tokens.pop(item[1], None)
             if handed is not None:
                 handed.child.tokens.discard(item[1])
-                handed.child.connections -= 1
                 self._gate.forget(handed.peer, handed.associated)
         elif kind == "metric":
             _, name, labels, method, value = item
@@ -317,9 +306,6 @@ class ReceiverProcesses(ServedOnALoop):
     def _lost(self, child: _Child) -> None:
         """The process's pipe closed: it exited (or is about to). Forget its connections; start a new one."""
         loop = asyncio.get_running_loop()
-        if child.events is not None:
-            with contextlib.suppress(ValueError, OSError):
-                loop.remove_reader(child.events.fileno())
         was_ready = child.ready
         child.ready = False
         for token in child.tokens:
@@ -327,14 +313,15 @@ class ReceiverProcesses(ServedOnALoop):
             self._gate.forget(handed.peer, handed.associated)
         child.tokens.clear()
         self._associations[child.index] = 0
-        child.connections = 0
         if child.stopped is not None and not child.stopped.done():
             child.stopped.set_result((0, 0))
         if child.started is not None and not child.started.done():
             child.started.set_exception(EdgeAgentError("a DICOM receiver process exited while starting"))
             if not self._accepting:
+                self._detach(child)
                 return  # the daemon's start fails with it
         if self._closing:
+            self._detach(child)
             return
         process = child.process
         if process is not None:
@@ -347,7 +334,7 @@ class ReceiverProcesses(ServedOnALoop):
         child.restart_seconds = min(wait * 2, _RESTART_MAX_SECONDS)
         logger.error("DICOM receiver process %d ended (%s)%s; a new one starts in %.1f s", child.index, how,
                      "; its associations were reset and their senders will send again" if was_ready else "", wait)
-        self._close_channels(child)
+        self._detach(child)
         child.process = None
         loop.call_later(wait, self._respawn, child)
 
@@ -368,12 +355,7 @@ class ReceiverProcesses(ServedOnALoop):
                 logger.warning("DICOM receiver process %d did not stop; killing it", child.index)
                 self._kill(child)
                 await asyncio.to_thread(process.join, 5.0)
-        loop = asyncio.get_running_loop()
-        if child.events is not None:
-            with contextlib.suppress(ValueError, OSError):
-                loop.remove_reader(child.events.fileno())
-        self._close_channels(child)
-        child.ready = False
+        self._detach(child)
 
     @staticmethod
     def _kill(child: _Child) -> None:
@@ -382,12 +364,17 @@ class ReceiverProcesses(ServedOnALoop):
                 os.kill(child.process.pid, signal.SIGKILL)
 
     @staticmethod
-    def _close_channels(child: _Child) -> None:
+    def _detach(child: _Child) -> None:
+        """Stop reading the process's pipe and close both its channels."""
+        if child.events is not None:
+            with contextlib.suppress(ValueError, OSError):
+                asyncio.get_running_loop().remove_reader(child.events.fileno())
         for channel in (child.control, child.events):
             if channel is not None:
                 with contextlib.suppress(OSError):
                     channel.close()
         child.control = child.events = None
+        child.ready = False
 
     def _send(self, child: _Child, message: tuple[Any, ...], fd: int | None = None) -> bool:
         if child.control is None:
@@ -421,13 +408,12 @@ class ReceiverProcesses(ServedOnALoop):
     def _hand_over(self, sock: socket.socket, peer: str, tls: bool) -> None:
         why = "the receiver is stopping" if not self._accepting else self._gate.admit(peer)
         if why is None:
-            ready = sorted((c for c in self._children if c.ready), key=lambda c: c.connections)
+            ready = sorted((c for c in self._children if c.ready), key=lambda c: len(c.tokens))
             for child in ready:
                 token = next(self._next_token)
                 self._tokens[token] = _Handed(child, peer)
                 if self._send(child, ("conn", token, tls), sock.fileno()):
                     child.tokens.add(token)
-                    child.connections += 1
                     child.handed += 1
                     return
                 del self._tokens[token]
@@ -596,7 +582,7 @@ class _ProcessReceiver(Receiver):
             await loop.connect_accepted_socket(
                 connection, sock, ssl=self._tls if tls else None,
                 ssl_handshake_timeout=self.config.acse_timeout_seconds if tls else None)
-        except (OSError, ssl.SSLError, TimeoutError, ValueError) as exc:
+        except (OSError, ValueError) as exc:  # ssl.SSLError and TimeoutError are OSErrors
             # Never became a connection here (a TLS handshake that failed or timed out, a peer gone already).
             self._repeated.warning("handshake", "DICOM TLS connection closed before it began (%s)",
                                    type(exc).__name__)
@@ -635,13 +621,7 @@ def _receiver_main(index: int, count: int, config: DicomConfig, spool_root: Path
         receiver = _ProcessReceiver(config, spool, journal, events, index, associations, lambda: gate[0])
         receiver.start()
     except Exception as exc:
-        if isinstance(exc, EdgeAgentError):
-            text = str(exc)
-        elif isinstance(exc, OSError) and exc.strerror:
-            text = f"{type(exc).__name__}: {exc.strerror}"
-        else:
-            text = type(exc).__name__
-        events.send_now("failed", text)
+        events.send_now("failed", _describe(exc))
         return
     assert receiver._loop is not None
     events.attach(receiver._loop)

@@ -984,7 +984,7 @@ class ServedOnALoop:
     how many associations finished and how many were aborted) and ``_after_loop`` (what is left once the loop
     has ended)."""
 
-    _announce = True  # log how it stopped
+    _announce = True  # log where it listens and how it stopped
     _THREAD: str = "dicom-receiver"
 
     def __init__(self, config: DicomConfig) -> None:
@@ -993,6 +993,26 @@ class ServedOnALoop:
         self._thread: threading.Thread | None = None
         self._ports: list[int] = []
         self._stopping = threading.Lock()
+
+    def start(self) -> None:
+        """Bind and serve. Raises EdgeAgentError if a port cannot be bound (or a receiver process cannot start)."""
+        self._run_open()
+        if self._announce:
+            cfg = self.config
+            where = ", ".join(f"{cfg.host}:{p}{' (TLS)' if tls else ''}" for p, tls in self._listening())
+            logger.info("DICOM receiver listening on %s as %s%s", where, cfg.ae_title, self._how_served())
+
+    def _how_served(self) -> str:
+        return ""
+
+    def _listening(self) -> list[tuple[int, bool]]:
+        tls = self.config.tls
+        out = []
+        if tls is None or not tls.only:
+            out.append((self._ports[0], False))
+        if tls is not None:
+            out.append((self._ports[-1], True))
+        return out
 
     def _run_open(self) -> None:
         if self._loop is not None:
@@ -1093,27 +1113,6 @@ class Receiver(ServedOnALoop):
         self._spares: list[tuple[Path, int]] = []  # temp files created ahead, while the loop waits on fsyncs
 
     # -- lifecycle --
-
-    def start(self) -> None:
-        """Bind and serve. Raises EdgeAgentError if a port cannot be bound."""
-        self._run_open()
-        self._started()
-
-    def _started(self) -> None:
-        if not self._announce:
-            return
-        cfg = self.config
-        where = ", ".join(f"{cfg.host}:{p}{' (TLS)' if tls else ''}" for p, tls in self._listening())
-        logger.info("DICOM receiver listening on %s as %s", where, cfg.ae_title)
-
-    def _listening(self) -> list[tuple[int, bool]]:
-        tls = self.config.tls
-        out = []
-        if tls is None or not tls.only:
-            out.append((self._ports[0], False))
-        if tls is not None:
-            out.append((self._ports[-1], True))
-        return out
 
     async def _open(self) -> None:
         await self._hosts.refresh()

@@ -104,7 +104,7 @@ class Spool:
         self._free_lock = threading.Lock()
         self._free: list[Path] = []
         self._taker = taker
-        self._shared = taker is not None
+        self._shared = False  # share_free_files
         self._scanned = 0.0
         if taker is None:
             self._keep_free_files()
