@@ -11,12 +11,17 @@ alternate the ways, and prints medians:
   0.7 ms for the rest of the receive, then renamed into the spool folder, fdatasync, folder fsync.
 - "preallocated, truncated, renamed": the file's blocks written with zeros and fsynced beforehand (a spare made
   while idle), overwritten the same way, then truncated to its size, renamed, fdatasync, folder fsync.
-- "preallocated, same size, in place": the same overwrite with nothing else: no size change, no rename (the least a
-  flush of this much data can cost here; a spool that worked this way would need its own record of what each
-  preallocated file holds).
+- "slot, renamed, no folder fsync": as the daemon does since its spool keeps released files as slots: a file whose
+  blocks were written and synced beforehand, overwritten the same way without a change of size, a mark written
+  into its first bytes, renamed into the spool folder, fdatasync, and no folder fsync (the mark names the file).
+- "preallocated, same size, in place": the same overwrite with nothing else: no rename (the least a flush of this
+  much data can cost here).
 - "4 KiB in place": one page overwritten and flushed: the disk's cache flush without the data.
 
-Run:  .venv/bin/python bench/flush.py [--dir FOLDER] [--files 150] [--rounds 3]
+Each way is run by one writer and by several at once (``--writers``, threads each writing their own files, as
+concurrent associations do), and also gives files per second.
+
+Run:  .venv/bin/python bench/flush.py [--dir FOLDER] [--files 150] [--rounds 3] [--writers 1 4]
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -37,6 +43,7 @@ PIECE = 16 * 1024
 HEAD_START_EVERY = 64 * 1024
 REST_OF_RECEIVE_SECONDS = 0.0007
 SYNC_FILE_RANGE_WRITE = 2
+MARK = b"edge-agent held\0".ljust(128, b"\0")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _sync_file_range = _libc.sync_file_range
@@ -52,23 +59,27 @@ def _write(fd: int, data: bytes, head_start: bool) -> None:
         _sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE)
 
 
-def _one_way(folder: Path, files: int, data: bytes, way: str) -> tuple[float, float]:
-    """(flush ms, whole file ms), medians over ``files`` files written ``way``."""
+def _one_way(folder: Path, files: int, data: bytes, way: str, writers: int) -> tuple[float, float, float]:
+    """(flush ms, whole file ms, files per second), medians over ``files`` files written ``way`` by ``writers``
+    threads at once (as concurrent associations write theirs)."""
     incoming, spool = folder / "incoming", folder / "spool"
     incoming.mkdir()
     spool.mkdir()
     fds = []
     for i in range(files):
         fd = os.open(incoming / str(i), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        if way.startswith("preallocated") or way.startswith("4 KiB"):
+        if way.startswith(("preallocated", "slot", "4 KiB")):
             os.write(fd, bytes(SIZE + 70_000))
             os.fsync(fd)
         fds.append(fd)
     spool_fd = os.open(spool, os.O_RDONLY)
     os.sync()
-    flushes, wholes = [], []
-    try:
-        for i, fd in enumerate(fds):
+    flushes: list[float] = []
+    wholes: list[float] = []
+
+    def write_files(mine: range) -> None:
+        for i in mine:
+            fd = fds[i]
             started = time.perf_counter()
             if way.startswith("4 KiB"):
                 os.pwrite(fd, data[:4096], 0)
@@ -79,26 +90,38 @@ def _one_way(folder: Path, files: int, data: bytes, way: str) -> tuple[float, fl
             flush_from = time.perf_counter()
             if way == "preallocated, truncated, renamed":
                 os.ftruncate(fd, SIZE)
-            rename = way in ("new file, head start, rename", "preallocated, truncated, renamed")
+            if way.startswith("slot"):
+                os.pwrite(fd, MARK, 0)
+            rename = way in ("new file, head start, rename", "preallocated, truncated, renamed",
+                             "slot, renamed, no folder fsync")
             if rename:
                 os.rename(incoming / str(i), spool / str(i))
             os.fdatasync(fd)
-            if rename:
+            if rename and not way.startswith("slot"):
                 os.fsync(spool_fd)
             ended = time.perf_counter()
             flushes.append(ended - flush_from)
             wholes.append(ended - started)
+
+    try:
+        began = time.perf_counter()
+        threads = [threading.Thread(target=write_files, args=(range(w, files, writers),)) for w in range(writers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        rate = files / (time.perf_counter() - began)
     finally:
         for fd in fds:
             os.close(fd)
         os.close(spool_fd)
         shutil.rmtree(incoming)
         shutil.rmtree(spool)
-    return statistics.median(flushes) * 1000, statistics.median(wholes) * 1000
+    return statistics.median(flushes) * 1000, statistics.median(wholes) * 1000, rate
 
 
 WAYS = ("new file", "new file, head start, rename", "preallocated, truncated, renamed",
-        "preallocated, same size, in place", "4 KiB in place")
+        "slot, renamed, no folder fsync", "preallocated, same size, in place", "4 KiB in place")
 
 
 def main() -> None:
@@ -107,23 +130,28 @@ def main() -> None:
                         "(default: this one; the spool's own file system is the one that matters)")
     parser.add_argument("--files", type=int, default=150, help="files per way per round")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--writers", type=int, nargs="+", default=[1, 4],
+                        help="threads writing files at once (one per concurrent association), each a row")
     args = parser.parse_args()
     data = os.urandom(SIZE)
-    results: dict[str, list[tuple[float, float]]] = {w: [] for w in WAYS}
+    results: dict[tuple[int, str], list[tuple[float, float, float]]] = {(n, w): [] for n in args.writers
+                                                                         for w in WAYS}
     with tempfile.TemporaryDirectory(prefix="flush-bench-", dir=args.dir) as tmp:
         for r in range(args.rounds):
             order: Callable[[tuple[str, ...]], tuple[str, ...]] = (lambda w: w) if r % 2 == 0 else (lambda w: w[::-1])
-            for way in order(WAYS):
-                results[way].append(_one_way(Path(tmp), args.files, data, way))
+            for writers in args.writers:
+                for way in order(WAYS):
+                    results[writers, way].append(_one_way(Path(tmp), args.files, data, way, writers))
     fs = os.statvfs(args.dir)
     print(f"{args.rounds} rounds of {args.files} files of {SIZE / 1e6:.2f} MB per way, medians of the rounds' medians; "
           f"folder {args.dir} ({fs.f_bsize}-byte blocks); Python {sys.version.split()[0]}\n")
-    print("| way | flush (ms) | whole file (ms) |")
-    print("|---|---:|---:|")
-    for way in WAYS:
-        flush = statistics.median(f for f, _ in results[way])
-        whole = statistics.median(w for _, w in results[way])
-        print(f"| {way} | {flush:.2f} | {whole:.2f} |")
+    print("| way | writers | flush (ms) | whole file (ms) | files/s |")
+    print("|---|---:|---:|---:|---:|")
+    for (writers, way), runs in results.items():
+        flush = statistics.median(f for f, _, _ in runs)
+        whole = statistics.median(w for _, w, _ in runs)
+        rate = statistics.median(r for _, _, r in runs)
+        print(f"| {way} | {writers} | {flush:.2f} | {whole:.2f} | {rate:.0f} |")
 
 
 if __name__ == "__main__":

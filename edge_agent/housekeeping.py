@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from edge_agent.config import AgentConfig, Retention
-from edge_agent.dicom.header import file_digest, read_stored_meta
+from edge_agent.dicom.header import file_digest, read_stored_meta, stored_size
 from edge_agent.dicom.spool import Spool
 from edge_agent.errors import DecodeError
 from edge_agent.journal import Journal
@@ -127,7 +127,22 @@ class Housekeeping:
         does not match was never acknowledged (its fsync had not finished): the orphan sweep removes it. A
         journal error here is raised: sweeping orphans without adopting first would delete acknowledged
         instances.
+
+        First, a file sealed in place over a slot whose renames a power cut undid (it was found in tmp/ or free/
+        with its mark, spool.py) is put back under the name its mark gives, when its content matches that name;
+        its journal row, if the row was kept, names it so, and if not it is adopted with the rest.
         """
+        put_back = 0
+        for path, name in self._spool.misplaced():
+            try:
+                if not Spool.name_matches(name, file_digest(path)):
+                    path.unlink()  # never acknowledged: its flush had not finished
+                elif self._spool.put_back(path, name):
+                    put_back += 1
+            except (OSError, DecodeError, ValueError):
+                continue
+        if put_back:
+            logger.warning("unclean stop: %d stored instance(s) found outside the spool's folders put back", put_back)
         known, cutoff = self._journal.adoption_rules()
         adopted = unmatched = 0
         for name in self._spool.adoptable(known, cutoff):
@@ -142,10 +157,11 @@ class Housekeeping:
                     continue
                 meta = read_stored_meta(path, digest)
                 st = path.stat()
+                size = stored_size(path)
             except (OSError, DecodeError):
                 unmatched += 1
                 continue
-            rec = self._journal.record_instances([(meta, name, st.st_size)], now=st.st_mtime)[0]
+            rec = self._journal.record_instances([(meta, name, size)], now=st.st_mtime)[0]
             adopted += 1
             for gone in (rec.spool_name if rec.identical else None, rec.replaced_spool_name):
                 if gone is not None:
@@ -168,11 +184,8 @@ class Housekeeping:
             # journal row pointing at a file that is gone.
             claimed = self._journal.claim_releasable(time.time() - spool.retain_seconds)
             for _series_id, names in claimed:
-                for name in names:
-                    try:
-                        self._spool.release(name)
-                    except (OSError, ValueError) as exc:
-                        self._failed(RELEASE, exc)
+                for exc in self._spool.release_all(names):
+                    self._failed(RELEASE, exc)
 
     def _remove_old_heatmaps(self) -> None:
         if not os.path.lexists(self._heatmap_dir):

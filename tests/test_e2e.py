@@ -172,8 +172,14 @@ def test_a_series_no_route_matches_is_recorded_and_released(daemon: Any, nats_se
     deadline = time.monotonic() + 10
     while len(list(free.iterdir())) < before and time.monotonic() < deadline:
         time.sleep(0.1)
-    sizes = [p.stat().st_size for p in free.iterdir()]
-    assert len(sizes) >= before and set(sizes) == {0}
+    kept = list(free.iterdir())
+    assert len(kept) >= before
+    # The instance's file was kept whole as a slot for the next instances to be written over (dicom/spool.py):
+    # zeroed, nothing of the instance left in it. The rest are empty.
+    slots = [p for p in kept if p.suffix == ".slot"]
+    assert len(slots) == 1 and slots[0].stat().st_size >= CR_EXTREMITY.stat().st_size
+    assert slots[0].read_bytes() == bytes(slots[0].stat().st_size)
+    assert {p.stat().st_size for p in kept if p.suffix == ".free"} == {0}
 
 
 def test_kept_spool_files_are_made_again_while_no_association_is_open(daemon: Any, tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,8 @@ import pydicom
 import pytest
 
 from edge_agent.dicom.digest import name_part
-from edge_agent.dicom.header import file_digest
+from edge_agent.dicom.header import file_digest, stored_size
+from edge_agent.dicom.spool import read_mark
 from tests.daemon import read_findings, storescu
 from tests.dicomfiles import PYDICOM_FILES
 from tests.test_e2e import ct_series
@@ -135,4 +137,63 @@ def test_after_a_clean_stop_nothing_is_adopted(daemon: Any, nats_server: Any, tm
     d.start()
     assert not copy.exists()
     assert "recorded again" not in d.log()
+    assert d.terminate() == 0
+
+
+def wait_for(check: Any, seconds: float = 20.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, f"timed out: {check.__doc__ or ''}"
+        time.sleep(0.05)
+
+
+def test_instances_sealed_in_place_whose_renames_a_power_cut_undid_are_put_back(daemon: Any, nats_server: Any,
+                                                                             tmp_path: Path) -> None:
+    """A file written over a slot is not named in a folder fsync (dicom/spool.py): its renames out of free/ and
+    into instances/ may be lost by a power cut, and its mark says where it belongs."""
+    state = tmp_path / "state"
+    free = state / "spool" / "free"
+    d = daemon(**{"routes.1.quiet_seconds": 0.5}).start()
+    _, first = ct_series(PYDICOM_FILES / "CT_small.dcm", tmp_path / "first", 10)
+    assert storescu(d.dicom_port, *first).returncode == 0
+    read_findings(nats_server.url, 1)
+    # Released after the acknowledgement and kept as slots (but the one linked for the heat map's overlay).
+    wait_for(lambda: len(list(free.glob("*.slot"))) >= 9)
+    assert d.terminate() == 0
+
+    d.config_path.write_text(d.config_path.read_text().replace("quiet_seconds: 0.5", "quiet_seconds: 30"))
+    d.start()
+    lost_uid, lost = ct_series(PYDICOM_FILES / "CT_small.dcm", tmp_path / "lost", 4)
+    kept_uid, kept = ct_series(PYDICOM_FILES / "CT_small.dcm", tmp_path / "kept", 3)
+    assert storescu(d.dicom_port, *lost).returncode == 0
+    assert storescu(d.dicom_port, *kept).returncode == 0
+    d.wait_metric("edge_agent_instances_total", 7, outcome="stored")
+    d.kill9()
+    names = dict(journal_rows(state, "SELECT i.spool_name, s.series_uid FROM instances i JOIN series s "
+                                     "ON s.id = i.series_id"))
+    lost_names = sorted(n for n, uid in names.items() if uid == lost_uid)
+    kept_names = sorted(n for n, uid in names.items() if uid == kept_uid)
+    held = state / "spool" / "instances"
+    # Every one was written over a slot and sealed in place: marked with its own name.
+    assert all(read_mark((held / n).read_bytes()) == (stored_size(held / n), n) for n in lost_names + kept_names)
+
+    # The lost series: its rows gone, one file back in tmp/ and one in free/, where the lost renames left them.
+    lose_series(state, lost_uid)
+    (held / lost_names[0]).rename(state / "spool" / "tmp" / "in-0123.dcm")
+    (held / lost_names[1]).rename(free / f"{'a' * 32}.slot")
+    # The kept series: its rows kept, one file back in free/.
+    (held / kept_names[0]).rename(free / f"{'b' * 32}.slot")
+    # And a copy whose data never reached the disk: its content does not match the name in its mark.
+    torn = free / f"{'c' * 32}.slot"
+    data = bytearray((held / lost_names[2]).read_bytes())
+    data[1000:1064] = bytes(64)
+    torn.write_bytes(bytes(data))
+
+    d.config_path.write_text(d.config_path.read_text().replace("quiet_seconds: 30", "quiet_seconds: 0.5"))
+    d.start()
+    findings = {f["series_instance_uid"]: f for f in read_findings(nats_server.url, 3)}  # the first series too
+    assert findings[lost_uid]["instance_count"] == 4 and findings[kept_uid]["instance_count"] == 3
+    assert "3 stored instance(s) found outside the spool's folders put back" in d.log()
+    assert "4 stored instance(s) whose journal rows were lost recorded again" in d.log()
+    assert not torn.exists()
     assert d.terminate() == 0

@@ -196,7 +196,7 @@ class Fuzz:
             now = time.monotonic()
             held = [c for c in list(self.h.receiver._conns) if all_closed or now - c.opened > HELD_SECONDS]
             # Up to two empty temp files are made ahead for the next C-STOREs: those are the receiver's.
-            spares = {path.name for path, _ in list(self.h.receiver._spares)}
+            spares = {path.name for path, *_ in list(self.h.receiver._spares)}
             assert len(spares) <= 2
             left = sorted(p.name for p in tmp.iterdir() if p.name not in spares)
             if not held and not left:

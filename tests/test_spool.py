@@ -9,13 +9,17 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
+import pydicom
 import pytest
 
-from edge_agent.dicom import digest
+from edge_agent.dicom import digest, pixels
 from edge_agent.dicom import spool as spool_module
-from edge_agent.dicom.spool import Spool, SpoolFullError
+from edge_agent.dicom.header import dataset_offset, file_digest, stored_size
+from edge_agent.dicom.pixels import decode_frames
+from edge_agent.dicom.spool import Spool, SpoolFullError, ToPlace, read_mark
 from edge_agent.errors import EdgeAgentError
-from tests.dicomfiles import CT_SMALL, fill, fill_inodes, tmpfs
+from tests.dicomfiles import CT_SMALL, MR_SMALL_IMPLICIT, fill, fill_inodes, tmpfs
 
 NAME = re.compile(r"^\d{8}/[0-9a-f]{32}\.dcm$")
 
@@ -154,34 +158,175 @@ def test_orphans_spares_files_younger_than_min_age(tmp_path: Path) -> None:
     assert spool.orphans(set(), min_age_seconds=600) == [old]
 
 
-def _placed(spool: Spool, data: bytes) -> str:
+def _placed(spool: Spool, data: bytes, syntax: str = "1.2.840.10008.1.2.1") -> str:
     """An instance received as the receiver does it: a temp file from open_incoming, written, placed."""
-    path, fd = spool.open_incoming()
+    path, fd, capacity = spool.open_incoming()
     try:
         os.write(fd, data)
-        [name] = spool.place([(path, fd, digest.finish(digest.hasher(data)))])
+        [name] = spool.place([ToPlace(path, fd, digest.finish(digest.hasher(data[dataset_offset(data):]
+                                                                           if data[128:132] == b"DICM" else data)),
+                                      len(data), capacity, syntax)])
     finally:
         os.close(fd)
     return name
 
 
-def test_a_released_file_is_emptied_and_becomes_the_next_temp_file(tmp_path: Path) -> None:
+def test_a_released_file_is_zeroed_into_a_slot_and_becomes_the_next_temp_file(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool", 0)
+    free_before = spool.free_bytes()
     name = _placed(spool, b"PATIENT^NAME" * 4096)
     inode = os.stat(spool.path(name)).st_ino
     spool.release(name)
-    assert not spool.path(name).exists() and spool.free_files() == 1
+    assert not spool.path(name).exists() and spool.free_files() == 0
     [kept] = (tmp_path / "spool" / "free").iterdir()
-    assert kept.stat().st_ino == inode and kept.stat().st_size == 0  # nothing of the instance is left in it
-    path, fd = spool.open_incoming()
+    # Nothing of the instance is left in it; it is rounded up, with room for padding after a same-size instance.
+    assert kept.suffix == ".slot" and kept.stat().st_ino == inode and kept.read_bytes() == bytes(65536)
+    assert spool.slots() == (1, 65536)
+    assert spool.free_bytes() >= free_before - 65536 * 2  # its blocks count as free space
+    path, fd, capacity = spool.open_incoming()
     os.close(fd)
-    assert path.parent == spool.tmp_dir and path.stat().st_ino == inode and path.read_bytes() == b""
-    assert spool.free_files() == 0 and list((tmp_path / "spool" / "free").iterdir()) == []
+    assert path.parent == spool.tmp_dir and path.stat().st_ino == inode and capacity == 65536
+    assert spool.slots() == (0, 0) and list((tmp_path / "spool" / "free").iterdir()) == []
+
+
+def _slot_of(spool: Spool, size: int) -> None:
+    spool.release(_placed(spool, b"x" * size))
+
+
+@pytest.mark.parametrize("source", [CT_SMALL, MR_SMALL_IMPLICIT])
+def test_an_instance_written_over_a_slot_is_sealed_in_place_and_reads_as_itself(
+        tmp_path: Path, source: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spool = Spool(tmp_path / "spool", 0)
+    data = source.read_bytes()
+    _slot_of(spool, len(data))
+    [slot] = (tmp_path / "spool" / "free").iterdir()
+    inode, capacity = slot.stat().st_ino, slot.stat().st_size
+    synced: list[Path] = []
+    real_fsync_dir = spool_module._fsync_dir
+    monkeypatch.setattr(spool_module, "_fsync_dir", lambda p: (synced.append(p), real_fsync_dir(p)))
+    syntax = str(pydicom.dcmread(source).file_meta.TransferSyntaxUID)
+    name = _placed(spool, data, syntax)
+    stored = spool.path(name)
+    # Same file, same size: nothing of the file system's to commit, so today's folder was not fsynced.
+    assert stored.stat().st_ino == inode and stored.stat().st_size == capacity and synced == []
+    raw = stored.read_bytes()
+    assert read_mark(raw) == (len(data), name)
+    assert raw[128:len(data)] == data[128:]
+    # One valid DICOM file: the instance, then Data Set Trailing Padding to the slot's end.
+    ds, original = pydicom.dcmread(stored), pydicom.dcmread(source)
+    assert (0xFFFC, 0xFFFC) in ds and len(ds[0xFFFC, 0xFFFC].value) == capacity - len(data) - (
+        8 if syntax == "1.2.840.10008.1.2" else 12)
+    # (CT_small.dcm ends with padding of its own: its file then holds two, which pydicom and dcmtk read, the
+    # second ignored.)
+    for d in (ds, original):
+        d.pop((0xFFFC, 0xFFFC), None)
+    assert ds == original
+    # Its digest, size and pixels are the instance's.
+    assert file_digest(stored) == file_digest(source) and stored_size(stored) == len(data)
+    assert Spool.name_matches(name, file_digest(stored))
+    [frame] = decode_frames(stored)
+    [expected] = decode_frames(source)
+    assert np.array_equal(frame.stored, expected.stored) and frame.window == expected.window
+    assert pixels._fast_read(stored) is not None  # read without pydicom, up to the mark's end
+
+
+def test_a_file_that_outgrows_its_slot_or_cannot_be_padded_is_cut_to_size_and_its_folder_fsynced(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spool = Spool(tmp_path / "spool", 0)
+    data = CT_SMALL.read_bytes()
+    synced: list[Path] = []
+    real_fsync_dir = spool_module._fsync_dir
+    monkeypatch.setattr(spool_module, "_fsync_dir", lambda p: (synced.append(p), real_fsync_dir(p)))
+    cases = [
+        (data + bytes(70_000), "1.2.840.10008.1.2.1"),  # larger than the slot
+        (data + bytes(65536 - 10 - len(data)), "1.2.840.10008.1.2.1"),  # 10 bytes left: no padding fits
+        (data, "1.2.840.10008.1.2.1.99"),  # Deflated: nothing may follow the deflated stream
+        (data + b"\0", "1.2.840.10008.1.2.1"),  # an odd end
+    ]
+    for content, syntax in cases:
+        _slot_of(spool, len(data))
+        synced.clear()
+        name = _placed(spool, content, syntax)
+        stored = spool.path(name)
+        assert stored.read_bytes() == content, syntax
+        assert read_mark(stored.read_bytes()) is None and stored_size(stored) == len(content)
+        assert synced == [stored.parent]
+        spool.remove(name)
+
+
+def test_slots_stop_at_their_byte_cap_and_a_release_past_it_is_emptied(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(spool_module, "SLOT_BYTES", 65536)
+    spool = Spool(tmp_path / "spool", 0)
+    names = [_placed(spool, b"PATIENT^NAME" * 100) for _ in range(2)]
+    for name in names:
+        spool.release(name)
+    assert spool.slots() == (1, 65536) and spool.free_files() == 1
+    free = sorted((tmp_path / "spool" / "free").iterdir(), key=lambda p: p.suffix)
+    assert [(p.suffix, p.stat().st_size) for p in free] == [(".free", 0), (".slot", 65536)]
+
+
+def test_a_release_clears_the_mark_of_a_file_emptied_rather_than_kept(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    spool = Spool(tmp_path / "spool", 0)
+    data = CT_SMALL.read_bytes()
+    _slot_of(spool, len(data))
+    name = _placed(spool, data)
+    assert read_mark(spool.path(name).read_bytes()) is not None
+    monkeypatch.setattr(spool_module, "SLOT_BYTES", 0)
+    cleared: list[int] = []
+    real_fdatasync = os.fdatasync
+    monkeypatch.setattr(spool_module.os, "fdatasync", lambda fd: (cleared.append(fd), real_fdatasync(fd)))
+    spool.release(name)
+    [kept] = (tmp_path / "spool" / "free").iterdir()
+    assert kept.suffix == ".free" and kept.stat().st_size == 0 and len(cleared) == 1
+
+
+def test_at_start_slots_are_kept_and_a_marked_one_is_left_for_its_owner(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", 0)
+    data = CT_SMALL.read_bytes()
+    spool.release_all([_placed(spool, b"x" * len(data)) for _ in range(3)])
+    name = _placed(spool, data)
+    free = tmp_path / "spool" / "free"
+    # What a power cut can leave: the instance's renames out of free/ and into instances/ lost (its mark kept),
+    # and a slot whose size is no slot's (not made by the spool).
+    misplaced = free / ("c" * 32 + ".slot")
+    os.rename(spool.path(name), misplaced)
+    (free / ("d" * 32 + ".slot")).write_bytes(b"x" * 1000)
+    again = Spool(tmp_path / "spool", 0)
+    assert again.slots()[0] == 2 and misplaced.exists() and not (free / ("d" * 32 + ".slot")).exists()
+    assert again.misplaced() == [(misplaced, name)]
+    assert again.put_back(misplaced, name) and spool.path(name).read_bytes()[128:len(data)] == data[128:]
+    assert again.misplaced() == []
+    # Its slot is not handed out meanwhile.
+    assert all(again.open_incoming()[0].stat().st_ino != spool.path(name).stat().st_ino for _ in range(2))
+
+
+def test_misplaced_finds_marked_files_in_tmp_too_and_put_back_never_overwrites(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", 0)
+    data = CT_SMALL.read_bytes()
+    _slot_of(spool, len(data))
+    name = _placed(spool, data)
+    temp = spool.tmp_dir / "in-abc.dcm"
+    os.link(spool.path(name), temp)
+    assert spool.misplaced() == [(temp, name)]
+    assert not spool.put_back(temp, name)  # a file has that name already
+    spool.path(name).unlink()
+    assert spool.put_back(temp, name) and not temp.exists() and read_mark(spool.path(name).read_bytes())
+
+
+def test_release_all_releases_every_name_and_returns_the_errors(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", 0)
+    names = [_placed(spool, b"instance %d" % i * 100) for i in range(5)]
+    assert spool.release_all([*names, "not a spool name"]) != []
+    assert not any(spool.path(n).exists() for n in names) and spool.slots()[0] == 5
+    assert spool.release_all(names) == []  # already gone: fine
 
 
 def test_refill_stops_at_the_cap_and_a_release_past_it_is_unlinked(tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(spool_module, "FREE_FILES", 3)
+    monkeypatch.setattr(spool_module, "SLOT_BYTES", 0)
     spool = Spool(tmp_path / "spool", 0)
     names = [_placed(spool, b"x" * 100) for _ in range(2)]
     assert spool.refill(limit=2) == 2 and spool.refill() == 1 and spool.refill() == 0
@@ -220,9 +365,9 @@ def test_a_kept_file_removed_behind_the_spools_back_is_made_anew(tmp_path: Path)
     assert spool.refill(limit=1) == 1
     [kept] = (tmp_path / "spool" / "free").iterdir()
     kept.unlink()
-    path, fd = spool.open_incoming()
+    path, fd, capacity = spool.open_incoming()
     os.close(fd)
-    assert path.exists() and path.read_bytes() == b"" and spool.free_files() == 0
+    assert path.exists() and path.read_bytes() == b"" and spool.free_files() == 0 and capacity == 0
 
 
 def test_kept_files_still_take_instances_when_no_inode_is_left(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from pydicom.multival import MultiValue
 
 from edge_agent.dicom import fastheader
 from edge_agent.dicom.digest import finish, hasher, legacy_hasher
+from edge_agent.dicom.spool import read_mark
 from edge_agent.errors import DecodeError
 
 logger = logging.getLogger(__name__)
@@ -110,11 +112,34 @@ def file_digest(path: Path, *, legacy_sha256: bool = False) -> str:
 
 
 def _feed_dataset(path: Path, update: Callable[[bytes], object]) -> None:
+    # A file written over a slot ends where its mark says: what follows is the slot's padding (spool.py).
     with open(path, "rb") as f:
         head = f.read(64 * 1024)
+        end = stored_end(head)
+        if end is not None:
+            head = head[:end]
         update(head[dataset_offset(head):])
-        while chunk := f.read(_HASH_CHUNK_BYTES):
+        pos = len(head)
+        while end is None or pos < end:
+            chunk = f.read(_HASH_CHUNK_BYTES if end is None else min(_HASH_CHUNK_BYTES, end - pos))
+            if not chunk:
+                break
             update(chunk)
+            pos += len(chunk)
+
+
+def stored_size(path: Path) -> int:
+    """The bytes of the instance a stored file holds: up to its mark's end, or the whole file."""
+    with open(path, "rb") as f:
+        end = stored_end(f.read(128))
+        return os.fstat(f.fileno()).st_size if end is None else end
+
+
+def stored_end(head: bytes) -> int | None:
+    """Where the instance in a stored file that starts with ``head`` ends, when its mark says (a file written
+    over a slot, spool.py: padding follows); None for a file that ends with its instance."""
+    mark = read_mark(head)
+    return None if mark is None else mark[0]
 
 
 def _read_header(path: Path) -> Dataset:

@@ -40,7 +40,7 @@ from pydicom.pixels.processing import apply_color_lut, apply_rescale
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from edge_agent.dicom import fastheader
-from edge_agent.dicom.header import dataset_offset
+from edge_agent.dicom.header import dataset_offset, stored_end
 from edge_agent.errors import DecodeError
 
 logger = logging.getLogger(__name__)
@@ -330,7 +330,8 @@ def _fast_read(path: Path) -> tuple[_Attributes, np.ndarray[Any, Any]] | None:
             if explicit is None:
                 return None
             f.seek(0)
-            buf = f.read()
+            end = stored_end(head)  # a file written over a slot: padding follows its instance
+            buf = f.read() if end is None else f.read(end)
     except OSError:
         return None  # pydicom names the failure
     found = fastheader.locate(buf, explicit, _FAST_WANTED, _PIXEL_DATA, whole=True, start=start)

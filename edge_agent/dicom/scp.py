@@ -67,7 +67,7 @@ from edge_agent.config import DicomConfig
 from edge_agent.dicom import acse, digest, status
 from edge_agent.dicom.header import InstanceMeta, check_sop_class, read_meta, read_meta_head
 from edge_agent.dicom.hosts import HostMatcher
-from edge_agent.dicom.spool import Spool, start_writeback
+from edge_agent.dicom.spool import Spool, ToPlace, start_writeback
 from edge_agent.errors import EdgeAgentError
 from edge_agent.journal import Journal, Recorded
 from edge_agent.logs import RepeatedLog
@@ -261,6 +261,7 @@ class _Store:
     refusal: str = ""
     path: Path | None = None
     fd: int = -1
+    capacity: int = 0  # the file's size when taken: a slot's (spool.py), written over in place, or 0
     size: int = 0  # dataset bytes received (as sent, deflated or not)
     meta_bytes: int = 0  # the preamble and File Meta written before them
     head: bytearray = field(default_factory=bytearray)
@@ -455,8 +456,10 @@ class _Committer:
         names: list[str] = []
         if ready:
             try:
-                names = self._spool.place(
-                    [(group[i].path, group[i].fd, meta.content_digest) for i, meta in ready])  # type: ignore[misc]
+                names = self._spool.place([
+                    ToPlace(group[i].path, group[i].fd, meta.content_digest,  # type: ignore[arg-type]
+                            group[i].meta_bytes + group[i].size, group[i].capacity, group[i].transfer_syntax)
+                    for i, meta in ready])
             except Exception as exc:
                 for i, _ in ready:
                     results[i] = _refused(group[i], exc)
@@ -1110,7 +1113,7 @@ class Receiver(ServedOnALoop):
         self._accepting = False
         self._tasks: list[asyncio.Task[None]] = []
         self._repeated = RepeatedLog(logger)  # a flood of refusals is not a flood of log lines
-        self._spares: list[tuple[Path, int]] = []  # temp files created ahead, while the loop waits on fsyncs
+        self._spares: list[tuple[Path, int, int]] = []  # temp files created ahead, while the loop waits on fsyncs
 
     # -- lifecycle --
 
@@ -1267,7 +1270,7 @@ class Receiver(ServedOnALoop):
             st.refuse(status.SPOOL_FULL, f"spool free space below the {self._spool.min_free_bytes} byte watermark")
             return st
         try:
-            st.path, st.fd = self._spares.pop() if self._spares else self._spool.open_incoming()
+            st.path, st.fd, st.capacity = self._spares.pop() if self._spares else self._spool.open_incoming()
             header = file_meta(sop_class, sop_instance, syntax, conn.calling_aet, conn.called_aet)
             os.write(st.fd, header)
             st.meta_bytes = len(header)
@@ -1293,7 +1296,7 @@ class Receiver(ServedOnALoop):
 
     def _drop_spares(self) -> None:
         spares, self._spares = self._spares, []
-        for path, fd in spares:
+        for path, fd, _ in spares:
             with contextlib.suppress(OSError):
                 os.close(fd)
             with contextlib.suppress(OSError):
