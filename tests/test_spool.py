@@ -420,3 +420,42 @@ def test_refill_leaves_a_tenth_of_the_inodes_to_everything_else(tmp_path: Path) 
         st = os.statvfs(mnt)
         assert made > 0 and st.f_favail == st.f_files // 10
         assert spool.refill() == 0
+
+
+def test_the_next_instance_gets_a_slot_of_the_last_ones_size_and_none_smaller(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", 0)
+    small, large = CT_SMALL.read_bytes(), CT_SMALL.read_bytes() + bytes(300_000)
+    spool.release_all([_placed(spool, small), _placed(spool, large), _placed(spool, small)])
+    sizes = sorted(p.stat().st_size for p in (tmp_path / "spool" / "free").iterdir())
+    assert sizes == [65536, 65536, 393216]
+    # The last placed was small: a small slot, though the large one was kept last.
+    name = _placed(spool, small)
+    assert spool.path(name).stat().st_size == 65536 and read_mark(spool.path(name).read_bytes())
+    # Now a large one (its hint is still the small size: a small slot, outgrown and cut), then the next large
+    # takes the large slot.
+    first = _placed(spool, large)
+    assert spool.path(first).stat().st_size == len(large) and read_mark(spool.path(first).read_bytes()) is None
+    second = _placed(spool, large)
+    assert spool.path(second).stat().st_size == 393216 and read_mark(spool.path(second).read_bytes())
+    # Larger than any slot left: an empty file, and the slot stays for an instance it fits.
+    spool.release(first)  # kept: a slot of 393216 again
+    spool._hint = 10_000_000
+    _, fd, capacity = spool.open_incoming()
+    os.close(fd)
+    assert capacity == 0 and spool.slots() == (1, 393216)
+
+
+def test_a_receiver_process_takes_its_share_of_slots_and_never_a_marked_one(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", 0)
+    data = CT_SMALL.read_bytes()
+    spool.release_all([_placed(spool, b"x" * len(data)) for _ in range(3)])
+    name = _placed(spool, data)
+    free = tmp_path / "spool" / "free"
+    os.rename(spool.path(name), free / ("0" * 32 + ".slot"))  # marked, in free/: a power cut's leftover
+    taker = Spool(tmp_path / "spool", 0, taker=(0, 1))
+    taken = []
+    for _ in range(3):
+        _, fd, capacity = taker.open_incoming()
+        os.close(fd)
+        taken.append(capacity)
+    assert taken == [65536, 65536, 0] and (free / ("0" * 32 + ".slot")).exists()

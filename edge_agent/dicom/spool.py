@@ -143,6 +143,43 @@ def _padding(syntax: str, slack: int) -> bytes | None:
     return header if header is not None and (slack - len(header)) % 2 == 0 else None
 
 
+class _Slots:
+    """Kept slots by size class (sizes in (2**(k-1), 2**k]), within the caps (FREE_FILES, SLOT_BYTES). Not
+    thread-safe: the spool holds its lock."""
+
+    def __init__(self) -> None:
+        self._by_class: dict[int, list[tuple[Path, int]]] = {}
+        self.count = 0
+        self.bytes = 0
+
+    def has_room(self, size: int) -> bool:
+        return self.count < FREE_FILES and self.bytes + size <= SLOT_BYTES
+
+    def add(self, path: Path, size: int) -> bool:
+        if size <= 0 or not self.has_room(size):
+            return False
+        self._by_class.setdefault((size - 1).bit_length(), []).append((path, size))
+        self.count += 1
+        self.bytes += size
+        return True
+
+    def take(self, want: int) -> Path | None:
+        """A slot of at least ``want`` bytes, the smallest class first (the last kept of it: its pages may still
+        be cached); None when none is that large."""
+        for k in sorted(c for c in self._by_class if c >= (max(want, 1) - 1).bit_length()):
+            kept = self._by_class[k]
+            for i in range(len(kept) - 1, max(-1, len(kept) - 9), -1):
+                path, size = kept[i]
+                if size >= want:
+                    del kept[i]
+                    if not kept:
+                        del self._by_class[k]
+                    self.count -= 1
+                    self.bytes -= size
+                    return path
+        return None
+
+
 class ToPlace(NamedTuple):
     """A received instance for ``Spool.place``."""
 
@@ -179,8 +216,9 @@ class Spool:
         self._sync_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._free_lock = threading.Lock()
         self._free: list[Path] = []
-        self._slots: list[tuple[Path, int]] = []  # (path, size), under _free_lock
-        self._slot_bytes = 0
+        self._slots = _Slots()  # under _free_lock
+        self._hint = 0  # the last instance placed: the size of the next, most likely (a series' slices)
+        self._slots_scanned = 0.0
         self._taker = taker
         self._shared = False  # share_free_files
         self._scanned = 0.0
@@ -276,7 +314,7 @@ class Spool:
     def slots(self) -> tuple[int, int]:
         """How many slots are kept, and their bytes."""
         with self._free_lock:
-            return len(self._slots), self._slot_bytes
+            return self._slots.count, self._slots.bytes
 
     def refill(self, limit: int = FREE_FILES, within_seconds: float | None = None) -> int:
         """Make up to ``limit`` empty files in ``free/``, short of FREE_FILES, for at most ``within_seconds``;
@@ -292,7 +330,7 @@ class Spool:
         if self._shared:
             with self._free_lock:
                 self._free = self._scan_free()[:FREE_FILES]
-                self._slots, self._slot_bytes = self._scan_slots()
+                self._slots = self._scan_slots()
         if not self._has_room():
             return 0
         try:
@@ -324,10 +362,7 @@ class Spool:
                     size = entry.stat(follow_symlinks=False).st_size
                     if _marked(entry.path):
                         continue
-                    if size > 0 and size % _SLOT_ROUND == 0 and len(self._slots) < FREE_FILES and \
-                            self._slot_bytes + size <= SLOT_BYTES:
-                        self._slots.append((Path(entry.path), size))
-                        self._slot_bytes += size
+                    if size % _SLOT_ROUND == 0 and self._slots.add(Path(entry.path), size):
                         continue
                 keep = entry.name.endswith(".free") and entry.is_file(follow_symlinks=False) and \
                     entry.stat(follow_symlinks=False).st_size == 0 and len(self._free) < FREE_FILES
@@ -342,14 +377,13 @@ class Spool:
 
     def _take_slot(self) -> Path | None:
         with self._free_lock:
-            if not self._slots and self._taker is not None and time.monotonic() - self._scanned > _RESCAN_SECONDS:
+            want = self._hint + 16 if self._hint else 0
+            path = self._slots.take(want)
+            if path is None and self._taker is not None and time.monotonic() - self._scanned > _RESCAN_SECONDS:
                 self._scanned = time.monotonic()
                 self._free = self._scan_free(self._taker)
-                self._slots, self._slot_bytes = self._scan_slots(self._taker)
-            if not self._slots:
-                return None
-            path, size = self._slots.pop()
-            self._slot_bytes -= size
+                self._slots = self._scan_slots(self._taker)
+                path = self._slots.take(want)
             return path
 
     def _take_free(self) -> Path | None:
@@ -359,17 +393,15 @@ class Spool:
                 self._free = self._scan_free(self._taker)
             return self._free.pop() if self._free else None
 
-    def _scan_slots(self, share: tuple[int, int] | None = None) -> tuple[list[tuple[Path, int]], int]:
-        """The slots in ``free/`` (or those of ``share``, as ``_scan_free``) and their bytes, within the caps."""
-        out: list[tuple[Path, int]] = []
-        total = 0
+    def _scan_slots(self, share: tuple[int, int] | None = None) -> _Slots:
+        """The slots in ``free/`` (or those of ``share``, as ``_scan_free``), within the caps; never a marked one."""
+        out = _Slots()
         for path in self._scan_free(share, ".slot"):
             with contextlib.suppress(OSError):
                 size = path.stat().st_size
-                if len(out) < FREE_FILES and size > 0 and total + size <= SLOT_BYTES:
-                    out.append((path, size))
-                    total += size
-        return out, total
+                if size % _SLOT_ROUND == 0 and out.has_room(size) and not _marked(path):
+                    out.add(path, size)
+        return out
 
     def _scan_free(self, share: tuple[int, int] | None = None, suffix: str = ".free") -> list[Path]:
         """The empty files in ``free/`` (or the slots, by ``suffix``), or those of ``share`` (index, count): a
@@ -417,8 +449,12 @@ class Spool:
                 return False
             size = -(-(st.st_size + 16) // _SLOT_ROUND) * _SLOT_ROUND
             with self._free_lock:
-                as_slot = size <= _SLOT_LARGEST and len(self._slots) < FREE_FILES and \
-                    self._slot_bytes + size <= SLOT_BYTES
+                if self._shared and not self._slots.has_room(size) and \
+                        time.monotonic() - self._slots_scanned > _RESCAN_SECONDS:
+                    # The receiver processes took some meanwhile: count what free/ holds now.
+                    self._slots_scanned = time.monotonic()
+                    self._slots = self._scan_slots()
+                as_slot = size <= _SLOT_LARGEST and self._slots.has_room(size)
             if as_slot:
                 return self._into_slot(path, fd, size)
             if not self._has_room():
@@ -463,8 +499,7 @@ class Spool:
             kept.unlink(missing_ok=True)
             return True
         with self._free_lock:
-            self._slots.append((kept, size))
-            self._slot_bytes += size
+            self._slots.add(kept, size)  # past the caps only by a race with another release: harmless
         return True
 
     def place(self, incoming: Iterable[ToPlace | tuple[Path, int, str]]) -> list[str]:
@@ -504,6 +539,8 @@ class Spool:
                     f.result()
             if not all_sealed:
                 _fsync_dir(day_dir)
+            if items and items[-1].end > 0:
+                self._hint = items[-1].end
         except OSError as exc:
             for final in placed:
                 with contextlib.suppress(OSError):
@@ -608,7 +645,7 @@ class Spool:
         """The file system's free space, and the slots' kept bytes, which instances are written over."""
         st = os.statvfs(self.root)
         with self._free_lock:
-            return st.f_bavail * st.f_frsize + self._slot_bytes
+            return st.f_bavail * st.f_frsize + self._slots.bytes
 
     def has_room(self, extra_bytes: int = 0) -> bool:
         """True while the free space, less ``extra_bytes``, stays at or above the watermark."""
