@@ -148,6 +148,7 @@ class Agent:
         self.spool = Spool(cfg.state_dir / "spool", cfg.spool.min_free_bytes)
         self.housekeeping = Housekeeping(cfg, self.journal, self.spool, self.metrics)
         # Before the receiver starts, so that an instance being received cannot look like an orphan.
+        await asyncio.to_thread(self.housekeeping.put_back_at_start)
         if not clean:
             await asyncio.to_thread(self.housekeeping.adopt_at_start)
         self.housekeeping.remove_orphans_at_start()

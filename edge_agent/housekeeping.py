@@ -117,6 +117,32 @@ class Housekeeping:
         (after an unclean stop, once ``adopt_at_start`` has recorded the files whose rows were lost)."""
         self._run(ORPHANS, lambda: self._remove_orphans(0.0))
 
+    def put_back_at_start(self) -> int:
+        """Before adoption and the orphan sweep, at every start: put the files written over slots whose renames
+        were lost back under their names; returns how many.
+
+        Such a file (spool.py) was found in tmp/ or free/ with its mark; it is put back under the name its mark
+        gives when its content matches that name, and its journal row, if the row was kept, names it so (if not,
+        adoption records it with the rest). One that does not match was never acknowledged (its flush had not
+        finished) and is removed. At every start, not only after an unclean one: on a file system where an
+        fsync does not carry other files' renames, a clean stop does not make them durable either. An error
+        reading or moving one is raised: the orphan sweep would delete it from tmp/.
+        """
+        put_back = 0
+        for path, name in self._spool.misplaced():
+            try:
+                matches = Spool.name_matches(name, file_digest(path))
+            except (DecodeError, ValueError):
+                matches = False
+            if not matches:
+                path.unlink(missing_ok=True)
+            elif self._spool.put_back(path, name):
+                put_back += 1
+        if put_back:
+            logger.warning("%d stored instance(s) found outside the spool's folders (their renames lost) put back",
+                           put_back)
+        return put_back
+
     def adopt_at_start(self) -> int:
         """After an unclean stop, record again the stored files whose journal commit was lost; returns how many.
 
@@ -126,23 +152,8 @@ class Housekeeping:
         arrived, with its AE titles from its File Meta and its modification time as its arrival. A file that
         does not match was never acknowledged (its fsync had not finished): the orphan sweep removes it. A
         journal error here is raised: sweeping orphans without adopting first would delete acknowledged
-        instances.
-
-        First, a file sealed in place over a slot whose renames a power cut undid (it was found in tmp/ or free/
-        with its mark, spool.py) is put back under the name its mark gives, when its content matches that name;
-        its journal row, if the row was kept, names it so, and if not it is adopted with the rest.
+        instances. Call ``put_back_at_start`` first.
         """
-        put_back = 0
-        for path, name in self._spool.misplaced():
-            try:
-                if not Spool.name_matches(name, file_digest(path)):
-                    path.unlink()  # never acknowledged: its flush had not finished
-                elif self._spool.put_back(path, name):
-                    put_back += 1
-            except (OSError, DecodeError, ValueError):
-                continue
-        if put_back:
-            logger.warning("unclean stop: %d stored instance(s) found outside the spool's folders put back", put_back)
         known, cutoff = self._journal.adoption_rules()
         adopted = unmatched = 0
         for name in self._spool.adoptable(known, cutoff):

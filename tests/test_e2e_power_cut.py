@@ -147,22 +147,27 @@ def wait_for(check: Any, seconds: float = 20.0) -> None:
         time.sleep(0.05)
 
 
+def with_slots(daemon: Any, nats_server: Any, tmp_path: Path, count: int) -> Any:
+    """A daemon (started again with quiet_seconds 30) whose spool keeps ``count`` - 1 slots: a series of ``count``
+    was received and released, each file kept as a slot but the one linked for the heat map's overlay."""
+    free = tmp_path / "state" / "spool" / "free"
+    d = daemon(**{"routes.1.quiet_seconds": 0.5}).start()
+    _, first = ct_series(PYDICOM_FILES / "CT_small.dcm", tmp_path / "first", count)
+    assert storescu(d.dicom_port, *first).returncode == 0
+    read_findings(nats_server.url, 1)
+    wait_for(lambda: len(list(free.glob("*.slot"))) >= count - 1)
+    assert d.terminate() == 0
+    d.config_path.write_text(d.config_path.read_text().replace("quiet_seconds: 0.5", "quiet_seconds: 30"))
+    return d.start()
+
+
 def test_instances_sealed_in_place_whose_renames_a_power_cut_undid_are_put_back(daemon: Any, nats_server: Any,
                                                                              tmp_path: Path) -> None:
     """A file written over a slot is not named in a folder fsync (dicom/spool.py): its renames out of free/ and
     into instances/ may be lost by a power cut, and its mark says where it belongs."""
     state = tmp_path / "state"
     free = state / "spool" / "free"
-    d = daemon(**{"routes.1.quiet_seconds": 0.5}).start()
-    _, first = ct_series(PYDICOM_FILES / "CT_small.dcm", tmp_path / "first", 10)
-    assert storescu(d.dicom_port, *first).returncode == 0
-    read_findings(nats_server.url, 1)
-    # Released after the acknowledgement and kept as slots (but the one linked for the heat map's overlay).
-    wait_for(lambda: len(list(free.glob("*.slot"))) >= 9)
-    assert d.terminate() == 0
-
-    d.config_path.write_text(d.config_path.read_text().replace("quiet_seconds: 0.5", "quiet_seconds: 30"))
-    d.start()
+    d = with_slots(daemon, nats_server, tmp_path, 10)
     lost_uid, lost = ct_series(PYDICOM_FILES / "CT_small.dcm", tmp_path / "lost", 4)
     kept_uid, kept = ct_series(PYDICOM_FILES / "CT_small.dcm", tmp_path / "kept", 3)
     assert storescu(d.dicom_port, *lost).returncode == 0
@@ -193,7 +198,30 @@ def test_instances_sealed_in_place_whose_renames_a_power_cut_undid_are_put_back(
     d.start()
     findings = {f["series_instance_uid"]: f for f in read_findings(nats_server.url, 3)}  # the first series too
     assert findings[lost_uid]["instance_count"] == 4 and findings[kept_uid]["instance_count"] == 3
-    assert "3 stored instance(s) found outside the spool's folders put back" in d.log()
+    assert "3 stored instance(s) found outside the spool's folders (their renames lost) put back" in d.log()
     assert "4 stored instance(s) whose journal rows were lost recorded again" in d.log()
     assert not torn.exists()
+    assert d.terminate() == 0
+
+
+def test_a_sealed_file_found_outside_its_folder_after_a_clean_stop_is_put_back(daemon: Any, nats_server: Any,
+                                                                             tmp_path: Path) -> None:
+    """On a file system where an fsync does not carry other files' renames (btrfs), even a clean stop may leave
+    a sealed file's renames undone: the put-back runs at every start, before the orphan sweep empties tmp/."""
+    state = tmp_path / "state"
+    d = with_slots(daemon, nats_server, tmp_path, 4)
+    series_uid, files = ct_series(PYDICOM_FILES / "CT_small.dcm", tmp_path / "ct", 3)
+    assert storescu(d.dicom_port, *files).returncode == 0
+    d.wait_metric("edge_agent_instances_total", 3, outcome="stored")
+    assert d.terminate() == 0
+    [(name,)] = journal_rows(state, "SELECT spool_name FROM instances LIMIT 1")
+    held = state / "spool" / "instances" / name
+    assert read_mark(held.read_bytes()) is not None
+    held.rename(state / "spool" / "tmp" / "in-4567.dcm")
+    d.config_path.write_text(d.config_path.read_text().replace("quiet_seconds: 30", "quiet_seconds: 0.5"))
+    d.start()
+    findings = {f["series_instance_uid"]: f for f in read_findings(nats_server.url, 2)}
+    assert findings[series_uid]["instance_count"] == 3
+    assert "1 stored instance(s) found outside the spool's folders (their renames lost) put back" in d.log()
+    assert "recorded again" not in d.log()
     assert d.terminate() == 0

@@ -309,6 +309,7 @@ def test_misplaced_finds_marked_files_in_tmp_too_and_put_back_never_overwrites(t
     name = _placed(spool, data)
     temp = spool.tmp_dir / "in-abc.dcm"
     os.link(spool.path(name), temp)
+    os.link(spool.path(name), spool.tmp_dir / "overlay-abc.dcm")  # the overlay's link: another name, not moved
     assert spool.misplaced() == [(temp, name)]
     assert not spool.put_back(temp, name)  # a file has that name already
     spool.path(name).unlink()

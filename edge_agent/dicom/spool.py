@@ -693,11 +693,14 @@ class Spool:
         renames out of free/ and into instances/ were not yet on disk (``put_back``); one that does not match
         was never acknowledged."""
         out: list[tuple[Path, str]] = []
-        for folder in (self._tmp, self._free_dir):
+        # Only the receiver's temp files and the slots: another name for a stored file (the pipeline's hard link
+        # for an overlay, tmp/overlay-*) shows its mark too, but was never moved.
+        for folder, prefix, suffix in ((self._tmp, "in-", ".dcm"), (self._free_dir, "", ".slot")):
             with contextlib.suppress(OSError), os.scandir(folder) as entries:
                 for entry in entries:
                     with contextlib.suppress(OSError):
-                        if not entry.is_file(follow_symlinks=False):
+                        if not (entry.name.startswith(prefix) and entry.name.endswith(suffix)
+                                and entry.is_file(follow_symlinks=False)):
                             continue
                         with open(entry.path, "rb") as f:
                             mark = read_mark(f.read(_PREAMBLE_BYTES))
