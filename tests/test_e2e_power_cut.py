@@ -214,7 +214,8 @@ def test_a_sealed_file_found_outside_its_folder_after_a_clean_stop_is_put_back(d
     assert storescu(d.dicom_port, *files).returncode == 0
     d.wait_metric("edge_agent_instances_total", 3, outcome="stored")
     assert d.terminate() == 0
-    [(name,)] = journal_rows(state, "SELECT spool_name FROM instances LIMIT 1")
+    [(name,)] = journal_rows(state, "SELECT i.spool_name FROM instances i JOIN series s ON s.id = i.series_id "
+                                    "WHERE s.series_uid = ? LIMIT 1", (series_uid,))
     held = state / "spool" / "instances" / name
     assert read_mark(held.read_bytes()) is not None
     held.rename(state / "spool" / "tmp" / "in-4567.dcm")

@@ -21,8 +21,8 @@ import pytest
 from pydicom.uid import generate_uid
 
 from edge_agent.config import AgentConfig, parse_config
-from edge_agent.dicom.header import InstanceMeta
-from edge_agent.dicom.spool import Spool
+from edge_agent.dicom.header import InstanceMeta, file_digest
+from edge_agent.dicom.spool import Spool, ToPlace, read_mark
 from edge_agent.housekeeping import (
     HEATMAP_SWEEP_SECONDS,
     ORPHAN_MIN_AGE_SECONDS,
@@ -32,6 +32,7 @@ from edge_agent.housekeeping import (
 )
 from edge_agent.journal import Journal, SeriesState
 from edge_agent.metrics import HOUSEKEEPING_STEPS, Metrics
+from tests.dicomfiles import CT_SMALL
 
 CR = "1.2.840.10008.5.1.4.1.1.1"
 DAY_SECONDS = 86_400.0
@@ -316,3 +317,31 @@ def test_describe_error_names_the_kind_and_never_the_file() -> None:
     assert describe_error(exc) == "IsADirectoryError [EISDIR] Is a directory"
     assert describe_error(sqlite3.OperationalError("disk I/O error")) == "OperationalError: disk I/O error"
     assert describe_error(RuntimeError()) == "RuntimeError"
+
+
+# -- files written over slots, put back ------------------------------------------------------------
+
+
+def test_a_sealed_file_that_cannot_be_put_back_stops_the_start_and_stays(box: Box) -> None:
+    """The orphan sweep that follows would delete it from tmp/: the start stops with the reason instead."""
+    data = CT_SMALL.read_bytes()
+    box.spool.release(box.store())  # a slot
+    path, fd, capacity = box.spool.open_incoming()
+    try:
+        os.write(fd, data)
+        [name] = box.spool.place([ToPlace(path, fd, file_digest(CT_SMALL), len(data), capacity,
+                                          "1.2.840.10008.1.2.1")])
+    finally:
+        os.close(fd)
+    stored = box.spool.path(name)
+    assert read_mark(stored.read_bytes()) is not None
+    temp = box.spool.tmp_dir / "in-0123.dcm"
+    stored.rename(temp)
+    day = stored.parent
+    shutil.rmtree(day)
+    day.write_bytes(b"")  # its day's folder cannot be made: a file has that name
+    with pytest.raises(OSError):
+        box.hk.put_back_at_start()
+    assert temp.exists()
+    day.unlink()
+    assert box.hk.put_back_at_start() == 1 and stored.exists() and not temp.exists()

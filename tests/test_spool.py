@@ -460,3 +460,13 @@ def test_a_receiver_process_takes_its_share_of_slots_and_never_a_marked_one(tmp_
         os.close(fd)
         taken.append(capacity)
     assert taken == [65536, 65536, 0] and (free / ("0" * 32 + ".slot")).exists()
+
+
+def test_a_release_on_a_full_disk_empties_the_file_instead_of_keeping_a_slot(tmp_path: Path) -> None:
+    with tmpfs("8m") as mnt:
+        spool = Spool(mnt / "spool", 0)
+        name = _placed(spool, CT_SMALL.read_bytes())
+        fill(mnt)  # rounding the file up to a slot's size needs blocks there are none of
+        spool.release(name)
+        [kept] = (mnt / "spool" / "free").iterdir()
+        assert kept.suffix == ".free" and kept.stat().st_size == 0 and spool.slots() == (0, 0)

@@ -123,6 +123,17 @@ def read_mark(head: bytes) -> tuple[int, str] | None:
     return end, name
 
 
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    """Write all of ``data`` at ``offset``: a write cut short (a full disk) is taken up again, so that the
+    error, if any, is raised."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        if n <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        view, offset = view[n:], offset + n
+
+
 def _marked(path: str | Path) -> bool:
     try:
         with open(path, "rb") as f:
@@ -456,13 +467,16 @@ class Spool:
                     self._slots = self._scan_slots()
                 as_slot = size <= _SLOT_LARGEST and self._slots.has_room(size)
             if as_slot:
-                return self._into_slot(path, fd, size)
+                try:
+                    return self._into_slot(path, fd, size)
+                except OSError:
+                    pass  # no room to round it up (ENOSPC), or its flush failed: emptied instead, freeing its blocks
             if not self._has_room():
                 return False
             kept = self._free_dir / f"{secrets.token_hex(16)}.free"
             if read_mark(os.pread(fd, _PREAMBLE_BYTES, 0)) is not None:
                 # Its mark cleared first, for good: a marked file in free/ is one to put back after a power cut.
-                os.pwrite(fd, bytes(_PREAMBLE_BYTES), 0)
+                _pwrite_all(fd, bytes(_PREAMBLE_BYTES), 0)
                 os.fdatasync(fd)
             try:
                 # Out of the spool's namespace first, then emptied: its blocks are freed as an unlink frees them.
@@ -488,7 +502,7 @@ class Spool:
         """Zero the file to ``size`` (nothing of the instance left in it, its mark gone), make that durable, and
         only then rename it into ``free/`` as a slot."""
         for off in range(0, size, len(_ZEROS)):
-            os.pwrite(fd, memoryview(_ZEROS)[: min(len(_ZEROS), size - off)], off)
+            _pwrite_all(fd, memoryview(_ZEROS)[: min(len(_ZEROS), size - off)], off)
         os.fdatasync(fd)
         kept = self._free_dir / f"{secrets.token_hex(16)}.slot"
         try:
@@ -566,8 +580,8 @@ class Spool:
             return False
         if slack:
             assert padding is not None
-            os.pwrite(item.fd, padding, item.end)
-        os.pwrite(item.fd, held_mark(item.end, name), 0)
+            _pwrite_all(item.fd, padding, item.end)
+        _pwrite_all(item.fd, held_mark(item.end, name), 0)
         return True
 
     def _syncer(self) -> concurrent.futures.ThreadPoolExecutor:
