@@ -245,6 +245,7 @@ class Housekeeping:
         self._metrics.outbox_rejected_rows.set(counts.outbox_rejected)
         self._metrics.spool_bytes.set(counts.spool_bytes)
         self._metrics.spool_free_bytes.set(self._spool.free_bytes())
+        self._metrics.spool_slots.set(self._spool.slots()[0])
 
     # -- errors -----------------------------------------------------------------------------------
 

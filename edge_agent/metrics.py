@@ -137,7 +137,12 @@ class Metrics:
         )
         self.spool_bytes = Gauge("edge_agent_spool_bytes", "Bytes of DICOM held in the spool", registry=r)
         self.spool_free_bytes = Gauge(
-            "edge_agent_spool_free_bytes", "Free bytes on the spool's file system", registry=r
+            "edge_agent_spool_free_bytes", "Free bytes on the spool's file system, the slots' bytes included",
+            registry=r
+        )
+        self.spool_slots = Gauge(
+            "edge_agent_spool_slots", "Released files kept in the spool for instances to be written over in place",
+            registry=r
         )
         self.broker_connected = Gauge(
             "edge_agent_broker_connected", "1 while connected to the NATS server, else 0", registry=r

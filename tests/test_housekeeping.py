@@ -121,6 +121,9 @@ def test_release_deletes_the_files_of_claimed_series(box: Box) -> None:
     assert box.journal.series(sid).state == SeriesState.RELEASED
     assert not any(box.spool.path(n).exists() for n in names)
     assert box.errors("release") == 0 and "release" not in box.hk.last_errors
+    # Each kept as a slot (dicom/spool.py), counted on the next tick.
+    box.hk.update_gauges()
+    assert box.metrics.spool_slots._value.get() == len(names) == box.spool.slots()[0]
 
 
 def test_a_spool_file_that_cannot_be_removed_is_counted_and_left_to_the_orphan_sweep(box: Box) -> None:
