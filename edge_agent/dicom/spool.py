@@ -70,6 +70,7 @@ SLOT_BYTES = 1 << 30
 _SLOT_LARGEST = 64 << 20
 _SLOT_ROUND = 64 * 1024
 _ZEROS = bytes(1 << 20)
+_FIRST_PAGE = 4096
 # The mark in the preamble of a file written over a slot: magic, the end of the instance's bytes (8 bytes,
 # little endian), its spool name (ASCII, NUL-padded).
 _MARK_MAGIC = b"edge-agent held\0"
@@ -134,6 +135,11 @@ def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
         if n <= 0:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         view, offset = view[n:], offset + n
+
+
+def _zero(fd: int, start: int, end: int) -> None:
+    for off in range(start, end, len(_ZEROS)):
+        _pwrite_all(fd, memoryview(_ZEROS)[: min(len(_ZEROS), end - off)], off)
 
 
 def _marked(path: str | Path) -> bool:
@@ -501,11 +507,18 @@ class Spool:
             os.close(fd)
 
     def _into_slot(self, path: Path, fd: int, size: int) -> bool:
-        """Zero the file to ``size`` (nothing of the instance left in it, its mark gone), make that durable, and
-        only then rename it into ``free/`` as a slot."""
-        for off in range(0, size, len(_ZEROS)):
-            _pwrite_all(fd, memoryview(_ZEROS)[: min(len(_ZEROS), size - off)], off)
+        """Zero the file to ``size`` (nothing of the instance left in it, its mark gone) and only then rename it
+        into ``free/`` as a slot.
+
+        What must be on disk before it leaves instances/, its first page (the mark) and its new size, is flushed
+        first: a few KiB. The rest is zeroed in the page cache, for the writeback, or for the next instance to
+        overwrite first; so a release costs the instances arriving meanwhile no flush of the size of the file."""
+        old = os.fstat(fd).st_size
+        first = min(old, _FIRST_PAGE)
+        _zero(fd, 0, first)
+        _zero(fd, old, size)
         os.fdatasync(fd)
+        _zero(fd, first, old)
         kept = self._free_dir / f"{secrets.token_hex(16)}.slot"
         try:
             os.rename(path, kept)
