@@ -282,11 +282,16 @@ def test_a_release_clears_the_mark_of_a_file_emptied_rather_than_kept(tmp_path: 
     assert kept.suffix == ".free" and kept.stat().st_size == 0 and len(cleared) == 1
 
 
-def test_at_start_slots_are_kept_and_a_marked_one_is_left_for_its_owner(tmp_path: Path) -> None:
+def _slots_and_a_sealed_instance(tmp_path: Path) -> tuple[Spool, bytes, str]:
+    """A spool with three slots, then an instance written over one of them: (spool, its bytes, its name)."""
     spool = Spool(tmp_path / "spool", 0)
     data = CT_SMALL.read_bytes()
     spool.release_all([_placed(spool, b"x" * len(data)) for _ in range(3)])
-    name = _placed(spool, data)
+    return spool, data, _placed(spool, data)
+
+
+def test_at_start_slots_are_kept_and_a_marked_one_is_left_for_its_owner(tmp_path: Path) -> None:
+    spool, data, name = _slots_and_a_sealed_instance(tmp_path)
     free = tmp_path / "spool" / "free"
     # What a power cut can leave: the instance's renames out of free/ and into instances/ lost (its mark kept),
     # and a slot whose size is no slot's (not made by the spool).
@@ -447,10 +452,7 @@ def test_the_next_instance_gets_a_slot_of_the_last_ones_size_and_none_smaller(tm
 
 
 def test_a_receiver_process_takes_its_share_of_slots_and_never_a_marked_one(tmp_path: Path) -> None:
-    spool = Spool(tmp_path / "spool", 0)
-    data = CT_SMALL.read_bytes()
-    spool.release_all([_placed(spool, b"x" * len(data)) for _ in range(3)])
-    name = _placed(spool, data)
+    spool, _, name = _slots_and_a_sealed_instance(tmp_path)
     free = tmp_path / "spool" / "free"
     os.rename(spool.path(name), free / ("0" * 32 + ".slot"))  # marked, in free/: a power cut's leftover
     taker = Spool(tmp_path / "spool", 0, taker=(0, 1))
