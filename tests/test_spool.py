@@ -472,3 +472,22 @@ def test_a_release_on_a_full_disk_empties_the_file_instead_of_keeping_a_slot(tmp
         spool.release(name)
         [kept] = (mnt / "spool" / "free").iterdir()
         assert kept.suffix == ".free" and kept.stat().st_size == 0 and spool.slots() == (0, 0)
+
+
+def test_a_file_linked_while_it_is_released_keeps_its_data_for_that_link(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    spool = Spool(tmp_path / "spool", 0)
+    data = CT_SMALL.read_bytes()
+    name = _placed(spool, data)
+    link = spool.tmp_dir / "overlay-abc.dcm"
+    real_rename = os.rename
+
+    def rename(src: Path, dst: Path) -> None:
+        if str(dst).endswith(".slot"):
+            os.link(src, link)  # the pipeline's overlay link, made between the release's check and its rename
+        real_rename(src, dst)
+
+    monkeypatch.setattr(spool_module.os, "rename", rename)
+    spool.release(name)
+    assert link.read_bytes()[128:len(data)] == data[128:]  # only its mark was cleared
+    assert spool.slots() == (0, 0) and list((tmp_path / "spool" / "free").iterdir()) == []

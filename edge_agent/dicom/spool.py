@@ -70,7 +70,6 @@ SLOT_BYTES = 1 << 30
 _SLOT_LARGEST = 64 << 20
 _SLOT_ROUND = 64 * 1024
 _ZEROS = bytes(1 << 20)
-_FIRST_PAGE = 4096
 # The mark in the preamble of a file written over a slot: magic, the end of the instance's bytes (8 bytes,
 # little endian), its spool name (ASCII, NUL-padded).
 _MARK_MAGIC = b"edge-agent held\0"
@@ -507,24 +506,29 @@ class Spool:
             os.close(fd)
 
     def _into_slot(self, path: Path, fd: int, size: int) -> bool:
-        """Zero the file to ``size`` (nothing of the instance left in it, its mark gone) and only then rename it
-        into ``free/`` as a slot.
+        """Zero the file to ``size`` (nothing of the instance left in it, its mark gone) and keep it in ``free/``
+        as a slot.
 
-        What must be on disk before it leaves instances/, its first page (the mark) and its new size, is flushed
-        first: a few KiB. The rest is zeroed in the page cache, for the writeback, or for the next instance to
-        overwrite first; so a release costs the instances arriving meanwhile no flush of the size of the file."""
+        What must be on disk before it leaves instances/, its preamble (the mark) and its new size, is flushed
+        first: a few KiB. The rest is zeroed once the file is out of the spool's namespace (no new name can reach
+        it then), in the page cache, for the writeback or for the next instance to overwrite first; so a release
+        costs the instances arriving meanwhile no flush of the size of the file."""
         old = os.fstat(fd).st_size
-        first = min(old, _FIRST_PAGE)
+        first = min(old, _PREAMBLE_BYTES)
         _zero(fd, 0, first)
         _zero(fd, old, size)
         os.fdatasync(fd)
-        _zero(fd, first, old)
         kept = self._free_dir / f"{secrets.token_hex(16)}.slot"
         try:
             os.rename(path, kept)
         except OSError:
             return False
-        if os.fstat(fd).st_nlink != 1:  # linked between the check and the rename
+        try:
+            if os.fstat(fd).st_nlink != 1:
+                # Linked between the check and the rename (the pipeline's overlay): that name still needs the data.
+                raise FileExistsError
+            _zero(fd, first, old)
+        except OSError:
             kept.unlink(missing_ok=True)
             return True
         with self._free_lock:
