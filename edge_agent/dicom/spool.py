@@ -297,19 +297,24 @@ class Spool:
         it held before can reach the new instance), else a file made now (capacity 0 for both).
         """
         path = self._tmp / f"in-{secrets.token_hex(16)}.dcm"
-        slot = self._take_slot()
-        if slot is not None:
+        for _ in range(4):
+            slot = self._take_slot()
+            if slot is None:
+                break
             fd = -1
             try:
                 os.rename(slot, path)
-                fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-                return path, fd, os.fstat(fd).st_size
+                fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+                if read_mark(os.pread(fd, _PREAMBLE_BYTES, 0)) is None:
+                    return path, fd, os.fstat(fd).st_size
+                # An instance that a power cut left in free/ and the start could not put back: never written
+                # over; back where the next start looks for it.
+                os.close(fd)
+                fd = -1
+                os.rename(path, slot)
             except OSError:
                 if fd >= 0:
                     os.close(fd)
-                for gone in (slot, path):
-                    with contextlib.suppress(OSError):
-                        gone.unlink()
         kept = self._take_free()
         if kept is not None:
             try:
@@ -412,12 +417,13 @@ class Spool:
             return self._free.pop() if self._free else None
 
     def _scan_slots(self, share: tuple[int, int] | None = None) -> _Slots:
-        """The slots in ``free/`` (or those of ``share``, as ``_scan_free``), within the caps; never a marked one."""
+        """The slots in ``free/`` (or those of ``share``, as ``_scan_free``), within the caps. Their sizes only:
+        the daemon counts them at each idle tick; ``open_incoming`` looks for a mark in the one it takes."""
         out = _Slots()
         for path in self._scan_free(share, ".slot"):
             with contextlib.suppress(OSError):
                 size = path.stat().st_size
-                if size % _SLOT_ROUND == 0 and out.has_room(size) and not _marked(path):
+                if size % _SLOT_ROUND == 0 and out.has_room(size):
                     out.add(path, size)
         return out
 
