@@ -63,6 +63,8 @@ _RELEASE_THREADS = 4
 FREE_FILES = 1024
 # A receiver process whose free files ran out looks in free/ again at most this often.
 _RESCAN_SECONDS = 1.0
+# With receiver processes, the daemon counts the slots they left in free/ at most this often while idle.
+_SLOT_COUNT_SECONDS = 10.0
 # Released files kept as slots: at most this many bytes in all (counted as free space: ``free_bytes``), none
 # larger than _SLOT_LARGEST, each zeroed and rounded up to a multiple of _SLOT_ROUND (room for the trailing
 # padding of a slightly larger instance of the same series).
@@ -353,7 +355,10 @@ class Spool:
         if self._shared:
             with self._free_lock:
                 self._free = self._scan_free()[:FREE_FILES]
-                self._slots = self._scan_slots()
+                if time.monotonic() - self._slots_scanned > _SLOT_COUNT_SECONDS:
+                    # A stat per slot: not at every idle tick (the count only bounds what a release keeps).
+                    self._slots_scanned = time.monotonic()
+                    self._slots = self._scan_slots()
         if not self._has_room():
             return 0
         try:
