@@ -673,20 +673,22 @@ class Spool:
     def release_all(self, names: list[str]) -> list[BaseException]:
         """``release`` each of ``names``, several at once (each kept file's flush on its own thread); returns the
         errors, one per name that failed."""
+
+        def one(name: str) -> BaseException | None:
+            try:
+                self.release(name)
+            except (OSError, ValueError) as exc:
+                return exc
+            return None
+
         if len(names) <= 1:
-            errors: list[BaseException] = []
-            for name in names:
-                try:
-                    self.release(name)
-                except (OSError, ValueError) as exc:
-                    errors.append(exc)
-            return errors
-        # Threads of its own, not the placing's: a series' release must not queue ahead of a Success's flush.
-        with concurrent.futures.ThreadPoolExecutor(max_workers=_RELEASE_THREADS,
-                                                   thread_name_prefix="spool-release") as pool:
-            futures = [pool.submit(self.release, name) for name in names]
-            concurrent.futures.wait(futures)
-        return [e for e in (f.exception() for f in futures) if e is not None]
+            results = [one(name) for name in names]
+        else:
+            # Threads of its own, not the placing's: a series' release must not queue ahead of a Success's flush.
+            with concurrent.futures.ThreadPoolExecutor(max_workers=_RELEASE_THREADS,
+                                                       thread_name_prefix="spool-release") as pool:
+                results = list(pool.map(one, names))
+        return [exc for exc in results if exc is not None]
 
     def free_bytes(self) -> int:
         """The file system's free space, and the slots' kept bytes, which instances are written over."""
