@@ -8,7 +8,11 @@ Threads are named from `py-spy dump`, taken after the workload; a thread that is
 own, for one) has no name there.
 
 Run:  .venv/bin/python bench/thread_cpu.py --routed [--workload ct4] [--ct 1500] [--edge-agent-source DIR]
-      [--receiver-processes N]
+      [--receiver-processes N] [--warm] [--profile OUT.txt]
+
+With ``--profile`` it also samples the daemon with ``py-spy record`` while the workload runs and writes the
+collapsed stacks (one line per stack, thread first) to OUT.txt, and prints, for the busiest thread, the functions
+where its samples end.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -62,6 +67,10 @@ def main() -> None:
     parser.add_argument("--ct", type=int, default=1500, help="CT slices sent")
     parser.add_argument("--edge-agent-source", type=Path, default=REPO)
     parser.add_argument("--receiver-processes", type=int, default=1, metavar="N", help="dicom.receiver_processes")
+    parser.add_argument("--warm", action="store_true",
+                        help="send the workload once before measuring, as on a box that has taken studies before "
+                             "(its spool keeps released files as slots)")
+    parser.add_argument("--profile", type=Path, help="also write py-spy's collapsed stacks of the daemon here")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="edge-threads-") as folder:
         root = Path(folder)
@@ -74,10 +83,18 @@ def main() -> None:
             workload = make_workload(args.workload, {"ct": ct_template(), "dx": dx_template()}, root / "send",
                                      args.ct, 1)
             (root / "logs").mkdir()
+            if args.warm:
+                measure(daemon, workload, 0, root / "logs")
+                workload = make_workload(args.workload, {"ct": ct_template(), "dx": dx_template()}, root / "send",
+                                         args.ct, 1)
             pids = tree(daemon.pid)
+            spy = start_profile(daemon.pid, args.profile) if args.profile else None
             before = thread_seconds(pids)
             m = measure(daemon, workload, 0, root / "logs")
             after = thread_seconds(pids)
+            if spy is not None:
+                spy.send_signal(signal.SIGINT)
+                spy.wait(timeout=60)
             names = thread_names(daemon.pid)
         finally:
             daemon.stop()
@@ -93,6 +110,34 @@ def main() -> None:
         name = names.get(tid) or ("(main thread)" if tid == pid else "(not a Python thread, or ended)")
         print(f"| {where} | {name} | {ms:.2f} |")
     print(f"| all | | {sum(per.values()):.2f} |")
+    if args.profile and args.profile.exists():
+        print_leaves(args.profile)
+
+
+def start_profile(pid: int, out: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([str(PY_SPY), "record", "--pid", str(pid), "--rate", "500", "--format", "raw",
+                             "--threads", "--subprocesses", "--nonblocking", "--output", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def print_leaves(path: Path, top: int = 25) -> None:
+    """The busiest thread's samples by the function they end in (its own time), and by the functions they pass
+    through (time including callees)."""
+    by_thread: dict[str, dict[str, int]] = {}
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = stack.split(";")
+        own = by_thread.setdefault(frames[0], {})
+        for i, frame in enumerate(dict.fromkeys(frames[1:])):
+            own[("inclusive ", frame)] = own.get(("inclusive ", frame), 0) + int(count)  # type: ignore[index]
+        own[frames[-1]] = own.get(frames[-1], 0) + int(count)
+    thread, counts = max(by_thread.items(), key=lambda kv: sum(v for k, v in kv[1].items() if isinstance(k, str)))
+    total = sum(v for k, v in counts.items() if isinstance(k, str))
+    print(f"\n{thread}: {total} samples; own time, then time with callees")
+    for key in ([k for k in counts if isinstance(k, str)], [k for k in counts if not isinstance(k, str)]):
+        for k in sorted(key, key=lambda k: -counts[k])[:top]:
+            print(f"{100 * counts[k] / total:5.1f}%  {k if isinstance(k, str) else k[1]}")
+        print()
 
 
 if __name__ == "__main__":
