@@ -11,8 +11,8 @@ Run:  .venv/bin/python bench/thread_cpu.py --routed [--workload ct4] [--ct 1500]
       [--receiver-processes N] [--warm] [--profile OUT.txt]
 
 With ``--profile`` it also samples the daemon with ``py-spy record`` while the workload runs and writes the
-collapsed stacks (one line per stack, thread first) to OUT.txt, and prints, for the busiest thread, the functions
-where its samples end.
+collapsed stacks (one line per stack, thread first) to OUT.txt, and prints, for the busiest threads, the functions
+where their samples end.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -120,24 +121,30 @@ def start_profile(pid: int, out: Path) -> subprocess.Popen[bytes]:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def print_leaves(path: Path, top: int = 25) -> None:
-    """The busiest thread's samples by the function they end in (its own time), and by the functions they pass
-    through (time including callees)."""
-    by_thread: dict[str, dict[str, int]] = {}
+def print_leaves(path: Path, threads: int = 4, top: int = 15) -> None:
+    """For the threads with the most samples: where their samples end (own time) and what they pass through (time
+    with callees). py-spy counts a thread blocked in a read or a select as busy too, so read the shares beside
+    the CPU table above."""
+    samples: Counter[str] = Counter()
+    own: dict[str, Counter[str]] = {}
+    passed: dict[str, Counter[str]] = {}
     for line in path.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         frames = stack.split(";")
-        own = by_thread.setdefault(frames[0], {})
-        for i, frame in enumerate(dict.fromkeys(frames[1:])):
-            own[("inclusive ", frame)] = own.get(("inclusive ", frame), 0) + int(count)  # type: ignore[index]
-        own[frames[-1]] = own.get(frames[-1], 0) + int(count)
-    thread, counts = max(by_thread.items(), key=lambda kv: sum(v for k, v in kv[1].items() if isinstance(k, str)))
-    total = sum(v for k, v in counts.items() if isinstance(k, str))
-    print(f"\n{thread}: {total} samples; own time, then time with callees")
-    for key in ([k for k in counts if isinstance(k, str)], [k for k in counts if not isinstance(k, str)]):
-        for k in sorted(key, key=lambda k: -counts[k])[:top]:
-            print(f"{100 * counts[k] / total:5.1f}%  {k if isinstance(k, str) else k[1]}")
-        print()
+        at = next((i for i, f in enumerate(frames) if f.startswith("thread (")), None)
+        if at is None:
+            continue
+        who = (frames[at - 1][:40] + " " if at else "") + frames[at]
+        samples[who] += int(count)
+        own.setdefault(who, Counter())[frames[-1]] += int(count)
+        for frame in dict.fromkeys(frames[at + 1:]):
+            passed.setdefault(who, Counter())[frame] += int(count)
+    for who, total in samples.most_common(threads):
+        print(f"\n{who}: {total} samples")
+        for title, counts in (("own time", own[who]), ("with callees", passed[who])):
+            print(f"  {title}:")
+            for frame, n in counts.most_common(top):
+                print(f"  {100 * n / total:5.1f}%  {frame}")
 
 
 if __name__ == "__main__":
