@@ -12,6 +12,8 @@ slower, whichever it was); the tables give medians.
   children included; nats-server and the sender not), from /proc, while receiving and until settled (every
   series closed, every finding published, the tree idle).
 - Peak RSS: the summed VmRSS of the receiver's tree, sampled every 20 ms, over the whole run.
+- Sender's CPU: the storescu senders' utime + stime (with the bench's own, which is small) while sending: on a
+  machine where the senders share the receiver's cores, what is left of them for the receiver.
 
 - Others' CPU: what the rest of the machine used in the window (other users' jobs, but also kernel writeback,
   loopback softirq work and edge-agent's nats-server), as a share of all cores; before each measurement the bench
@@ -132,6 +134,7 @@ class Measurement:
     stored: int
     others_cpu_share: float  # CPU the rest of the machine used in the window, as a share of all cores
     problems: list[str] = field(default_factory=list)
+    sender_cpu_seconds: float = 0.0  # the storescu senders' (and this process's own) CPU while sending
 
 
 def send(workload: Workload, port: int, called_aet: str, logs: Path) -> list[str]:
@@ -173,7 +176,8 @@ def measure(receiver: Receiver, workload: Workload, rep: int, logs: Path) -> Mea
     receiver.notes.clear()
     others = max(0.0, (busy1 - busy0) - (cpu1 - cpu0) - (own1 - own0)) / (wall * ncpu)
     return Measurement(receiver.key, workload.name, rep, workload.instances, workload.total_bytes, wall, cpu1 - cpu0,
-                       cpu2 - cpu0, settled - ended, sampler.peak_rss_bytes, stored, others, problems)
+                       cpu2 - cpu0, settled - ended, sampler.peak_rss_bytes, stored, others, problems,
+                       own1 - own0)
 
 
 def _own_cpu_seconds() -> float:
@@ -376,8 +380,9 @@ def scaling(cols: dict[str, dict[str, float | None]], labels: dict[str, str]) ->
 
 def details(results: list[Measurement], labels: dict[str, str]) -> str:
     lines = ["| receiver | workload | runs | wall s (median) | instances/s min-median-max | MB/s (median) | "
-             "CPU ms/instance receiving | until settled | settle s | others' CPU (max) | problems |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "CPU ms/instance receiving | until settled | sender's CPU ms/instance | settle s | others' CPU (max) | "
+             "problems |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for key, label in labels.items():
         for w in WORKLOADS:
             ms = [m for m in results if m.receiver == key and m.workload == w]
@@ -391,6 +396,7 @@ def details(results: list[Measurement], labels: dict[str, str]) -> str:
                 f"{statistics.median(m.bytes / 1e6 / m.wall_seconds for m in ms):.0f} | "
                 f"{statistics.median(m.cpu_receiving_seconds * 1000 / m.instances for m in ms):.2f} | "
                 f"{statistics.median(m.cpu_settled_seconds * 1000 / m.instances for m in ms):.2f} | "
+                f"{statistics.median(m.sender_cpu_seconds * 1000 / m.instances for m in ms):.2f} | "
                 f"{statistics.median(m.settle_seconds for m in ms):.1f} | "
                 f"{max(m.others_cpu_share for m in ms):.0%} | {probs.replace('|', '/')} |")
     return "\n".join(lines)
