@@ -46,6 +46,9 @@ TICK_SECONDS = 1.0
 # Time spent making the spool's kept empty files (dicom/spool.py, FREE_FILES) at start and per idle tick: a
 # study that starts arriving meanwhile waits for little, and a start is not held up by a slow file system.
 _REFILL_SECONDS = 0.05
+# At a stop, how long a model's batcher may take to finish the engine call in hand (after the pipeline's drain,
+# nobody waits for its results): at most this, or the model's own infer_timeout_seconds if shorter.
+_ENGINE_STOP_SECONDS = 5.0
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 LOCK_FILE = "edge-agent.lock"
 
@@ -100,6 +103,9 @@ class Agent:
         self._state_dir_lock: int | None = None
         self.models: dict[str, LoadedModel] = {}
         self._engines: list[Engine] = []
+        # Set by shutdown when an engine call is still running, which nothing can stop (a wedged GPU or driver):
+        # the process must then end without joining that call's thread (``edge-agent serve`` exits at once).
+        self.engine_call_left_running = False
         # Models whose engine could not be made ready here (no plan for this GPU, verify failed, ...): the reason.
         self.engine_problems: dict[str, str] = {}
         self.gpu_metrics: GpuMetrics | None = None
@@ -261,10 +267,22 @@ class Agent:
             pending = await self.publisher.stop(cfg.pipeline.drain_timeout_seconds, force=self.force_exit)
         if self.pipeline is not None:
             await self.pipeline.close()
-        for loaded in self.models.values():
-            await loaded.batcher.stop()
+        busy: set[int] = set()
+        for name, loaded in self.models.items():
+            await loaded.batcher.stop(min(_ENGINE_STOP_SECONDS, cfg.deployment(name).infer_timeout_seconds))
+            seconds = loaded.batcher.in_engine_seconds
+            if seconds is not None:
+                busy.add(id(loaded.batcher.engine))
+                logger.error(
+                    "model %s: an engine call is still running after %.0f s and cannot be stopped (a wedged GPU or "
+                    "driver?); exiting without waiting for it, and its series resume at the next start",
+                    name,
+                    seconds,
+                )
+        self.engine_call_left_running = bool(busy)
         for engine in self._engines:
-            engine.close()
+            if id(engine) not in busy:  # an engine in a call keeps what the call is using until the process ends
+                engine.close()
         if self.http is not None:
             await self.http.stop()
         for task in self._tasks:

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import faulthandler
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -17,6 +18,7 @@ from edge_agent.config import DEFAULT_CONFIG_PATH, AgentConfig, ModelDeployment,
 from edge_agent.errors import ConfigError, EdgeAgentError, ModelError, StateDirLockedError
 
 if TYPE_CHECKING:
+    from edge_agent.agent import Agent
     from edge_agent.inference.card import ModelCard
     from edge_agent.inference.engine import FloatArray
 
@@ -185,15 +187,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # `kill -USR1 <pid>` prints every thread's stack to stderr (the journal): the first thing to ask
     # of a daemon that looks stuck.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
+    agent = Agent(config)
     try:
-        asyncio.run(Agent(config).run())
+        asyncio.run(agent.run())
     except StateDirLockedError as exc:
         logger.error("edge-agent not started: %s", exc)
         return EXIT_STATE_DIR_LOCKED
     except EdgeAgentError as exc:
         logger.error("edge-agent stopped: %s", exc)
-        return EXIT_FAILURE
-    return EXIT_OK
+        return _exit_past(agent, EXIT_FAILURE)
+    return _exit_past(agent, EXIT_OK)
+
+
+def _exit_past(agent: Agent, code: int) -> int:
+    """``code``, or, when the stop left an engine call running (logged as it did), the process ends here with it:
+    Python's exit would wait for that call's thread, which may never return."""
+    if agent.engine_call_left_running:
+        logging.shutdown()  # flushed and closed: nothing logged is lost
+        sys.stdout.flush()
+        os._exit(code)
+    return code
 
 
 def cmd_requeue_rejected(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import signal
 import subprocess
 import sys
 import threading
@@ -24,7 +25,7 @@ from nats.js.api import DiscardPolicy
 from pydicom.uid import generate_uid
 
 from tests.dicomfiles import fill, tmpfs
-from tests.fault_tools import FaultProxy, immutable, model_repository, read_only_bind
+from tests.fault_tools import FaultProxy, build_hanging_model, immutable, model_repository, read_only_bind
 from tests.faults import Item, Outcome, Rig, dcmtk_store, is_success, make_stream, stream_messages, update_stream
 from tests.natsutil import NatsServer
 
@@ -328,6 +329,76 @@ def sigterm_slow_engine(work: Path, *, slices: int = 16, seconds_per_image: floa
             rounds,
         )
         out.notes.append(f"slices inferred when SIGTERM came: {at_term} of {slices}")
+        return out
+
+
+# A daemon with an engine call that never returns exits within this many seconds of SIGTERM (its drain, 1 s,
+# and the models' stop, at most min(infer_timeout_seconds, 5 s), plus the rest of a normal stop).
+HUNG_EXIT_SECONDS = 20.0
+
+
+def sigterm_hung_engine(work: Path, *, overdue: bool, slices: int = 4) -> Outcome:
+    """SIGTERM while an engine call hangs (a wedged GPU): the daemon exits promptly and says why, rather than wait
+    for the call forever; the next start, with the model replaced, gives the series its finding.
+
+    ``overdue``: SIGTERM once the call has missed the model's deadline (infer_timeout_seconds 2 s); else while
+    it is still within it (60 s), so that the stop itself gives up on it.
+    """
+    repo, _ = model_repository(work / "models", 0.01)
+    build_hanging_model(repo / "ct-hang")
+    timeout = 2.0 if overdue else 60.0
+    overrides = {
+        "model_repository": str(repo),
+        "routes.1.model": "ct-hang",
+        "routes.1.quiet_seconds": CT_QUIET_SECONDS,
+        "models.ct-hang": {"max_batch": 2, "max_queue_delay_ms": 0, "infer_timeout_seconds": timeout},
+        "pipeline.drain_timeout_seconds": 1.0,
+    }
+    took = None
+    with rig(work, **overrides) as r:
+        r.start_daemon()
+        r.watch()
+        items = r.ct(slices, images_in_acquisition=True)
+        if _send(r, items, "sending the series"):
+            if overdue:
+                injected = r.wait_scrape("edge_agent_engine_timeouts_total", lambda v: v >= 1, 60, model="ct-hang")
+            else:
+                # Slices are inferred as they arrive: the first call is in the engine well within this. (If it
+                # were not, the stop would not say "still running" below, and this scenario fails.)
+                time.sleep(3.0)
+                injected = r.alive
+            if not injected:
+                r.problems.append("the hanging model's call was never seen running: the fault was not injected")
+            since = r.log_offset()
+            proc = r.daemon.proc
+            assert proc is not None
+            r.up.clear()
+            started = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            try:
+                rc = proc.wait(HUNG_EXIT_SECONDS)
+                took = time.monotonic() - started
+                if rc != 0:
+                    r.problems.append(f"the daemon exited with {rc} on SIGTERM: {r.log_tail(4)}")
+            except subprocess.TimeoutExpired:
+                r.problems.append(f"the daemon had not exited {HUNG_EXIT_SECONDS:.0f} s after SIGTERM, with an "
+                                  f"engine call hung: {r.log_tail(4)}")
+                proc.kill()
+                proc.wait(30)
+            r.daemon.close()
+            if r.said(since, "still running") is None:
+                r.problems.append(f"the stop did not say that an engine call was left running: {r.log_tail(6)}")
+            build_hanging_model(repo / "ct-hang", hangs=False)  # the operator replaces the model
+            r.start_daemon()
+        r.settle(FINDING_TIMEOUT_SECONDS)
+        out = r.finish(
+            "SIGTERM with an engine call hung",
+            f"a model whose calls on real images never return (infer_timeout_seconds {timeout:g} s), SIGTERM "
+            f"{'once its first call was overdue' if overdue else 'while its first call ran'} (drain timeout 1 s); "
+            "restarted with the model replaced",
+            1,
+        )
+        out.notes.append("the daemon did not exit" if took is None else f"exited {took:.1f} s after SIGTERM")
         return out
 
 

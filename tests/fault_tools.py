@@ -213,3 +213,62 @@ def model_repository(root: Path, seconds_per_image: float) -> tuple[Path, float]
     return root, build_slow_model(root / "ct-slow", seconds_per_image)
 
 
+
+
+def build_hanging_model(folder: Path, *, hangs: bool = True, name: str = "ct-hang") -> None:
+    """A real ONNX model whose call on a real image does not return (a wedged GPU, as the daemon sees one), as a
+    card beside ct-demo's; with ``hangs=False``, the same graph returning at once (the model replaced).
+
+    A Loop whose trip count is the input's largest magnitude times 10^12 (about 1.8 us a trip here): an
+    all-zero batch (the daemon's warm-up at start) runs no trips, a CT slice's normalised input years of them.
+    ONNX Runtime cannot stop a call once it runs, so the call holds its thread until the process ends.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    scalar = [helper.make_tensor_value_info(n, t, []) for n, t in
+              (("trip", TensorProto.INT64), ("cond_in", TensorProto.BOOL), ("v_in", TensorProto.FLOAT))]
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("Add", ["v_in", "one"], ["v_out"])],
+        "spin", scalar,
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_out", TensorProto.FLOAT, [])],
+        [numpy_helper.from_array(np.array(1.0, np.float32), "one")],
+    )
+    nodes = [
+        helper.make_node("ReduceMax", ["image"], ["peak"], keepdims=0),
+        helper.make_node("Abs", ["peak"], ["magnitude"]),
+        helper.make_node("Mul", ["magnitude", "trips_per_unit"], ["trips_f"]),
+        helper.make_node("Cast", ["trips_f"], ["trips"], to=TensorProto.INT64),
+        helper.make_node("Loop", ["trips", "", "zero"], ["spun"], body=body),
+        helper.make_node("Mul", ["spun", "zero"], ["nothing"]),
+        helper.make_node("ReduceMean", ["image"], ["mean"], axes=[1, 2, 3], keepdims=0),
+        helper.make_node("Add", ["mean", "nothing"], ["logit"]),
+        helper.make_node("Sigmoid", ["logit"], ["score"]),
+        helper.make_node("Unsqueeze", ["score", "axis"], ["scores"]),
+    ]
+    graph = helper.make_graph(
+        nodes, name,
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, 256, 256])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 1])],
+        [numpy_helper.from_array(np.array(1e12 if hangs else 0.0, np.float32), "trips_per_unit"),
+         numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+         numpy_helper.from_array(np.array([1], dtype=np.int64), "axis")],
+    )
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    data = bytes(m.SerializeToString())
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model.onnx").write_bytes(data)
+    card = yaml.safe_load((REPO / "engines" / "ct-demo" / "model.yaml").read_text())
+    card.update(
+        name=name,
+        version="0.0.1-hangs" if hangs else "0.0.2-returns",
+        description="A model for fault-injection tests whose calls on real images never return; meaningless scores.",
+        intended_use="Fault-injection tests only.",
+        sha256=hashlib.sha256(data).hexdigest(),
+        outputs={"scores": "scores"},
+    )
+    card.pop("drift_reference", None)
+    (folder / "model.yaml").write_text(yaml.safe_dump(card, sort_keys=False))

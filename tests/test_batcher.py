@@ -232,6 +232,49 @@ def test_stop_that_times_out_fails_the_waiting_callers(ort_engine: OnnxRuntimeEn
     asyncio.run(main())
 
 
+def test_stop_gives_up_on_a_call_still_in_the_engine_and_says_it_is_there_until_it_returns(
+    ort_engine: OnnxRuntimeEngine,
+) -> None:
+    """What the daemon's stop relies on: a bounded stop, and a call that outlives it seen until it really ends."""
+    engine = CountingEngine(ort_engine)
+    engine.gate = threading.Event()
+
+    async def main() -> None:
+        with ThreadPoolExecutor(1) as executor:
+            batcher = Batcher("ct-demo", engine, 1, 0.0, Metrics(), executor)
+            await batcher.start()
+            assert batcher.in_engine_seconds is None
+            in_flight = asyncio.create_task(batcher.submit(image(0)))
+            await asyncio.to_thread(engine.entered.wait, 30)
+            queued = asyncio.create_task(batcher.submit(image(1)))
+            await until(lambda: batcher.pending == 1)
+            assert await batcher.stop(0.2) is False
+            for task, reason in ((in_flight, "during inference"), (queued, "before this item ran")):
+                with pytest.raises(EngineError, match=reason):
+                    await task
+            seconds = batcher.in_engine_seconds
+            assert seconds is not None and seconds >= 0.2  # given up on, but still in the engine
+            assert engine.gate is not None
+            engine.gate.set()
+            await asyncio.to_thread(executor.shutdown)  # the call has ended: its thread is done
+            assert batcher.in_engine_seconds is None
+            assert len(engine.calls) == 1
+
+    asyncio.run(main())
+
+
+def test_a_stop_within_its_time_runs_what_is_queued(ort_engine: OnnxRuntimeEngine) -> None:
+    async def body(batcher: Batcher, engine: CountingEngine) -> list[SliceResult]:
+        tasks = [asyncio.create_task(batcher.submit(image(i))) for i in range(3)]
+        await until(lambda: batcher.pending == 3)
+        assert await batcher.stop(30.0) is True
+        return [await t for t in tasks]
+
+    results, engine = run(ort_engine, body, max_batch=2)
+    assert [r.scores.shape for r in results] == [(1,)] * 3
+    assert engine.ids() == [[0, 1], [2]]
+
+
 def test_a_cancelled_caller_is_skipped(ort_engine: OnnxRuntimeEngine) -> None:
     async def body(batcher: Batcher, engine: CountingEngine) -> None:
         engine.gate = threading.Event()

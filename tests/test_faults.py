@@ -39,6 +39,13 @@ def test_sigterm_while_a_slow_engine_completes_a_series(tmp_path: Path) -> None:
     run(scenarios.sigterm_slow_engine, tmp_path, slices=12, seconds_per_image=0.25)
 
 
+@pytest.mark.parametrize("overdue", [True, False], ids=["call-overdue", "call-within-its-deadline"])
+def test_sigterm_while_an_engine_call_hangs_exits_promptly_and_the_next_start_finishes(
+    tmp_path: Path, overdue: bool
+) -> None:
+    run(scenarios.sigterm_hung_engine, tmp_path, overdue=overdue)
+
+
 def test_a_late_instance_makes_one_revision_and_identical_resends_none(tmp_path: Path) -> None:
     run(scenarios.late_and_resend, tmp_path)
 

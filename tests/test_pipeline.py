@@ -90,7 +90,7 @@ class Harness:
             yield pipe
         finally:
             await pipe.close()
-            await batcher.stop()
+            await batcher.stop(1.0)  # as the daemon's stop: a call still in the engine is not waited for
             pool.shutdown()
 
     def wake(self) -> None:

@@ -78,6 +78,9 @@ class Batcher:
         self._timeouts = metrics.engine_timeouts.labels(model=model)
         # While an engine call that missed its deadline is still out: when it started (time.monotonic()).
         self._overdue_since: float | None = None
+        # While the executor's thread is inside the engine's call: when it went in (time.monotonic()). Set and
+        # cleared by that thread itself, so it holds even after the call's future was given up on.
+        self._in_engine_since: float | None = None
         self.batches = 0  # engine calls made; for logs and tests
 
     @property
@@ -94,6 +97,12 @@ class Batcher:
         return f"engine {self.model}: an inference call has not returned for {seconds:.0f} s"
 
     @property
+    def in_engine_seconds(self) -> float | None:
+        """How long the engine's current call has run, or None when no call is in the engine."""
+        since = self._in_engine_since
+        return None if since is None else time.monotonic() - since
+
+    @property
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
 
@@ -103,24 +112,33 @@ class Batcher:
             raise RuntimeError(f"batcher {self.model} was already started")
         self._task = asyncio.create_task(self._run(), name=f"batcher:{self.model}")
 
-    async def stop(self) -> None:
-        """Stop taking items, run what is queued, and wait for the background task to end.
+    async def stop(self, timeout_seconds: float | None = None) -> bool:
+        """Stop taking items, run what is queued, and wait for the background task to end; at most
+        ``timeout_seconds`` when given. Returns False when it gave up waiting.
 
-        If this is cancelled (a drain timeout), the task is cancelled and what is still queued fails
-        with EngineError, so no caller waits forever.
+        If this is cancelled (a drain timeout) or gives up, the task is cancelled and what is still queued
+        fails with EngineError, so no caller waits forever. An engine call already running goes on in its
+        thread (nothing can stop it): ``in_engine_seconds`` says so until it returns.
         """
         self._stopping = True
         self._wakeup.set()
         task = self._task
         if task is None:
             self._fail_pending("the batcher was never started")
-            return
+            return True
         try:
-            await asyncio.shield(task)
+            done, _ = await asyncio.wait((task,), timeout=timeout_seconds)
         except asyncio.CancelledError:
-            task.cancel()
-            self._fail_pending("the batcher was stopped before this item ran")
+            self._abandon(task)
             raise
+        if not done:
+            self._abandon(task)
+            return False
+        return True
+
+    def _abandon(self, task: asyncio.Task[None]) -> None:
+        task.cancel()
+        self._fail_pending("the batcher was stopped before this item ran")
 
     async def submit(self, x: FloatArray, urgent: bool = False) -> SliceResult:
         """Queue one image [C, H, W]; wait for its result. EngineError if the engine fails."""
@@ -198,7 +216,7 @@ class Batcher:
             batch = np.stack([item.x for item in items])
             loop = asyncio.get_running_loop()
             call_started = time.monotonic()
-            call = loop.run_in_executor(self.executor, self.engine.infer, batch)
+            call = loop.run_in_executor(self.executor, self._infer, batch)
             # asyncio.wait, not wait_for: the call's future must outlive the deadline to say when it returns,
             # and an engine's own TimeoutError must not pass for a missed deadline.
             done, _ = await asyncio.wait((call,), timeout=self.infer_timeout_seconds)
@@ -232,6 +250,14 @@ class Batcher:
             if not item.future.done():
                 heat = None if out.heatmap is None else out.heatmap[i].copy()
                 item.future.set_result(SliceResult(out.scores[i].copy(), heat))
+
+    def _infer(self, batch: FloatArray) -> EngineOutput:
+        """The engine's call, in the executor's thread."""
+        self._in_engine_since = time.monotonic()
+        try:
+            return self.engine.infer(batch)
+        finally:
+            self._in_engine_since = None
 
     def _overdue(self, call: asyncio.Future[EngineOutput], call_started: float) -> None:
         """An engine call missed its deadline: count it, and report a problem until it returns.
