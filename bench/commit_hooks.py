@@ -64,7 +64,7 @@ def _wrap(cls: Any, name: str, before: Any = None, after: Any = None) -> None:
 
 
 def install() -> None:
-    from edge_agent.dicom import scp, spool
+    from edge_agent.dicom import incoming, scp, spool
 
     def on_command(now: float, conn: Any, *_: Any) -> None:
         answered = getattr(conn, "_bench_answered", None)
@@ -121,9 +121,9 @@ def install() -> None:
     _wrap(scp._Connection, "_on_dataset_end", before=on_dataset_end)
     _wrap(scp._Connection, "_answer", before=on_answer)
     _wrap(scp._Connection, "_finish", before=on_finish_start, after=on_finish)
-    _wrap(scp._Committer, "submit", before=on_submit)
-    _wrap(scp._Committer, "_place_group", after=on_place)
-    _wrap(scp._Committer, "_record_group", after=on_record)
-    _wrap(scp._Committer, "commit_now", after=on_inline)
+    _wrap(incoming.Committer, "submit", before=on_submit)
+    _wrap(incoming.Committer, "_place_group", after=on_place)
+    _wrap(incoming.Committer, "_record_group", after=on_record)
+    _wrap(incoming.Committer, "commit_now", after=on_inline)
     _wrap(spool.Spool, "place", after=on_flush)
     signal.signal(signal.SIGUSR2, _dump)

@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 from bench.ingest import STORESCU  # noqa: E402
 from bench.ingest_data import ct_template, write_series  # noqa: E402
 from edge_agent.config import DicomConfig  # noqa: E402
-from edge_agent.dicom import scp  # noqa: E402
+from edge_agent.dicom import incoming, scp  # noqa: E402
 from edge_agent.dicom.spool import Spool  # noqa: E402
 from edge_agent.journal import Journal  # noqa: E402
 from edge_agent.metrics import Metrics  # noqa: E402
@@ -51,7 +51,7 @@ STEPS = (
 
 
 class Marks:
-    """Timestamps per instance, in arrival order; each instance's row rides on the receiver's _Store object."""
+    """Timestamps per instance, in arrival order; each instance's row rides on the receiver's Incoming object."""
 
     def __init__(self) -> None:
         self.rows: list[dict[str, float]] = []
@@ -90,10 +90,10 @@ def instrument(marks: Marks) -> None:
 
     _wrap(scp.Receiver, "_begin_store", after=begun)
     _wrap(scp._Connection, "_on_dataset_end", before=lambda conn: marks.mark(conn._store, "end"))
-    _wrap(scp._Committer, "_place", before=lambda _c, group: [marks.mark(s, "place") for s in group],
+    _wrap(incoming.Committer, "_place", before=lambda _c, group: [marks.mark(s, "place") for s in group],
           after=lambda _r, _c, group: [(marks.mark(s, "placed"), marks.mark(s, "group", len(group))) for s in group])
-    _wrap(scp, "_read_meta", after=lambda _r, store: marks.mark(store, "header"))
-    _wrap(scp._Committer, "_record", after=lambda _r, _c, group, *_: [marks.mark(s, "recorded") for s in group])
+    _wrap(incoming, "_read_meta", after=lambda _r, store: marks.mark(store, "header"))
+    _wrap(incoming.Committer, "_record", after=lambda _r, _c, group, *_: [marks.mark(s, "recorded") for s in group])
     _wrap(scp._Connection, "_answer", after=lambda _r, _conn, store, _a: marks.mark(store, "answered"))
 
 

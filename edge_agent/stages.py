@@ -2,7 +2,7 @@
 
 The stages are those of ``edge_agent_stage_duration_seconds`` (metrics.py), measured at the same points:
 
-- ``receive``: one C-STORE, from its command to the instance durable on disk (dicom/scp.py);
+- ``receive``: one C-STORE, from its command to the instance durable on disk (dicom/scp.py, dicom/incoming.py);
 - ``preprocess``: decoding and preprocessing one instance in the worker pool (pipeline.py);
 - ``queue``: a frame's wait in its model's batcher before its batch starts (inference/batcher.py);
 - ``infer``: the engine call of the batch that frame was in (inference/batcher.py);

@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edge_agent.dicom import pixels
+from edge_agent.dicom.dimse import file_meta
 from edge_agent.dicom.pixels import decode_frames
-from edge_agent.dicom.scp import file_meta
 from edge_agent.errors import DecodeError
 from tests.dicomfiles import DATA_STORE, PYDICOM_FILES, PYNETDICOM_FILES
 

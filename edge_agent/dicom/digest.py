@@ -2,7 +2,7 @@
 
 The File Meta group is written by the receiving side (it names the sender's AE title), so a PACS re-sending
 the same instance from another node would differ there, not in the dataset. The receiver takes the digest
-as the bytes arrive (scp.py); the first 16 hex digits of it end the instance's spool name, so that after a
+as the bytes arrive (incoming.py); the first 16 hex digits of it end the instance's spool name, so that after a
 power cut a file whose journal row was lost can show that it is whole (spool.py, housekeeping.py); the
 journal keeps it whole, to tell a re-send of the same content from a changed one (series.py).
 

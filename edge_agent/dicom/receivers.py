@@ -54,6 +54,7 @@ from typing import Any, cast
 from edge_agent.children import die_with_parent
 from edge_agent.config import DicomConfig
 from edge_agent.dicom.header import InstanceMeta
+from edge_agent.dicom.incoming import describe
 from edge_agent.dicom.scp import (
     _BACKLOG,
     Admission,
@@ -63,7 +64,6 @@ from edge_agent.dicom.scp import (
     Receiver,
     ServedOnALoop,
     _Connection,
-    _describe,
     cannot_listen,
 )
 from edge_agent.dicom.spool import Spool
@@ -621,7 +621,7 @@ def _receiver_main(index: int, count: int, config: DicomConfig, spool_root: Path
         receiver = _ProcessReceiver(config, spool, journal, events, index, associations, lambda: gate[0])
         receiver.start()
     except Exception as exc:
-        events.send_now("failed", _describe(exc))
+        events.send_now("failed", describe(exc))
         return
     assert receiver._loop is not None
     events.attach(receiver._loop)

@@ -7,14 +7,9 @@ sets are small and parsed here, and P-DATA fragments of a dataset are written to
 spool as they come, so memory per association is bounded by what one ``recv`` returns, whatever a
 peer declares.
 
-Durability: a Success is answered only once the instance's data is fsynced, its name is in a fsynced
-directory and its journal row is committed (PS3.4 Annex B.2.3). Instances that finish arriving
-together, on any association, are committed together: one directory fsync and one journal commit per
-group (``_Committer``). What can be done before a Success is needed is done as the bytes arrive: the
-content's digest, the start of the data's writeback, the next instance's temp file. The journal
-commit does not wait for its own fsync: the spool file, named with a digest of its content, is the
-record of truth, and after a power cut the daemon records again the files whose rows were lost
-(journal.py, ``Housekeeping.adopt_at_start``).
+Durability: a Success is answered only once the instance is durable (incoming.py, ``Committer``); the
+next instance's temp file is made while this one is flushed. The bytes of the Upper Layer and DIMSE are
+built and parsed by pure functions (dimse.py).
 
 What a peer cannot do (each a test in tests/test_scp_limits.py): declare a PDU longer than
 ``max_pdu_bytes`` (aborted at the header), send a dataset over ``max_dataset_bytes`` or a Deflated one
@@ -31,8 +26,6 @@ import contextlib
 import errno
 import logging
 import os
-import queue
-import re
 import socket
 import ssl
 import struct
@@ -40,7 +33,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -64,10 +57,38 @@ from pynetdicom.sop_class import _STORAGE_CLASSES
 
 from edge_agent import tlsutil
 from edge_agent.config import DicomConfig
-from edge_agent.dicom import acse, digest, status
-from edge_agent.dicom.header import InstanceMeta, check_sop_class, read_meta, read_meta_head
+from edge_agent.dicom import acse, status
+from edge_agent.dicom.dimse import (
+    ABORT_INVALID,
+    ABORT_UNEXPECTED,
+    ABORT_UNRECOGNISED,
+    APPLICATION_CONTEXT,
+    CMD_CANCEL_RQ,
+    CMD_ECHO_RQ,
+    CMD_STORE_RQ,
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION,
+    NO_DATASET,
+    RELEASE_RP,
+    RJ_BUSY,
+    RJ_CALLING_AET,
+    RJ_NO_REASON,
+    RJ_STOPPING,
+    RJ_VERSION,
+    VERIFICATION,
+    ProtocolError,
+    abort_pdu,
+    cmd_int,
+    cmd_uid,
+    file_meta,
+    parse_command,
+    reject_pdu,
+    response,
+)
+from edge_agent.dicom.header import InstanceMeta
 from edge_agent.dicom.hosts import HostMatcher
-from edge_agent.dicom.spool import Spool, ToPlace, start_writeback
+from edge_agent.dicom.incoming import CANNOT_UNDERSTAND, Committer, Incoming, Result, describe
+from edge_agent.dicom.spool import Spool
 from edge_agent.errors import EdgeAgentError
 from edge_agent.journal import Journal, Recorded
 from edge_agent.logs import RepeatedLog
@@ -75,8 +96,6 @@ from edge_agent.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
-VERIFICATION = "1.2.840.10008.1.1"
-APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 STORAGE_SOP_CLASSES: frozenset[str] = frozenset(str(uid) for uid in _STORAGE_CLASSES.values())
 
 # Every syntax our decoders (pydicom + pylibjpeg) read, in our order of preference when a peer proposes
@@ -99,17 +118,7 @@ TRANSFER_SYNTAXES: tuple[UID, ...] = (
 # The command set is always Implicit VR Little Endian; Verification needs nothing else.
 _ECHO_SYNTAXES = (ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian)
 
-IMPLEMENTATION_CLASS_UID = "2.25.186402343521405396389318725146318722217"
-IMPLEMENTATION_VERSION = "EDGE_AGENT_1"
 
-# A-ASSOCIATE-RJ (PS3.8 9.3.4): (result, source, reason).
-_RJ_CALLING_AET = (0x01, 0x01, 0x03)  # permanent, service-user, calling AE title not recognised
-_RJ_NO_REASON = (0x01, 0x02, 0x01)  # permanent, service-provider (ACSE), no reason given
-_RJ_VERSION = (0x01, 0x02, 0x02)  # permanent, service-provider (ACSE), protocol version not supported
-_RJ_STOPPING = (0x02, 0x03, 0x01)  # transient, service-provider (presentation), temporary congestion
-_RJ_BUSY = (0x02, 0x03, 0x02)  # transient, service-provider (presentation), local limit exceeded
-# A-ABORT source 2 (service-provider): reasons 1 unrecognised PDU, 2 unexpected PDU, 6 invalid parameter.
-_ABORT_UNRECOGNISED, _ABORT_UNEXPECTED, _ABORT_INVALID = 0x01, 0x02, 0x06
 
 # An A-ASSOCIATE-RQ with 128 contexts of 10 long syntaxes is ~90 KB.
 _MAX_ASSOCIATE_RQ = 256 * 1024
@@ -117,448 +126,14 @@ _MAX_COMMAND_BYTES = 64 * 1024
 # A P-DATA PDU may carry a few bytes of item headers beyond the announced maximum (PS3.8 D.1 counts the
 # PDVs only in some readings); tolerate that much, no more.
 _PDU_SLACK = 64
-# How much of each dataset's start is kept in memory to read the header without reading the file again.
-_HEAD_BYTES = 256 * 1024
-_INFLATE_STEP = 1 << 20
-# Writeback of a dataset being received is started every this many bytes, and at its end.
-_WRITEBACK_BYTES = 1 << 20
 # Temp files created ahead of the C-STOREs that will use them.
 _SPARE_FILES = 2
 _SWEEP_SECONDS = 0.5
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-_CMD_STORE_RQ, _CMD_ECHO_RQ, _CMD_CANCEL_RQ = 0x0001, 0x0030, 0x0FFF
-_NO_DATASET = 0x0101
-
-_CANNOT_UNDERSTAND = status.Answer(status.CANNOT_UNDERSTAND, status.OUTCOME_CANNOT_UNDERSTAND)
 
 OnStored = Callable[[InstanceMeta, Recorded], None]
 Admission = Callable[[], "str | None"]
 OnReleased = Callable[[frozenset[int]], None]
 
-
-class ProtocolError(Exception):
-    """The peer broke the Upper Layer protocol: the association is aborted (A-ABORT)."""
-
-    def __init__(self, message: str, reason: int = _ABORT_INVALID) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
-# -- the wire format ---------------------------------------------------------------------------------
-
-
-def _pdu(pdu_type: int, body: bytes) -> bytes:
-    return struct.pack(">BBI", pdu_type, 0, len(body)) + body
-
-
-def _abort_pdu(source: int, reason: int) -> bytes:
-    return _pdu(0x07, bytes((0, 0, source, reason)))
-
-
-def _reject_pdu(result: int, source: int, reason: int) -> bytes:
-    return _pdu(0x03, bytes((0, result, source, reason)))
-
-
-_RELEASE_RP = _pdu(0x06, b"\0\0\0\0")
-
-
-def _element(tag_element: int, value: bytes) -> bytes:
-    if len(value) % 2:
-        value += b"\0"
-    return struct.pack("<HHI", 0x0000, tag_element, len(value)) + value
-
-
-def _us(v: int) -> bytes:
-    return struct.pack("<H", v)
-
-
-def response(context_id: int, command_field: int, message_id: int, status_code: int,
-             sop_class: str, sop_instance: str | None) -> bytes:
-    """A DIMSE response (Implicit VR LE command set, no dataset) as one P-DATA-TF PDU."""
-    body = _element(0x0002, sop_class.encode("ascii"))
-    body += _element(0x0100, _us(command_field))
-    body += _element(0x0120, _us(message_id))
-    body += _element(0x0800, _us(_NO_DATASET))
-    body += _element(0x0900, _us(status_code))
-    if sop_instance is not None:
-        body += _element(0x1000, sop_instance.encode("ascii"))
-    command = _element(0x0000, struct.pack("<I", len(body))) + body
-    pdv = struct.pack(">IBB", len(command) + 2, context_id, 0x03) + command
-    return _pdu(0x04, pdv)
-
-
-def parse_command(data: bytes) -> dict[int, bytes]:
-    """A command set (group 0000, Implicit VR Little Endian): element number -> raw value."""
-    out: dict[int, bytes] = {}
-    pos, end = 0, len(data)
-    while pos < end:
-        if pos + 8 > end:
-            raise ProtocolError("a command set ends inside an element header")
-        group, elem, length = struct.unpack_from("<HHI", data, pos)
-        pos += 8
-        if group != 0x0000 or pos + length > end:
-            raise ProtocolError("a command set holds an element outside group 0000 or past its end")
-        out[elem] = data[pos : pos + length]
-        pos += length
-    return out
-
-
-def _cmd_int(cmd: dict[int, bytes], elem: int) -> int | None:
-    raw = cmd.get(elem)
-    return struct.unpack("<H", raw)[0] if raw is not None and len(raw) == 2 else None
-
-
-def _cmd_uid(cmd: dict[int, bytes], elem: int) -> str | None:
-    raw = cmd.get(elem)
-    if raw is None:
-        return None
-    text = raw.rstrip(b"\0 ").decode("ascii", "replace")
-    return text if len(text) <= 64 and _UID.fullmatch(text) else None
-
-
-def file_meta(sop_class: str, sop_instance: str, transfer_syntax: str, source_aet: str, receiving_aet: str) -> bytes:
-    """Preamble, ``DICM`` and the File Meta group (Explicit VR LE) of the Part 10 file written to the spool.
-
-    The calling and called AE titles go into Source (0002,0016) and Receiving (0002,0018) Application Entity
-    Title, so that a file adopted after a power cut (journal.py) is routed as it would have been."""
-
-    def el(elem: int, vr: bytes, value: bytes, pad: bytes = b"\0") -> bytes:
-        if len(value) % 2:
-            value += pad
-        if vr in (b"OB",):
-            return struct.pack("<HH2sHI", 0x0002, elem, vr, 0, len(value)) + value
-        return struct.pack("<HH2sH", 0x0002, elem, vr, len(value)) + value
-
-    body = (
-        el(0x0001, b"OB", b"\0\1")
-        + el(0x0002, b"UI", sop_class.encode("ascii"))
-        + el(0x0003, b"UI", sop_instance.encode("ascii"))
-        + el(0x0010, b"UI", transfer_syntax.encode("ascii"))
-        + el(0x0012, b"UI", IMPLEMENTATION_CLASS_UID.encode("ascii"))
-        + el(0x0013, b"SH", IMPLEMENTATION_VERSION.encode("ascii"), b" ")
-        + el(0x0016, b"AE", source_aet.encode("ascii", "replace")[:16], b" ")
-        + el(0x0018, b"AE", receiving_aet.encode("ascii", "replace")[:16], b" ")
-    )
-    return b"\0" * 128 + b"DICM" + el(0x0000, b"UL", struct.pack("<I", len(body))) + body
-
-
-# -- one instance on its way in -------------------------------------------------------------------------
-
-
-@dataclass
-class _Store:
-    """A C-STORE being received: its temp file, or the answer it will get without one."""
-
-    context_id: int
-    message_id: int
-    sop_class: str
-    sop_instance: str
-    transfer_syntax: str
-    calling_aet: str
-    called_aet: str
-    max_bytes: int
-    refused: status.Answer | None = None
-    refusal: str = ""
-    path: Path | None = None
-    fd: int = -1
-    capacity: int = 0  # the file's size when taken: a slot's (spool.py), written over in place, or 0
-    size: int = 0  # dataset bytes received (as sent, deflated or not)
-    meta_bytes: int = 0  # the preamble and File Meta written before them
-    head: bytearray = field(default_factory=bytearray)
-    inflater: Any = None
-    inflated: int = 0
-    started: float = field(default_factory=time.perf_counter)
-    # The dataset's digest (as received, deflated or not; digest.py), taken as the bytes arrive: the sender is
-    # busy sending the next fragment meanwhile, and the file is never read back.
-    hasher: Any = field(default_factory=digest.hasher)
-    unflushed: int = 0  # bytes written since the last writeback was started
-
-    def write(self, chunk: memoryview) -> None:
-        if self.refused is not None:
-            return
-        self.size += len(chunk)
-        if self.size > self.max_bytes:
-            self.refuse(status.SPOOL_FULL, f"the dataset is larger than dicom.max_dataset_bytes ({self.max_bytes})")
-            return
-        if self.inflater is not None:
-            self._inflate(chunk)
-        elif len(self.head) < _HEAD_BYTES:
-            self.head += chunk[: _HEAD_BYTES - len(self.head)]
-        self.hasher.update(chunk)
-        try:
-            view = chunk
-            while view:
-                n = os.write(self.fd, view)
-                view = view[n:]
-        except OSError as exc:
-            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
-            self.refuse(status.SPOOL_FULL if full else status.RECEIVE_FAILED,
-                        f"writing it to the spool failed ({os.strerror(exc.errno or 0)})")
-            return
-        self.unflushed += len(chunk)
-        if self.unflushed >= _WRITEBACK_BYTES:
-            self.start_writeback()
-
-    def start_writeback(self) -> None:
-        """Start writing what was received to the disk now, so that the fsync behind Success finds less to do."""
-        if self.fd >= 0 and self.unflushed:
-            self.unflushed = 0
-            start_writeback(self.fd)
-
-    def _inflate(self, chunk: memoryview) -> None:
-        # Inflated in steps of 1 MiB: a small Deflated dataset that inflates to gigabytes is counted, and
-        # refused, without ever holding more than one step of it.
-        data: bytes = bytes(chunk)
-        try:
-            while data and self.refused is None:
-                out = self.inflater.decompress(data, _INFLATE_STEP)
-                self.inflated += len(out)
-                if len(self.head) < _HEAD_BYTES:
-                    self.head += out[: _HEAD_BYTES - len(self.head)]
-                if self.inflated > self.max_bytes:
-                    self.refuse(status.SPOOL_FULL, "the Deflated dataset inflates past dicom.max_dataset_bytes "
-                                f"({self.max_bytes})")
-                data = self.inflater.unconsumed_tail
-        except zlib.error:
-            self.refuse(_CANNOT_UNDERSTAND, "the Deflated dataset does not inflate")
-
-    def refuse(self, answer: status.Answer, why: str) -> None:
-        if self.refused is None:
-            self.refused, self.refusal = answer, why
-            self.discard()
-
-    def discard(self) -> None:
-        if self.fd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(self.fd)
-            self.fd = -1
-        if self.path is not None:
-            with contextlib.suppress(OSError):
-                self.path.unlink()
-            self.path = None
-
-
-@dataclass
-class _Result:
-    answer: status.Answer
-    meta: InstanceMeta | None = None
-    recorded: Recorded | None = None
-
-
-class _Committer:
-    """Makes finished instances durable in groups, in two stages on two threads (see the module docstring).
-
-    Stage one reads each header, renames the group into the spool and fsyncs the files and the folder at once;
-    stage two records the group in the journal (one commit). A group enters stage two only after its own
-    fsyncs, so the journal never names a file that is not on disk; meanwhile the next group is in stage one.
-    Each stage takes everything waiting for it as its next group. The threads are plain threads fed by
-    queues, and the answers go back with one ``call_soon_threadsafe`` per group: a hop through the event
-    loop costs as much as a journal commit here.
-    """
-
-    def __init__(self, spool: Spool, journal: Journal) -> None:
-        self._spool = spool
-        self._journal = journal
-        self._to_place: queue.SimpleQueue[_Waiting | None] = queue.SimpleQueue()
-        self._to_record: queue.SimpleQueue[_Placed | None] = queue.SimpleQueue()
-        self._pending: set[asyncio.Future[_Result]] = set()
-        self._threads: list[threading.Thread] = []
-
-    def submit(self, store: _Store) -> asyncio.Future[_Result]:
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[_Result] = loop.create_future()
-        self._pending.add(fut)
-        fut.add_done_callback(self._pending.discard)
-        if not self._threads:
-            self._threads = [
-                threading.Thread(target=self._stage, name="dicom-place", daemon=True,
-                                 args=(self._to_place, self._place_group, lambda: self._to_record.put(None))),
-                threading.Thread(target=self._stage, name="dicom-journal", daemon=True,
-                                 args=(self._to_record, self._record_group, lambda: None))]
-            for t in self._threads:
-                t.start()
-        self._to_place.put(_Waiting(store, fut))
-        return fut
-
-    def commit_now(self, store: _Store) -> _Result:
-        """Both stages for one instance, on the calling thread; only while ``idle_now``."""
-        try:
-            ready, results, names = self._place([store])
-            self._record([store], ready, results, names)
-        except Exception as exc:  # both stages answer their own failures; this is a last resort
-            return _Result(status.answer_for(exc))
-        return results[0] or _Result(status.RECEIVE_FAILED)
-
-    def idle_now(self) -> bool:
-        """Nothing submitted is waiting for its answer (so nothing is ahead of a new instance in the journal)."""
-        return not self._pending
-
-    async def idle(self) -> None:
-        """Wait until every instance submitted so far has its answer."""
-        while self._pending:
-            await asyncio.wait(list(self._pending))
-
-    def close(self) -> None:
-        threads, self._threads = self._threads, []
-        if threads:
-            self._to_place.put(None)
-            for t in threads:
-                t.join()
-
-    @staticmethod
-    def _stage(inbox: queue.SimpleQueue[Any], work: Callable[[list[Any]], None], after: Callable[[], None]) -> None:
-        """One stage's thread: take everything waiting as one group, until the ``None`` that ends it."""
-        stopping = False
-        while not stopping:
-            group: list[Any] = []
-            item = inbox.get()
-            while True:
-                if item is None:
-                    stopping = True
-                    break
-                group.append(item)
-                try:
-                    item = inbox.get_nowait()
-                except queue.Empty:
-                    break
-            if group:
-                work(group)
-        after()
-
-    def _place_group(self, items: list[_Waiting]) -> None:
-        try:
-            ready, results, names = self._place([w.store for w in items])
-        except BaseException as exc:  # _place is total; this is a last resort so that no sender hangs
-            _answer_all(items, [_Result(status.answer_for(exc))] * len(items))
-            return
-        self._to_record.put(_Placed(items, ready, results, names))
-
-    def _record_group(self, placed: list[_Placed]) -> None:
-        for p in placed:
-            try:
-                self._record([w.store for w in p.items], p.ready, p.results, p.names)
-                results = p.results
-            except BaseException as exc:  # _record answers its own failures; this is a last resort
-                results = [r if r is not None else _Result(status.answer_for(exc)) for r in p.results]
-            _answer_all(p.items, [r if r is not None else _Result(status.RECEIVE_FAILED) for r in results])
-
-    def _place(self, group: list[_Store]) -> tuple[list[tuple[int, InstanceMeta]], list[_Result | None], list[str]]:
-        """Stage one: read headers, place and fsync the group. Total: nothing raises."""
-        results: list[_Result | None] = [None] * len(group)
-        ready: list[tuple[int, InstanceMeta]] = []
-        for i, st in enumerate(group):
-            try:
-                meta = _read_meta(st)
-                check_sop_class(meta, st.sop_class)
-                ready.append((i, meta))
-            except Exception as exc:
-                results[i] = _refused(st, exc)
-        names: list[str] = []
-        if ready:
-            try:
-                names = self._spool.place([
-                    ToPlace(group[i].path, group[i].fd, meta.content_digest,  # type: ignore[arg-type]
-                            group[i].meta_bytes + group[i].size, group[i].capacity, group[i].transfer_syntax)
-                    for i, meta in ready])
-            except Exception as exc:
-                for i, _ in ready:
-                    results[i] = _refused(group[i], exc)
-                ready = []
-            for i, _ in ready:
-                st = group[i]
-                st.path = None  # renamed: it is the spool's now
-                with contextlib.suppress(OSError):
-                    os.close(st.fd)
-                st.fd = -1
-        return ready, results, names
-
-    def _record(self, group: list[_Store], ready: list[tuple[int, InstanceMeta]], results: list[_Result | None],
-                names: list[str]) -> None:
-        """Stage two: one journal commit for the group's placed instances; fills in ``results``."""
-        if not ready:
-            return
-        try:
-            recorded = self._journal.record_instances(
-                [(meta, name, group[i].meta_bytes + group[i].size) for (i, meta), name in
-                 zip(ready, names, strict=True)], durable=False)
-        except Exception as exc:
-            for (i, _), name in zip(ready, names, strict=True):
-                self._remove(name, "an unjournalled spool file")
-                results[i] = _refused(group[i], exc)
-            return
-        for (i, meta), rec in zip(ready, recorded, strict=True):
-            if rec.identical:
-                # The same content as the instance held (a lost C-STORE-RSP, a PACS re-send): acknowledged,
-                # and nothing changes (issue 8, defect 2). The new copy is not referenced.
-                self._remove(rec.spool_name, "an unreferenced re-sent copy")
-                results[i] = _Result(status.STORED_DUPLICATE, meta, rec)
-                continue
-            if rec.replaced_spool_name is not None:
-                self._remove(rec.replaced_spool_name, "a replaced spool file")
-            results[i] = _Result(status.STORED_REPLACED if rec.replaced_spool_name else status.STORED, meta, rec)
-
-    def _remove(self, name: str, what: str) -> None:
-        try:
-            self._spool.remove(name)
-        except OSError as exc:
-            # Harmless: the orphan sweep at the next start removes it.
-            logger.warning("cannot remove %s: %s", what, exc.strerror)
-
-
-@dataclass
-class _Waiting:
-    store: _Store
-    future: asyncio.Future[_Result]  # on the receiver's loop
-
-
-@dataclass
-class _Placed:
-    items: list[_Waiting]
-    ready: list[tuple[int, InstanceMeta]]
-    results: list[_Result | None]
-    names: list[str]
-
-
-def _answer_all(items: list[_Waiting], results: list[_Result]) -> None:
-    """From a committer thread: settle the group's futures on the receiver's loop, in one hop."""
-    pairs = [(w.future, r) for w, r in zip(items, results, strict=True)]
-    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits for these any more
-        items[0].future.get_loop().call_soon_threadsafe(_settle, pairs)
-
-
-def _settle(pairs: list[tuple[asyncio.Future[_Result], _Result]]) -> None:
-    for fut, result in pairs:
-        if not fut.done():
-            fut.set_result(result)
-
-
-def _read_meta(st: _Store) -> InstanceMeta:
-    assert st.path is not None
-    content = digest.finish(st.hasher)
-    whole = (st.inflated if st.inflater is not None else st.size) <= len(st.head)
-    syntax = ExplicitVRLittleEndian if st.inflater is not None else st.transfer_syntax
-    meta = read_meta_head(bytes(st.head), syntax, st.calling_aet, st.called_aet, content, whole=whole)
-    if meta is None:
-        meta = read_meta(st.path, st.calling_aet, st.called_aet, content)
-    if st.inflater is not None:
-        meta = InstanceMeta(**{**meta.__dict__, "transfer_syntax_uid": st.transfer_syntax})
-    return meta
-
-
-def _refused(st: _Store, exc: BaseException) -> _Result:
-    st.discard()
-    answer = status.answer_for(exc)
-    logger.warning("instance refused with 0x%04X: %s", answer.status, _describe(exc))
-    return _Result(answer)
-
-
-def _describe(exc: BaseException) -> str:
-    """Our own errors carry messages written without patient data; others are named by type only."""
-    if isinstance(exc, EdgeAgentError):
-        return f"{type(exc).__name__}: {exc}"
-    if isinstance(exc, OSError) and exc.strerror:
-        return f"{type(exc).__name__}: {exc.strerror}"
-    return type(exc).__name__
 
 
 # -- one connection ------------------------------------------------------------------------------------
@@ -585,8 +160,8 @@ class _Connection(asyncio.Protocol):
         self._pdu_type = self._pdu_left = self._pdv_left = self._pdv_ctx = self._pdv_ctrl = 0
         self._command = bytearray()
         self._contexts: dict[int, tuple[str, str]] = {}
-        self._store: _Store | None = None
-        self._busy: asyncio.Future[_Result] | None = None
+        self._store: Incoming | None = None
+        self._busy: asyncio.Future[Result] | None = None
         self._backlog = bytearray()
         self.calling_aet = self.called_aet = ""
         self.series: set[int] = set()
@@ -641,8 +216,8 @@ class _Connection(asyncio.Protocol):
         except ProtocolError as exc:
             self.abort(exc.reason, str(exc))
         except Exception as exc:
-            logger.error("DICOM receive failed (%s); aborting the association", _describe(exc))
-            self.abort(_ABORT_INVALID, "internal error")
+            logger.error("DICOM receive failed (%s); aborting the association", describe(exc))
+            self.abort(ABORT_INVALID, "internal error")
 
     def _parse(self, mv: memoryview) -> None:
         pos, end = 0, len(mv)
@@ -725,7 +300,7 @@ class _Connection(asyncio.Protocol):
     def _on_pdu_header(self, pdu_type: int, length: int) -> None:
         if self.state == _AWAIT_RQ:
             if pdu_type != 0x01:
-                raise ProtocolError("the first PDU is not an A-ASSOCIATE-RQ", _ABORT_UNEXPECTED)
+                raise ProtocolError("the first PDU is not an A-ASSOCIATE-RQ", ABORT_UNEXPECTED)
             if length > _MAX_ASSOCIATE_RQ:
                 raise ProtocolError(f"an A-ASSOCIATE-RQ of {length} bytes")
             self._expect(_PDU_BODY, length)
@@ -745,18 +320,18 @@ class _Connection(asyncio.Protocol):
                 raise ProtocolError("an A-RELEASE/A-ABORT PDU of the wrong length")
             self._expect(_PDU_BODY, 4)
         elif pdu_type in (0x01, 0x02, 0x03):
-            raise ProtocolError("an association PDU inside an association", _ABORT_UNEXPECTED)
+            raise ProtocolError("an association PDU inside an association", ABORT_UNEXPECTED)
         else:
-            raise ProtocolError("an unknown PDU type", _ABORT_UNRECOGNISED)
+            raise ProtocolError("an unknown PDU type", ABORT_UNRECOGNISED)
 
     def _on_pdu(self, pdu_type: int, body: bytes) -> None:
         if pdu_type == 0x01:
             self._on_associate_rq(body)
         elif pdu_type == 0x05:
             if self._store is not None:
-                raise ProtocolError("A-RELEASE-RQ in the middle of a dataset", _ABORT_UNEXPECTED)
+                raise ProtocolError("A-RELEASE-RQ in the middle of a dataset", ABORT_UNEXPECTED)
             self.released = True
-            self._write(_RELEASE_RP)
+            self._write(RELEASE_RP)
             self._close()
             if self.series:
                 self._server._released(self.series)
@@ -765,7 +340,7 @@ class _Connection(asyncio.Protocol):
             logger.info("association aborted by the peer")
             self._close()
         else:
-            raise ProtocolError("an unexpected PDU", _ABORT_UNEXPECTED)
+            raise ProtocolError("an unexpected PDU", ABORT_UNEXPECTED)
 
     # -- association negotiation --
 
@@ -778,10 +353,10 @@ class _Connection(asyncio.Protocol):
             # Any peer can send these at will: counted, and logged once a minute (the reason, never the bytes).
             server._repeated.warning("rejected_malformed", "association rejected: an A-ASSOCIATE-RQ that does not "
                                      "decode (%s)", exc)
-            self._reject(_RJ_NO_REASON, "rejected_malformed")
+            self._reject(RJ_NO_REASON, "rejected_malformed")
             return
         if not (rq.protocol_version & 0x01):
-            self._reject(_RJ_VERSION, "rejected_malformed")
+            self._reject(RJ_VERSION, "rejected_malformed")
             return
         why = server._check_association(self, calling)
         if why is not None:
@@ -810,23 +385,23 @@ class _Connection(asyncio.Protocol):
 
     def _reject(self, reason: tuple[int, int, int], outcome: str) -> None:
         self._server._count_association(outcome)
-        self._write(_reject_pdu(*reason))
+        self._write(reject_pdu(*reason))
         self._close()
 
     # -- DIMSE --
 
     def _on_command(self, context_id: int, cmd: dict[int, bytes]) -> None:
-        field_ = _cmd_int(cmd, 0x0100)
-        message_id = _cmd_int(cmd, 0x0110)
-        has_dataset = _cmd_int(cmd, 0x0800) != _NO_DATASET
+        field_ = cmd_int(cmd, 0x0100)
+        message_id = cmd_int(cmd, 0x0110)
+        has_dataset = cmd_int(cmd, 0x0800) != NO_DATASET
         abstract, syntax = self._contexts[context_id]
         if field_ is None or message_id is None:
             raise ProtocolError("a command set without Command Field or Message ID")
-        if field_ == _CMD_ECHO_RQ and not has_dataset:
+        if field_ == CMD_ECHO_RQ and not has_dataset:
             self._write(response(context_id, 0x8030, message_id, status.SUCCESS, VERIFICATION, None))
-        elif field_ == _CMD_STORE_RQ and has_dataset:
+        elif field_ == CMD_STORE_RQ and has_dataset:
             self._store = self._server._begin_store(self, context_id, message_id, abstract, syntax, cmd)
-        elif field_ == _CMD_CANCEL_RQ:
+        elif field_ == CMD_CANCEL_RQ:
             pass
         elif has_dataset:
             raise ProtocolError(f"a command 0x{field_:04X} this Storage SCP does not serve")
@@ -838,7 +413,7 @@ class _Connection(asyncio.Protocol):
         assert store is not None
         if store.inflater is not None and not store.inflater.eof:
             # A deflate stream cut short inflates to a prefix that may parse, but no reader takes the file whole.
-            store.refuse(_CANNOT_UNDERSTAND, "the Deflated dataset ends inside its deflate stream")
+            store.refuse(CANNOT_UNDERSTAND, "the Deflated dataset ends inside its deflate stream")
         if store.refused is not None:
             self._answer(store, store.refused)
             return
@@ -851,12 +426,12 @@ class _Connection(asyncio.Protocol):
         else:
             self._busy = server._committer.submit(store)
             self._busy.add_done_callback(
-                lambda fut: self._finish(store, _Result(status.RECEIVE_FAILED) if fut.cancelled() else fut.result()))
+                lambda fut: self._finish(store, Result(status.RECEIVE_FAILED) if fut.cancelled() else fut.result()))
             self._pause()
         # The next instance's temp file: made while this one is flushed, or while the sender reads the answer.
         server._spare_incoming()
 
-    def _finish(self, store: _Store, result: _Result) -> None:
+    def _finish(self, store: Incoming, result: Result) -> None:
         try:
             if result.recorded is not None and result.meta is not None:
                 if result.answer is not status.STORED_DUPLICATE:
@@ -867,7 +442,7 @@ class _Connection(asyncio.Protocol):
             self._busy = None
             self._resume()
 
-    def _answer(self, store: _Store, answer: status.Answer) -> None:
+    def _answer(self, store: Incoming, answer: status.Answer) -> None:
         self._server._count_instance(answer)
         if store.refused is not None:
             self._server._repeated.warning(f"refused:{answer.outcome}", "instance refused with 0x%04X: %s",
@@ -921,7 +496,7 @@ class _Connection(asyncio.Protocol):
         if self.state == _OPEN:
             self._server._count_association("aborted")
         logger.warning("association aborted: %s", why)
-        self._write(_abort_pdu(0x02, reason))
+        self._write(abort_pdu(0x02, reason))
         if self._store is not None:
             self._store.discard()
             self._store = None
@@ -1107,7 +682,7 @@ class Receiver(ServedOnALoop):
         self._syntaxes = tuple(str(ts) for ts in TRANSFER_SYNTAXES
                                if config.accept_deflate or ts != DeflatedExplicitVRLittleEndian)
         self._servers: list[asyncio.Server] = []
-        self._committer = _Committer(spool, journal)
+        self._committer = Committer(spool, journal)
         self._conns: set[_Connection] = set()
         self._gate = ConnectionGate(config)
         self._accepting = False
@@ -1223,13 +798,13 @@ class Receiver(ServedOnALoop):
     def _check_association(self, conn: _Connection, calling: str) -> tuple[tuple[int, int, int], str, str] | None:
         cfg = self.config
         if not self._accepting:
-            return _RJ_STOPPING, "rejected_busy", "the receiver is stopping"
+            return RJ_STOPPING, "rejected_busy", "the receiver is stopping"
         if cfg.allowed_calling_aets and calling not in cfg.allowed_calling_aets:
-            return _RJ_CALLING_AET, "rejected_calling_aet", "calling AE not allowed"
+            return RJ_CALLING_AET, "rejected_calling_aet", "calling AE not allowed"
         if not self._hosts.allows(calling, conn.peer):
-            return _RJ_CALLING_AET, "rejected_host", "calling AE not allowed from this host"
+            return RJ_CALLING_AET, "rejected_host", "calling AE not allowed from this host"
         if self._associations_now() >= cfg.max_associations:
-            return _RJ_BUSY, "rejected_busy", f"{cfg.max_associations} associations already active"
+            return RJ_BUSY, "rejected_busy", f"{cfg.max_associations} associations already active"
         return None
 
     def _associated(self, conn: _Connection) -> None:
@@ -1249,15 +824,15 @@ class Receiver(ServedOnALoop):
         return next((ts for ts in ours if ts in offered), 0x04)  # 0x04: transfer syntaxes not supported
 
     def _begin_store(self, conn: _Connection, context_id: int, message_id: int, abstract: str, syntax: str,
-                     cmd: dict[int, bytes]) -> _Store:
-        sop_class, sop_instance = _cmd_uid(cmd, 0x0002), _cmd_uid(cmd, 0x1000)
-        st = _Store(context_id, message_id, sop_class or abstract, sop_instance or "", syntax, conn.calling_aet,
+                     cmd: dict[int, bytes]) -> Incoming:
+        sop_class, sop_instance = cmd_uid(cmd, 0x0002), cmd_uid(cmd, 0x1000)
+        st = Incoming(context_id, message_id, sop_class or abstract, sop_instance or "", syntax, conn.calling_aet,
                     conn.called_aet, self.config.max_dataset_bytes)
         if sop_class is None or sop_instance is None:
-            st.refuse(_CANNOT_UNDERSTAND, "a C-STORE request without valid SOP Class and Instance UIDs")
+            st.refuse(CANNOT_UNDERSTAND, "a C-STORE request without valid SOP Class and Instance UIDs")
             return st
         if sop_class != abstract:
-            st.refuse(_CANNOT_UNDERSTAND, "a C-STORE request whose SOP class is not its presentation context's")
+            st.refuse(CANNOT_UNDERSTAND, "a C-STORE request whose SOP class is not its presentation context's")
             return st
         if self._admission is not None:
             why = self._admission()
@@ -1302,7 +877,7 @@ class Receiver(ServedOnALoop):
             with contextlib.suppress(OSError):
                 path.unlink()
 
-    def _stored(self, store: _Store, result: _Result) -> None:
+    def _stored(self, store: Incoming, result: Result) -> None:
         assert result.meta is not None and result.recorded is not None
         self._metrics.received_bytes.inc(store.meta_bytes + store.size)
         receive_seconds = time.perf_counter() - store.started
