@@ -134,6 +134,7 @@ class Batcher:
         if not done:
             self._abandon(task)
             return False
+        task.result()  # what the task raised, if anything, reaches the caller
         return True
 
     def _abandon(self, task: asyncio.Task[None]) -> None:
