@@ -10,7 +10,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -22,7 +22,7 @@ from edge_agent.dicom.receivers import ReceiverProcesses
 from edge_agent.dicom.scp import Receiver
 from edge_agent.dicom.spool import Spool
 from edge_agent.drift import Drift
-from edge_agent.errors import ConfigError, EdgeAgentError, EngineError, StateDirLockedError
+from edge_agent.errors import ConfigError, EdgeAgentError, EngineError, EngineTimeoutError, StateDirLockedError
 from edge_agent.gpu_metrics import GpuMetrics
 from edge_agent.housekeeping import Housekeeping
 from edge_agent.http import HttpServer
@@ -49,6 +49,9 @@ _REFILL_SECONDS = 0.05
 # At a stop, how long a model's batcher may take to finish the engine call in hand (after the pipeline's drain,
 # nobody waits for its results): at most this, or the model's own infer_timeout_seconds if shorter.
 _ENGINE_STOP_SECONDS = 5.0
+# At start, how long each of a model's load, warm-up and check may take, in multiples of its infer_timeout_seconds
+# (30 s by default: two minutes for a plan's deserialisation or a warm-up that would take a normal batch 30 ms).
+_ENGINE_START_TIMEOUTS = 4.0
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 LOCK_FILE = "edge-agent.lock"
 
@@ -103,9 +106,9 @@ class Agent:
         self._state_dir_lock: int | None = None
         self.models: dict[str, LoadedModel] = {}
         self._engines: list[Engine] = []
-        # Set by shutdown when an engine call is still running, which nothing can stop (a wedged GPU or driver):
-        # the process must then end without joining that call's thread (``edge-agent serve`` exits at once).
-        self.engine_call_left_running = False
+        # Engines (by id) with a call still running that nothing can stop (a wedged GPU or driver), found at start
+        # or at the stop: the process must then end without joining that call's thread.
+        self._stuck_engines: set[int] = set()
         # Models whose engine could not be made ready here (no plan for this GPU, verify failed, ...): the reason.
         self.engine_problems: dict[str, str] = {}
         self.gpu_metrics: GpuMetrics | None = None
@@ -267,21 +270,19 @@ class Agent:
             pending = await self.publisher.stop(cfg.pipeline.drain_timeout_seconds, force=self.force_exit)
         if self.pipeline is not None:
             await self.pipeline.close()
-        busy: set[int] = set()
         for name, loaded in self.models.items():
             await loaded.batcher.stop(min(_ENGINE_STOP_SECONDS, cfg.deployment(name).infer_timeout_seconds))
             seconds = loaded.batcher.in_engine_seconds
             if seconds is not None:
-                busy.add(id(loaded.batcher.engine))
+                self._stuck_engines.add(id(loaded.batcher.engine))
                 logger.error(
                     "model %s: an engine call is still running after %.0f s and cannot be stopped (a wedged GPU or "
                     "driver?); exiting without waiting for it, and its series resume at the next start",
                     name,
                     seconds,
                 )
-        self.engine_call_left_running = bool(busy)
         for engine in self._engines:
-            if id(engine) not in busy:  # an engine in a call keeps what the call is using until the process ends
+            if id(engine) not in self._stuck_engines:  # one in a call keeps what the call uses until the process ends
                 engine.close()
         if self.http is not None:
             await self.http.stop()
@@ -396,7 +397,6 @@ class Agent:
     # -- parts ------------------------------------------------------------------------------------
 
     async def _load_models(self) -> None:
-        loop = asyncio.get_running_loop()
         for name in self.config.model_names():
             deployment = self.config.deployment(name)
             card = load_card(self.config.model_repository / name)
@@ -408,10 +408,11 @@ class Agent:
             try:
                 engine = create_engine(card, deployment, self.config.state_dir)
                 self._engines.append(engine)
-                await loop.run_in_executor(self._engine_pool, engine.load)
-                await loop.run_in_executor(self._engine_pool, engine.warm_up)
+                await self._engine_step(name, "load", engine, engine.load)
+                await self._engine_step(name, "warm-up", engine, engine.warm_up)
                 if deployment.verify_at_start:
-                    await loop.run_in_executor(self._engine_pool, self._verify, card, deployment, engine)
+                    await self._engine_step(name, "check against ONNX Runtime", engine,
+                                            functools.partial(self._verify, card, deployment, engine))
             except EngineError as exc:
                 if deployment.backend == "onnxruntime" and not isinstance(exc, PlanUnavailable):
                     raise
@@ -439,6 +440,25 @@ class Agent:
                 engine.backend,
                 time.perf_counter() - started,
             )
+
+    async def _engine_step(self, name: str, what: str, engine: Engine, step: Callable[[], object]) -> None:
+        """One start-up call on a model's engine, in the engine pool, bounded: one that does not return in
+        ``_ENGINE_START_TIMEOUTS`` times the model's infer_timeout_seconds (a wedged GPU or driver) raises
+        EngineTimeoutError, and its thread is left to it."""
+        seconds = _ENGINE_START_TIMEOUTS * self.config.deployment(name).infer_timeout_seconds
+        call = asyncio.get_running_loop().run_in_executor(self._engine_pool, step)
+        done, _ = await asyncio.wait((call,), timeout=seconds)
+        if not done:
+            self._stuck_engines.add(id(engine))
+            call.add_done_callback(lambda c: c.cancelled() or c.exception())  # whatever it ends with, if ever
+            raise EngineTimeoutError(f"engine {name}: its {what} did not return within {seconds:g} s (a wedged GPU or "
+                                     "driver?)")
+        call.result()
+
+    @property
+    def engine_call_left_running(self) -> bool:
+        """An engine call that nothing can stop is still running: ``edge-agent serve`` ends the process at once."""
+        return bool(self._stuck_engines)
 
     def _verify(self, card: ModelCard, deployment: ModelDeployment, engine: Engine) -> None:
         """The start-up gate: the engine against ONNX Runtime on the CPU; EngineError if they disagree."""

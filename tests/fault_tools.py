@@ -215,13 +215,14 @@ def model_repository(root: Path, seconds_per_image: float) -> tuple[Path, float]
 
 
 
-def build_hanging_model(folder: Path, *, hangs: bool = True, name: str = "ct-hang") -> None:
+def build_hanging_model(folder: Path, *, hangs: bool = True, at_warm_up: bool = False, name: str = "ct-hang") -> None:
     """A real ONNX model whose call on a real image does not return (a wedged GPU, as the daemon sees one), as a
-    card beside ct-demo's; with ``hangs=False``, the same graph returning at once (the model replaced).
+    card beside ct-demo's; with ``hangs=False``, the same graph returning at once (the model replaced); with
+    ``at_warm_up``, one whose every call hangs, the daemon's warm-up at start included.
 
-    A Loop whose trip count is the input's largest magnitude times 10^12 (about 1.8 us a trip here): an
-    all-zero batch (the daemon's warm-up at start) runs no trips, a CT slice's normalised input years of them.
-    ONNX Runtime cannot stop a call once it runs, so the call holds its thread until the process ends.
+    A Loop whose trip count is the input's largest magnitude (plus one, ``at_warm_up``) times 10^12 (about
+    1.8 us a trip here): an all-zero batch (the warm-up) runs no trips, a CT slice's normalised input years of
+    them. ONNX Runtime cannot stop a call once it runs, so the call holds its thread until the process ends.
     """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -238,7 +239,8 @@ def build_hanging_model(folder: Path, *, hangs: bool = True, name: str = "ct-han
     nodes = [
         helper.make_node("ReduceMax", ["image"], ["peak"], keepdims=0),
         helper.make_node("Abs", ["peak"], ["magnitude"]),
-        helper.make_node("Mul", ["magnitude", "trips_per_unit"], ["trips_f"]),
+        helper.make_node("Add", ["magnitude", "offset"], ["shifted"]),
+        helper.make_node("Mul", ["shifted", "trips_per_unit"], ["trips_f"]),
         helper.make_node("Cast", ["trips_f"], ["trips"], to=TensorProto.INT64),
         helper.make_node("Loop", ["trips", "", "zero"], ["spun"], body=body),
         helper.make_node("Mul", ["spun", "zero"], ["nothing"]),
@@ -253,6 +255,7 @@ def build_hanging_model(folder: Path, *, hangs: bool = True, name: str = "ct-han
         [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 1])],
         [numpy_helper.from_array(np.array(1e12 if hangs else 0.0, np.float32), "trips_per_unit"),
          numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+         numpy_helper.from_array(np.array(1.0 if at_warm_up else 0.0, np.float32), "offset"),
          numpy_helper.from_array(np.array([1], dtype=np.int64), "axis")],
     )
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.cli import EXIT_STATE_DIR_LOCKED
+from edge_agent.cli import EXIT_FAILURE, EXIT_STATE_DIR_LOCKED
 from edge_agent.journal import Journal
 from tests.daemon import Daemon, storescu, write_config
+from tests.fault_tools import build_hanging_model
 from tests.natsutil import NatsServer
 from tests.test_e2e import CR_CHEST, fresh_copy
 
@@ -181,3 +182,25 @@ def test_a_second_sigterm_ends_the_shutdown_while_the_publisher_waits_for_the_br
         assert journal.counts().outbox_pending == 1
     finally:
         journal.close()
+
+
+def test_a_model_whose_warm_up_never_returns_stops_the_start_with_the_reason(
+    tmp_path: Path, nats_server: NatsServer, daemons: list[Daemon]
+) -> None:
+    """A wedged GPU at start, as the daemon sees one: a start-up call on an engine that does not return. The start
+    ends with the reason, without waiting for the call (an ONNX Runtime model that cannot start is fatal, as its
+    errors are), instead of hanging until systemd's TimeoutStartSec."""
+    repo = tmp_path / "models"
+    repo.mkdir()
+    for bundled in ("cxr-nodule", "ct-demo"):
+        (repo / bundled).symlink_to(Path(__file__).resolve().parent.parent / "engines" / bundled)
+    build_hanging_model(repo / "ct-hang", at_warm_up=True)
+    config = write_config(tmp_path, nats_server.url, model_repository=str(repo), **{
+        "routes.1.model": "ct-hang", "models.ct-hang": {"infer_timeout_seconds": 1.0}})
+    d = Daemon(config, tmp_path)
+    daemons.append(d)
+    d.start(wait_ready=False)
+    assert d.proc is not None
+    assert d.proc.wait(60) == EXIT_FAILURE  # before the fix: no exit at all (the warm-up's thread was joined)
+    said = "edge-agent stopped: engine ct-hang: its warm-up did not return within 4 s (a wedged GPU or driver?)"
+    assert said in d.log()
