@@ -7,6 +7,7 @@ machine cannot inject (no root for a mount, no ``chattr``) raises ``CannotInject
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import random
 import signal
@@ -704,6 +705,8 @@ def _barrier(r: Rig, what: str) -> None:
 SCENARIOS: dict[str, Callable[..., Outcome]] = {
     "sigkill": sigkill,
     "sigterm-slow-engine": sigterm_slow_engine,
+    "sigterm-hung-engine-in-call": functools.partial(sigterm_hung_engine, overdue=False),
+    "sigterm-hung-engine-overdue": functools.partial(sigterm_hung_engine, overdue=True),
     "late-and-resend": late_and_resend,
     "broker-killed": broker_killed_mid_publish,
     "broker-down-at-start": broker_down_at_start,
