@@ -28,7 +28,7 @@ Run:  .venv/bin/python bench/ingest.py                      (500 CT of 0.5 MB, 2
       .venv/bin/python bench/ingest.py --only storescp edge-nothing edge-base --baseline-source DIR
           (a change against an earlier version of edge-agent, interleaved in one run)
       .venv/bin/python bench/ingest.py --only edge-ct edge-ct-base --baseline-source DIR --latency 0
-          (the same, with CT routed to ct-demo in both)
+          (the same, with CT routed to ct-demo in both; edge-ct-procs and edge-ct-procs-base in receiver processes)
       .venv/bin/python bench/ingest.py --only storescp-fork orthanc edge-nothing edge-ct --receiver-cpus 0 0-1
           (how each receiver scales from one CPU to two, side by side in one run)
 """
@@ -80,6 +80,7 @@ LABELS = {
     "edge-ct-procs": "edge-agent, CT routed to ct-demo, in receiver processes",
     "edge-base": "edge-agent from --baseline-source, nothing routed",
     "edge-ct-base": "edge-agent from --baseline-source, CT routed to ct-demo",
+    "edge-ct-procs-base": "edge-agent from --baseline-source, CT routed to ct-demo, in receiver processes",
 }
 
 RECEIVERS = tuple(LABELS)
@@ -103,15 +104,16 @@ def make_receiver(key: str, root: Path, edge_agent_source: Path = REPO, baseline
     """The receiver ``key``; with ``on`` (a --receiver-cpus spec) its key and label say on which CPUs it runs."""
     name = f"{key}@{on}" if on else key
     folder, label = root / name, LABELS[key] + (f", on CPUs {on}" if on else "")
-    if key.endswith("-procs"):
+    baseline = key.endswith("-base")
+    if baseline and baseline_source is None:
+        raise SystemExit(f"{key} needs --baseline-source DIR")
+    source = baseline_source if baseline and baseline_source is not None else edge_agent_source
+    if key.endswith(("-procs", "-procs-base")):
         return EdgeAgent(name, label.replace("receiver processes", f"{receiver_processes} receiver processes"),
-                         folder, "EDGE_AGENT", cpus=cpus, routed=key == "edge-ct-procs", source=edge_agent_source,
+                         folder, "EDGE_AGENT", cpus=cpus, routed=key.startswith("edge-ct"), source=source,
                          receiver_processes=receiver_processes)
-    if key in ("edge-base", "edge-ct-base"):
-        if baseline_source is None:
-            raise SystemExit(f"{key} needs --baseline-source DIR")
-        return EdgeAgent(name, label, folder, "EDGE_AGENT", cpus=cpus, routed=key == "edge-ct-base",
-                         source=baseline_source)
+    if baseline:
+        return EdgeAgent(name, label, folder, "EDGE_AGENT", cpus=cpus, routed=key == "edge-ct-base", source=source)
     if key.startswith("storescp"):
         return Storescp(name, label, folder, "STORESCP", cpus=cpus, fork=key == "storescp-fork")
     if key == "orthanc":
@@ -233,8 +235,10 @@ def run(args: argparse.Namespace, root: Path, stack: ExitStack) -> tuple[list[Me
                                                                          LatencyResult | None, list[str]]:
     notes: list[str] = []
     receivers: list[Receiver] = []
-    # edge-ct-base only when asked for (--only): a full run with a baseline compares the receive path.
-    default = [k for k in RECEIVERS if k != "edge-ct-base" and (k != "edge-base" or args.baseline_source)]
+    # edge-ct-base and edge-ct-procs-base only when asked for (--only): a full run with a baseline compares the
+    # receive path.
+    default = [k for k in RECEIVERS
+               if k not in ("edge-ct-base", "edge-ct-procs-base") and (k != "edge-base" or args.baseline_source)]
     specs = args.receiver_cpus or [("", None)]
     if len(specs) == 1:  # every receiver on the same CPUs: the usual table, with a note
         if specs[0][1] is not None:
@@ -355,8 +359,8 @@ def tables(results: list[Measurement], labels: dict[str, str], idle_rss: dict[st
         return "\n".join([*lines, "", scaling(cols, labels)])
     lines += ["", "Ratios (edge-agent / baseline; above 1 is faster for the rates, costlier for CPU and RSS):", "",
               "| edge-agent / baseline | " + " | ".join(HEADERS.values()) + " |", "|---|" + "---:|" * len(HEADERS)]
-    for mine in ("edge-nothing", "edge-ct"):
-        for base in (*BASELINES, "edge-base", "edge-ct-base"):
+    for mine in ("edge-nothing", "edge-ct", "edge-ct-procs"):
+        for base in (*BASELINES, "edge-base", "edge-ct-base", "edge-ct-procs-base"):
             if mine in cols and base in cols:
                 cells = [f"{a / b:.2f}x" if (a := cols[mine][c]) and (b := cols[base][c]) else "-" for c in HEADERS]
                 lines.append(f"| {labels[mine]} / {labels[base]} | " + " | ".join(cells) + " |")

@@ -73,6 +73,8 @@ def main() -> None:
                              "(its spool keeps released files as slots)")
     parser.add_argument("--profile", type=Path, help="also write py-spy's collapsed stacks of the daemon here")
     args = parser.parse_args()
+    if args.profile and not PY_SPY.exists():
+        parser.error(f"--profile needs py-spy beside this Python ({PY_SPY}): .venv/bin/pip install py-spy")
     with tempfile.TemporaryDirectory(prefix="edge-threads-") as folder:
         root = Path(folder)
         key = ("edge-ct" if args.routed else "edge-nothing") + ("-procs" if args.receiver_processes > 1 else "")

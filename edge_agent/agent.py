@@ -38,7 +38,7 @@ from edge_agent.metrics import Metrics
 from edge_agent.pipeline import LoadedModel, Pipeline
 from edge_agent.status import DriftStatus, collect
 from edge_agent.systemd import Notifier
-from edge_agent.workers import WorkerPool
+from edge_agent.workers import WorkerPool, lower_this_thread
 
 logger = logging.getLogger(__name__)
 
@@ -118,8 +118,13 @@ class Agent:
             config.pipeline.preprocess_workers,
             processes=config.pipeline.preprocess_pool == PoolKind.PROCESS,
             on_crash=self.metrics.worker_crashes.inc,
+            niceness=config.pipeline.inference_niceness,
         )
-        self._engine_pool = ThreadPoolExecutor(max(1, len(config.model_names())), thread_name_prefix="engine")
+        # Engines are loaded on these threads, so that the threads a runtime starts for itself (ONNX Runtime's
+        # intra-op pool) inherit their niceness.
+        self._engine_pool = ThreadPoolExecutor(max(1, len(config.model_names())), thread_name_prefix="engine",
+                                               initializer=lower_this_thread,
+                                               initargs=(config.pipeline.inference_niceness,))
         self._loop: asyncio.AbstractEventLoop | None = None
         self._last_tick = time.monotonic()
         self._spool_writable = False

@@ -394,6 +394,9 @@ class PipelineConfig(_Strict):
     # this many the receiver answers C-STORE with 0xA700 (Out of Resources) and /readyz says why; it accepts
     # again once half of them have been inferred.
     max_pending_instances: Annotated[int, Field(ge=2, le=1_000_000)] = 2000
+    # How much lower than the receiver preprocessing and inference run (Linux niceness, 0-19): where they compete
+    # for few cores, a sender is answered first and the backlog waits on the spool (bounded by the above).
+    inference_niceness: Annotated[int, Field(ge=0, le=19)] = 10
 
     @field_validator("preprocess_pool", mode="before")
     @classmethod

@@ -68,10 +68,16 @@ _low_priority: ThreadPoolExecutor | None = None
 _low_priority_made = threading.Lock()  # with a thread pool, several workers may ask for it at once
 
 
-def _lower_this_thread() -> None:
-    # On Linux niceness belongs to a thread: only the low-priority thread is lowered, never the process.
+def lower_this_thread(by: int = LOW_PRIORITY_NICENESS) -> None:
+    """Raise the calling thread's niceness by ``by`` (up to 19); threads it starts later inherit it.
+
+    On Linux niceness belongs to a thread: only this thread is lowered, never the process. Where it cannot be
+    lowered (another system, a seccomp profile), it runs as it was.
+    """
+    if by <= 0:
+        return
     with contextlib.suppress(OSError, AttributeError):
-        os.setpriority(os.PRIO_PROCESS, 0, min(19, os.getpriority(os.PRIO_PROCESS, 0) + LOW_PRIORITY_NICENESS))
+        os.setpriority(os.PRIO_PROCESS, 0, min(19, os.getpriority(os.PRIO_PROCESS, 0) + by))
 
 
 def at_low_priority(fn: Callable[..., T], *args: Any) -> T:
@@ -84,7 +90,7 @@ def at_low_priority(fn: Callable[..., T], *args: Any) -> T:
     with _low_priority_made:
         if _low_priority is None:
             _low_priority = ThreadPoolExecutor(max_workers=1, thread_name_prefix="low-priority",
-                                               initializer=_lower_this_thread)
+                                               initializer=lower_this_thread)
         pool = _low_priority
     return pool.submit(fn, *args).result()
 
@@ -127,10 +133,27 @@ def _reply(ok: bool, value: object) -> bytes:
         return pickle.dumps((False, error), protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def _worker_main(calls: Any, results: Any, parent_pid: int, warm: Callable[[], object] | None) -> None:
-    """A worker process: die with the daemon, warm up, say so, then run the calls its pipe brings, one at a time,
-    until the pipe closes."""
+def lower_this_process(by: int) -> None:
+    """Raise the niceness of every thread of this process by ``by`` (up to 19): those started while it was made
+    (a BLAS library's pool, started as numpy was imported to read the call's arguments) as well as the main one,
+    from which later threads inherit it."""
+    if by <= 0:
+        return
+    try:
+        tids = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:  # no /proc: the calling thread alone
+        tids = [0]
+    for tid in tids:
+        with contextlib.suppress(OSError, AttributeError):  # ended meanwhile, or may not be lowered
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + by))
+
+
+def _worker_main(calls: Any, results: Any, parent_pid: int, warm: Callable[[], object] | None,
+                 niceness: int = 0) -> None:
+    """A worker process: die with the daemon, lower itself by ``niceness``, warm up, say so, then run the calls its
+    pipe brings, one at a time, until the pipe closes."""
     die_with_parent(parent_pid)
+    lower_this_process(niceness)
     _warm()  # before the worker says it has started: its first call does not wait for pydicom and OpenCV to load
     if warm is not None:
         _run_warm_up(warm)
@@ -312,7 +335,7 @@ class _Call:
 class _Worker:
     """One worker process and the loop's ends of its two pipes (non-blocking)."""
 
-    def __init__(self, warm: Callable[[], object] | None, lone: bool) -> None:
+    def __init__(self, warm: Callable[[], object] | None, lone: bool, niceness: int = 0) -> None:
         ctx = multiprocessing.get_context("spawn")
         # spawn: forking this process (threads, sockets, an ONNX Runtime session) would copy state that is not
         # safe to copy. The pipes reach the worker as its arguments; the worker's ends are closed here after.
@@ -320,7 +343,7 @@ class _Worker:
         results_in, results_out = ctx.Pipe(duplex=False)
         try:
             self.process = ctx.Process(target=_worker_main, name="edge-agent-preprocess",
-                                       args=(calls_in, results_out, os.getpid(), warm))
+                                       args=(calls_in, results_out, os.getpid(), warm, niceness))
             self.process.start()
         except BaseException:
             calls_out.close()
@@ -371,12 +394,16 @@ atexit.register(_stop_workers_at_exit)
 class WorkerPool:
     """Runs CPU-bound functions in worker processes (or threads), starting a new worker for one that dies."""
 
-    def __init__(self, workers: int, processes: bool = True, on_crash: Callable[[], None] | None = None) -> None:
+    def __init__(self, workers: int, processes: bool = True, on_crash: Callable[[], None] | None = None,
+                 niceness: int = 0) -> None:
+        """``niceness``: how much lower than the daemon its workers (processes or threads) run."""
         self.workers = workers
         self.processes = processes
+        self.niceness = niceness
         self._on_crash = on_crash
         self._warm_work: Callable[[], object] | None = None  # run by each worker as it starts (warm_up)
-        self._threads = None if processes else ThreadPoolExecutor(workers, thread_name_prefix="preprocess")
+        self._threads = None if processes else ThreadPoolExecutor(
+            workers, thread_name_prefix="preprocess", initializer=lower_this_thread, initargs=(niceness,))
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop that drives the workers' pipes
         self._workers: list[_Worker] = []  # the pool's workers, started or starting (not the lone ones)
         self._idle: list[_Worker] = []  # started, running nothing
@@ -478,7 +505,7 @@ class WorkerPool:
         """A new worker, its pipes watched by the loop; None (and a retry later) if the system refuses one."""
         assert self._loop is not None
         try:
-            w = _Worker(None if lone else self._warm_work, lone)
+            w = _Worker(None if lone else self._warm_work, lone, self.niceness)
         except OSError as exc:
             if lone:
                 raise

@@ -49,6 +49,13 @@ def test_back_pressure_and_complete_on_release_are_checked() -> None:
     assert set(problems) == {"pipeline.max_pending_instances", "routes[0].complete_on_release"}
 
 
+def test_inference_niceness_is_a_linux_niceness() -> None:
+    assert load_config(DEFAULT_CONFIG_PATH, env={}).pipeline.inference_niceness == 10
+    for bad in (-1, 20, "low"):
+        problems = _problems({"site": "a", "state_dir": "/s", "pipeline": {"inference_niceness": bad}})
+        assert set(problems) == {"pipeline.inference_niceness"}
+
+
 def test_every_error_is_reported_at_once_with_list_indices() -> None:
     raw = {
         "state_dir": "/s",

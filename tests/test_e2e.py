@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import shutil
 import struct
@@ -155,6 +156,45 @@ def test_compressed_and_cross_sectional_via_pynetdicom(daemon: Any, nats_server:
     assert by_series[datasets[0].SeriesInstanceUID]["model"]["name"] == "cxr-nodule"
     for f in found:
         jsonschema.validate(f, SCHEMA)
+
+
+def _nice_values(pid: int) -> dict[int, int]:
+    """tid -> niceness, for every thread of ``pid`` (Linux keeps one per thread)."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            out[int(task.name)] = int(task.joinpath("stat").read_text().rsplit(")", 1)[1].split()[16])
+    return out
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(stat.parent.name))
+    return kids
+
+
+def test_preprocessing_and_inference_run_below_the_receiver(daemon: Any, nats_server: Any, tmp_path: Path) -> None:
+    # pipeline.inference_niceness (default 10): the worker processes and the engine threads (with the threads
+    # ONNX Runtime starts for itself) run that much lower than the daemon's own threads.
+    d = daemon(pipeline={"inference_niceness": 7}).start()
+    assert storescu(d.dicom_port, fresh_copy(CR_CHEST, tmp_path / "in")).returncode == 0
+    read_findings(nats_server.url, 1)  # both stages have run
+    assert d.proc is not None
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    threads = _nice_values(d.proc.pid)
+    assert threads[d.proc.pid] == base  # the main thread: the pipeline's loop, the bus, HTTP
+    lowered = [tid for tid, nice in threads.items() if nice == min(19, base + 7)]
+    assert 1 <= len(lowered) < len(threads) - 1  # the engines' threads, not the receiver's loop and the rest
+    workers = [kid for kid in _children(d.proc.pid)
+               if b"resource_tracker" not in Path(f"/proc/{kid}/cmdline").read_bytes()]
+    assert len(workers) == 2  # preprocess_workers
+    for w in workers:  # every thread of theirs: its main one, BLAS's, ...; a heat map's is lower still (+10)
+        nice = _nice_values(w)
+        assert nice[w] == min(19, base + 7) and set(nice.values()) <= {min(19, base + 7), min(19, base + 17)}
+    assert d.terminate() == 0
 
 
 def test_a_series_no_route_matches_is_recorded_and_released(daemon: Any, nats_server: Any, tmp_path: Path) -> None:

@@ -576,3 +576,24 @@ def test_low_priority_work_runs_on_a_lowered_thread_and_lowers_nothing_else(proc
     assert main_thread == base and plain == base
     assert os.getpriority(os.PRIO_PROCESS, 0) == base
     assert at_low_priority(crash_on, 4) == 8  # the result comes back
+
+
+@pytest.mark.parametrize("processes", [True, False])
+def test_a_lowered_pool_runs_its_calls_lower_and_its_low_priority_work_lower_still(processes: bool) -> None:
+    # pipeline.inference_niceness: the workers run that much below the daemon; the daemon's own thread does not.
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+
+    async def main() -> tuple[tuple[int, int], tuple[int, int]]:
+        pool = WorkerPool(2, processes=processes, niceness=3)
+        try:
+            return await pool.run(niceness), await pool.run(at_low_priority, niceness)
+        finally:
+            pool.shutdown()
+
+    (call, _), (low, _) = asyncio.run(main())
+    assert call == min(19, base + 3)
+    # The low-priority thread is lowered from the niceness of the thread that made it: a worker's (process pool),
+    # or whichever thread of this process asked first (thread pool; an earlier test may have).
+    assert min(19, base + LOW_PRIORITY_NICENESS) <= low <= min(19, base + 3 + LOW_PRIORITY_NICENESS)
+    assert low > call or low == 19
+    assert os.getpriority(os.PRIO_PROCESS, 0) == base
