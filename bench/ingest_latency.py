@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,7 +72,10 @@ class LatencyResult:
                 f"; the daemon's own means: {means or 'none'}")
 
 
-async def measure_cr_latency(nats_url: str, port: int, called_aet: str, sends: int) -> LatencyResult:
+async def measure_cr_latency(nats_url: str, port: int, called_aet: str, sends: int,
+                             until: Callable[[], bool] | None = None) -> LatencyResult:
+    """Send up to ``sends`` CRs, one at a time, each once the last one's finding has come; with ``until``, none
+    once it returns True."""
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     result = LatencyResult(sends)
     template = pydicom.dcmread(CR_SOURCE)
@@ -101,6 +105,8 @@ async def measure_cr_latency(nats_url: str, port: int, called_aet: str, sends: i
             return int(getattr(status, "Status", -1)), time.monotonic()
 
         for _ in range(sends):
+            if until is not None and until():
+                break
             ds = template.copy()
             ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
             ds.SOPInstanceUID = generate_uid()

@@ -262,6 +262,7 @@ class EdgeAgent(Receiver):
     http_port: int = field(default_factory=free_port)
     nats: NatsServer | None = None
     receiver_processes: int = 1  # dicom.receiver_processes
+    pipeline: dict[str, Any] = field(default_factory=dict)  # settings of the pipeline section over the shipped ones
 
     def config(self) -> dict[str, Any]:
         raw: dict[str, Any] = yaml.safe_load((self.source / "configs" / "agent.yaml").read_text())
@@ -275,6 +276,7 @@ class EdgeAgent(Receiver):
             raw["dicom"]["receiver_processes"] = self.receiver_processes
         raw["http"]["port"] = self.http_port
         raw["bus"]["url"] = self.nats.url
+        raw["pipeline"].update(self.pipeline)
         if self.cpus is not None:  # pinned (bench/ingest.py --receiver-cpus): a preprocessing worker per CPU
             raw["pipeline"]["preprocess_workers"] = len(self.cpus)
         if not self.routed:
