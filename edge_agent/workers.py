@@ -80,6 +80,14 @@ def lower_this_thread(by: int = LOW_PRIORITY_NICENESS) -> None:
         os.setpriority(os.PRIO_PROCESS, 0, min(19, os.getpriority(os.PRIO_PROCESS, 0) + by))
 
 
+def _below_the_main_thread() -> None:
+    """Lower the calling thread to LOW_PRIORITY_NICENESS below this process's main thread, whichever thread started
+    it (one of a thread pool's, itself lowered by inference_niceness, would otherwise pass its own on)."""
+    with contextlib.suppress(OSError, AttributeError):
+        target = min(19, os.getpriority(os.PRIO_PROCESS, os.getpid()) + LOW_PRIORITY_NICENESS)
+        lower_this_thread(target - os.getpriority(os.PRIO_PROCESS, 0))
+
+
 def at_low_priority(fn: Callable[..., T], *args: Any) -> T:
     """``fn(*args)`` on this process's low-priority thread (made on first use), waiting for its result.
 
@@ -90,7 +98,7 @@ def at_low_priority(fn: Callable[..., T], *args: Any) -> T:
     with _low_priority_made:
         if _low_priority is None:
             _low_priority = ThreadPoolExecutor(max_workers=1, thread_name_prefix="low-priority",
-                                               initializer=lower_this_thread)
+                                               initializer=_below_the_main_thread)
         pool = _low_priority
     return pool.submit(fn, *args).result()
 
