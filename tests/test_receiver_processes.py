@@ -325,8 +325,8 @@ def test_the_daemon_with_receiver_processes_takes_studies_to_findings_and_stops_
     d.wait_metric("edge_agent_instances_total", 9, outcome="stored")
     assert d.metric("edge_agent_associations_total", outcome="accepted") == 2
     assert d.terminate() == 0
-    assert "DICOM receiver stopped: 2 associations finished" not in d.log()  # both had ended before the stop
-    assert "DICOM receiver stopped: 0 associations finished, 0 aborted" in d.log()
+    assert "open at the stop, 2 finished" not in d.log()  # both had ended before the stop
+    assert "of the associations open at the stop, 0 finished and 0 were aborted" in d.log()
     assert not any(Path(f"/proc/{pid}").exists() and _is_receiver(pid) for pid in receivers)
 
 

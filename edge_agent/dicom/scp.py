@@ -641,7 +641,8 @@ class ServedOnALoop:
             finally:
                 self._shutdown_loop()
             if self._announce:
-                logger.info("DICOM receiver stopped: %d associations finished, %d aborted", finished, aborted)
+                logger.info("DICOM receiver stopped; of the associations open at the stop, %d finished and %d "
+                            "were aborted", finished, aborted)
             return finished, aborted
 
     def _shutdown_loop(self) -> None:
