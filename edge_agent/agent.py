@@ -26,7 +26,6 @@ from edge_agent.errors import ConfigError, EdgeAgentError, EngineError, EngineTi
 from edge_agent.gpu_metrics import GpuMetrics
 from edge_agent.housekeeping import Housekeeping
 from edge_agent.http import HttpServer
-from edge_agent.inbox import LoopInbox
 from edge_agent.inference.batcher import Batcher
 from edge_agent.inference.card import ModelCard, load_card
 from edge_agent.inference.engine import Engine
@@ -127,7 +126,6 @@ class Agent:
                                                initializer=lower_this_thread,
                                                initargs=(config.pipeline.inference_niceness,))
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._inbox: LoopInbox | None = None  # the receiver's instances and releases, handed to the loop
         self._last_tick = time.monotonic()
         self._spool_writable = False
         self._ready = False
@@ -137,7 +135,6 @@ class Agent:
 
     async def run(self, install_signal_handlers: bool = True) -> None:
         self._loop = asyncio.get_running_loop()
-        self._inbox = LoopInbox(self._loop)
         if install_signal_handlers:
             self.install_signal_handlers()
         try:
@@ -479,14 +476,13 @@ class Agent:
             raise EngineError(f"engine {card.name}: verify failed: {report.summary()}")
 
     def _stored_from_thread(self, meta: InstanceMeta, recorded: Recorded) -> None:
-        """The receiver calls this from its thread, after the instance is durable (through the inbox: the
-        instances of one group commit wake the loop once)."""
-        loop, inbox = self._loop, self._inbox
-        if loop is None or inbox is None or loop.is_closed():
+        """The receiver calls this in an association thread, after the instance is durable."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
             return  # journalled: the next start resumes it
         # The loop may close meanwhile: the instance is journalled and resumed at the next start.
         with contextlib.suppress(RuntimeError):
-            inbox.post(self._on_stored, meta, recorded)
+            loop.call_soon_threadsafe(self._on_stored, meta, recorded)
 
     def _on_stored(self, meta: InstanceMeta, recorded: Recorded) -> None:
         if self.pipeline is not None and not self.force_exit.is_set():
@@ -495,14 +491,14 @@ class Agent:
     def _released_from_thread(self, series_ids: Iterable[int]) -> None:
         """The receiver calls this when an association is released normally; from any thread.
 
-        Posted to the same inbox as the association's instances, after its last one (first in first out), so
-        the pipeline knows every series named here.
+        Scheduled after the association's last on_stored (one thread, first in first out), so the pipeline
+        knows every series named here.
         """
-        loop, inbox = self._loop, self._inbox
-        if loop is None or inbox is None or loop.is_closed():
+        loop = self._loop
+        if loop is None or loop.is_closed():
             return  # the quiet time completes the series at the next start
         with contextlib.suppress(RuntimeError):
-            inbox.post(self._on_released, frozenset(series_ids))
+            loop.call_soon_threadsafe(self._on_released, frozenset(series_ids))
 
     def _on_released(self, series_ids: frozenset[int]) -> None:
         if self.pipeline is not None and not self.force_exit.is_set():
