@@ -28,7 +28,8 @@ Run:  .venv/bin/python bench/ingest.py                      (500 CT of 0.5 MB, 2
       .venv/bin/python bench/ingest.py --only storescp edge-nothing edge-base --baseline-source DIR
           (a change against an earlier version of edge-agent, interleaved in one run)
       .venv/bin/python bench/ingest.py --only edge-ct edge-ct-base --baseline-source DIR --latency 0
-          (the same, with CT routed to ct-demo in both; edge-ct-procs and edge-ct-procs-base in receiver processes)
+          (the same, with CT routed to ct-demo in both; edge-ct-procs and edge-ct-procs-base in receiver processes;
+          add --workloads ct4 to measure CT over four associations alone, in a third of the time)
       .venv/bin/python bench/ingest.py --only storescp-fork orthanc edge-nothing edge-ct --receiver-cpus 0 0-1
           (how each receiver scales from one CPU to two, side by side in one run)
 """
@@ -267,7 +268,7 @@ def run(args: argparse.Namespace, root: Path, stack: ExitStack) -> tuple[list[Me
     results: list[Measurement] = []
     for rep in range(args.reps):
         order = order_for(rep, receivers)
-        for name in WORKLOADS:
+        for name in args.workloads:
             workload = make_workload(name, templates, root / "send", args.ct, args.dx)
             for r in order:
                 if args.quiet_share > 0 and (share := wait_quiet(receivers, args.quiet_share)) > args.quiet_share:
@@ -429,8 +430,9 @@ def report(args: argparse.Namespace, results: list[Measurement], idle_rss: dict[
     labels = {k: LABELS[k] for k in dict.fromkeys(m.receiver for m in results)}
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     out = [f"- command: `{command}`", f"- machine: {machine(args.edge_agent_source)}",
-           f"- date: {now}; {minutes:.1f} minutes in all; {args.reps} repetition(s), medians; {args.ct} CT "
-           f"instances of 0.53 MB per CT workload, {args.dx} DX of 15.7 MB", "",
+           f"- date: {now}; {minutes:.1f} minutes in all; {args.reps} repetition(s), medians; workloads: "
+           + ", ".join(WORKLOADS[w] for w in args.workloads) + f"; {args.ct} CT instances of 0.53 MB per CT "
+           f"workload, {args.dx} DX of 15.7 MB", "",
            tables(results, labels, idle_rss), "", "Every run:", "", details(results, labels), ""]
     if latency is not None:
         out += [f"CR latency (edge-agent, routes as shipped, idle): {latency.summary()}", ""]
@@ -453,6 +455,9 @@ def main(argv: list[str] | None = None) -> int:
                     "--quick; 0 skips it)")
     ap.add_argument("--quick", action="store_true", help="a smoke run with small sizes")
     ap.add_argument("--only", nargs="+", choices=RECEIVERS, help="run only these receivers")
+    ap.add_argument("--workloads", nargs="+", choices=tuple(WORKLOADS), default=list(WORKLOADS),
+                    help="run only these workloads (default: all; e.g. 'ct4' for a side-by-side run about "
+                         "CT over four associations); the CPU columns come from the CT workloads")
     ap.add_argument("--markdown", type=Path, help="also write the tables (with command and machine) to this file")
     ap.add_argument("--json", type=Path, help="also write every measurement as JSON")
     ap.add_argument("--quiet-share", type=float, default=0.15,
