@@ -64,7 +64,7 @@ from bench.ingest_latency import LatencyResult, measure_cr_latency
 from bench.ingest_peers import ORTHANC, REPO, EdgeAgent, Orthanc, Receiver, Storescp, histogram_mean_ms
 from bench.ingest_procstat import TreeSampler, rss_bytes, system_busy_seconds, tree, tree_cpu_seconds, wait_idle
 
-STORESCU = "/usr/bin/storescu"
+STORESCU = shutil.which("storescu") or "/usr/bin/storescu"
 T = TypeVar("T")
 SEND_TIMEOUT_SECONDS = 900.0
 BASELINES = ("storescp", "storescp-fork", "orthanc")

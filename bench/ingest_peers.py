@@ -28,11 +28,11 @@ from tests.natsutil import NatsServer
 from tests.netutil import free_port
 
 REPO = Path(__file__).resolve().parent.parent
-STORESCP = "/usr/bin/storescp"
+STORESCP = shutil.which("storescp") or "/usr/bin/storescp"
 # dcmtk leaves Nagle on unless TCP_NODELAY is set in the environment; storescp and Orthanc (built on dcmtk) get it,
 # like the storescu senders, else every small PDU waits for a delayed ACK (40 ms). edge-agent sets it itself.
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
-ECHOSCU = "/usr/bin/echoscu"
+ECHOSCU = shutil.which("echoscu") or "/usr/bin/echoscu"
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 START_TIMEOUT_SECONDS = 180.0
 STOP_TIMEOUT_SECONDS = 60.0
@@ -290,7 +290,9 @@ class EdgeAgent(Receiver):
 
     def environment(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
-        env.update(PYTHONUNBUFFERED="1", PYTHONPATH=str(self.source))  # ahead of the venv's editable install
+        # The source ahead of the venv's editable install; packages on PYTHONPATH (bench/scale_check.sh) after it.
+        env.update(PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(filter(None, [str(self.source),
+                                                                            env.get("PYTHONPATH")])))
         return env
 
     def start(self) -> None:
