@@ -496,7 +496,9 @@ def main(argv: list[str] | None = None) -> int:
         os.execvpe("unshare", ["unshare", "-n", "--", "sh", "-c", script], {**os.environ, "EDGE_INGEST_NETNS": "1"})
     if args.nice:
         os.setpriority(os.PRIO_PROCESS, 0, args.nice)  # inherited by every receiver and sender started below
-    command = ".venv/bin/python bench/ingest.py " + shlex.join(raw_argv)
+    python = Path(sys.executable)
+    python_shown = ".venv/bin/python" if python.parent == REPO / ".venv" / "bin" else str(python)
+    command = f"{python_shown} bench/ingest.py " + shlex.join(raw_argv)
     signal.signal(signal.SIGTERM, _raise_interrupt)  # so that the ExitStack below stops every receiver
     started = time.monotonic()
     root = Path(tempfile.mkdtemp(prefix="edge-ingest-"))
