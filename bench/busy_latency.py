@@ -17,6 +17,8 @@ nats-server) once per niceness given, and in each repetition, for each daemon in
 Run:  .venv/bin/python bench/busy_latency.py                     (niceness 10 and 0, 3 repetitions, 1500 slices)
       .venv/bin/python bench/busy_latency.py --niceness 10 5 0 --reps 5 --receiver-processes 2
       .venv/bin/python bench/busy_latency.py --edge-agent-source DIR   (DIR from 'git archive HEAD | tar -x -C DIR')
+      .venv/bin/python bench/busy_latency.py --niceness 10 --baseline-source DIR   (this checkout against DIR,
+                                                                                     side by side)
 """
 
 from __future__ import annotations
@@ -49,15 +51,15 @@ CR_GAP_SECONDS = 0.1  # after the CT series has begun, before the first CR
 
 @dataclass
 class Run:
-    niceness: int
+    key: str  # the niceness, and "baseline" for the daemon from --baseline-source
     ct_seconds: float = 0.0
     settled_seconds: float = 0.0
     cr_ms: list[float] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
 
-async def one_run(daemon: EdgeAgent, niceness: int, ct: int, folder: Path) -> Run:
-    run = Run(niceness)
+async def one_run(daemon: EdgeAgent, key: str, ct: int, folder: Path) -> Run:
+    run = Run(key)
     workload = make_workload("ct4", {"ct": ct_template(), "dx": dx_template()}, folder / "send", ct, 1)
     logs = folder / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -88,12 +90,12 @@ async def one_run(daemon: EdgeAgent, niceness: int, ct: int, folder: Path) -> Ru
     return run
 
 
-def table(runs: list[Run], nicenesses: list[int], ct: int) -> str:
+def table(runs: list[Run], keys: list[str], ct: int) -> str:
     lines = ["| inference_niceness | CT series in (s, median) | CT instances/s | until settled (s) | CRs | "
              "CR Success -> finding p50 (ms) | p90 | max | problems |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for n in nicenesses:
-        mine = [r for r in runs if r.niceness == n]
+    for n in keys:
+        mine = [r for r in runs if r.key == n]
         cr = [v for r in mine for v in r.cr_ms]
         ct_s = statistics.median(r.ct_seconds for r in mine)
         settled = statistics.median(r.settled_seconds for r in mine)
@@ -110,28 +112,37 @@ def main() -> int:
     ap.add_argument("--ct", type=int, default=1500, help="CT slices per series")
     ap.add_argument("--receiver-processes", type=int, default=1, metavar="N", help="dicom.receiver_processes")
     ap.add_argument("--edge-agent-source", type=Path, default=REPO)
+    ap.add_argument("--baseline-source", type=Path,
+                    help="also a daemon from this source tree for each niceness, interleaved with the others")
     args = ap.parse_args()
     started = time.monotonic()
     runs: list[Run] = []
     with tempfile.TemporaryDirectory(prefix="edge-busy-") as tmp, ExitStack() as stack:
         root = Path(tmp)
-        daemons = {}
+        daemons: dict[str, EdgeAgent] = {}
+        sources = [("", args.edge_agent_source)]
+        if args.baseline_source:
+            sources.append((", baseline", args.baseline_source))
         for n in args.niceness:
-            print(f"starting edge-agent with inference_niceness {n} ...", flush=True)
-            d = EdgeAgent(f"nice{n}", f"inference_niceness {n}", root / f"nice{n}", "EDGE_AGENT", routed=True,
-                          source=args.edge_agent_source.resolve(), receiver_processes=args.receiver_processes,
-                          pipeline={"inference_niceness": n})
-            d.start()
-            stack.callback(d.stop)
-            wait_idle(d.pid, timeout_seconds=120)
-            daemons[n] = d
+            for suffix, source in sources:
+                key = f"{n}{suffix}"
+                print(f"starting edge-agent with inference_niceness {key} ...", flush=True)
+                name = f"nice{n}{'-base' if suffix else ''}"
+                d = EdgeAgent(name, f"inference_niceness {key}", root / name, "EDGE_AGENT", routed=True,
+                              source=source.resolve(), receiver_processes=args.receiver_processes,
+                              pipeline={"inference_niceness": n})
+                d.start()
+                stack.callback(d.stop)
+                wait_idle(d.pid, timeout_seconds=120)
+                daemons[key] = d
+        keys = list(daemons)
         for rep in range(args.reps):
-            order = args.niceness if rep % 2 == 0 else args.niceness[::-1]
+            order = keys if rep % 2 == 0 else keys[::-1]
             for n in order:
                 r = asyncio.run(one_run(daemons[n], n, args.ct, root / "work"))
                 runs.append(r)
                 cr = ", ".join(f"{v:.0f}" for v in r.cr_ms)
-                print(f"rep {rep + 1}/{args.reps} niceness {n:2d}: CT in {r.ct_seconds:.2f} s, settled "
+                print(f"rep {rep + 1}/{args.reps} niceness {n}: CT in {r.ct_seconds:.2f} s, settled "
                       f"{r.settled_seconds:.2f} s; CR ms: {cr}{'; ' + '; '.join(r.problems) if r.problems else ''}",
                       flush=True)
     print()
@@ -141,7 +152,7 @@ def main() -> int:
           f"minutes; {args.reps} repetitions; CT series of {args.ct} slices over 4 associations; "
           f"receiver_processes {args.receiver_processes}")
     print()
-    print(table(runs, args.niceness, args.ct))
+    print(table(runs, keys, args.ct))
     return 1 if any(r.problems for r in runs) else 0
 
 
