@@ -38,7 +38,7 @@ from edge_agent.metrics import Metrics
 from edge_agent.pipeline import LoadedModel, Pipeline
 from edge_agent.status import DriftStatus, collect
 from edge_agent.systemd import Notifier
-from edge_agent.workers import WorkerPool, lower_this_thread_to, niceness_below
+from edge_agent.workers import WorkerPool, lower_this_thread
 
 logger = logging.getLogger(__name__)
 
@@ -120,14 +120,11 @@ class Agent:
             on_crash=self.metrics.worker_crashes.inc,
             niceness=config.pipeline.inference_niceness,
         )
-        # The niceness of everything after the receiver: preprocessing, inference and, with receiver processes,
-        # the pipeline's loop (None: the daemon's own). Taken here, from the thread that will run the loop.
-        self._downstream_niceness = niceness_below(config.pipeline.inference_niceness)
         # Engines are loaded on these threads, so that the threads a runtime starts for itself (ONNX Runtime's
         # intra-op pool) inherit their niceness.
         self._engine_pool = ThreadPoolExecutor(max(1, len(config.model_names())), thread_name_prefix="engine",
-                                               initializer=lower_this_thread_to,
-                                               initargs=(self._downstream_niceness,))
+                                               initializer=lower_this_thread,
+                                               initargs=(config.pipeline.inference_niceness,))
         self._loop: asyncio.AbstractEventLoop | None = None
         self._last_tick = time.monotonic()
         self._spool_writable = False
@@ -200,13 +197,6 @@ class Agent:
         self.receiver = kind(cfg.dicom, spool, self.journal, self.metrics, self._stored_from_thread,
                              admission=self.pipeline.admission, on_released=self._released_from_thread)
         self.receiver.start()
-        if isinstance(self.receiver, ReceiverProcesses):
-            # The receiver processes take instances in and answer them without this process; what is left here
-            # (the pipeline, the bus, HTTP, housekeeping) comes after the receiver, so it runs below it too. The
-            # receiver processes are started (and started again) from the accepting thread, which keeps the
-            # daemon's niceness, and so do they. Not with the receiver in this process: its loop shares the
-            # interpreter lock with this thread, which would hold it while the kernel leaves it waiting.
-            lower_this_thread_to(self._downstream_niceness)
         self._spool_writable = spool.writable()
         self.housekeeping.update_gauges()
         ready, reasons = self.readiness()

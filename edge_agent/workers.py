@@ -68,35 +68,24 @@ _low_priority: ThreadPoolExecutor | None = None
 _low_priority_made = threading.Lock()  # with a thread pool, several workers may ask for it at once
 
 
-def niceness_below(by: int) -> int | None:
-    """The niceness ``by`` below the calling thread's (19 at most): a level to lower threads and processes to,
-    whichever thread later starts them. None when ``by`` is 0 or the niceness cannot be read: nothing is lowered."""
-    if by <= 0:
-        return None
-    try:
-        return min(19, os.getpriority(os.PRIO_PROCESS, 0) + by)
-    except (OSError, AttributeError):
-        return None
-
-
-def lower_this_thread_to(level: int | None) -> None:
-    """Lower the calling thread to niceness ``level`` (never raise it); threads it starts later inherit it.
+def lower_this_thread(by: int = LOW_PRIORITY_NICENESS) -> None:
+    """Raise the calling thread's niceness by ``by`` (up to 19); threads it starts later inherit it.
 
     On Linux niceness belongs to a thread: only this thread is lowered, never the process. Where it cannot be
     lowered (another system, a seccomp profile), it runs as it was.
     """
-    if level is None:
+    if by <= 0:
         return
     with contextlib.suppress(OSError, AttributeError):
-        if level > os.getpriority(os.PRIO_PROCESS, 0):
-            os.setpriority(os.PRIO_PROCESS, 0, min(19, level))
+        os.setpriority(os.PRIO_PROCESS, 0, min(19, os.getpriority(os.PRIO_PROCESS, 0) + by))
 
 
 def _below_the_main_thread() -> None:
     """Lower the calling thread to LOW_PRIORITY_NICENESS below this process's main thread, whichever thread started
     it (one of a thread pool's, itself lowered by inference_niceness, would otherwise pass its own on)."""
     with contextlib.suppress(OSError, AttributeError):
-        lower_this_thread_to(min(19, os.getpriority(os.PRIO_PROCESS, os.getpid()) + LOW_PRIORITY_NICENESS))
+        target = min(19, os.getpriority(os.PRIO_PROCESS, os.getpid()) + LOW_PRIORITY_NICENESS)
+        lower_this_thread(target - os.getpriority(os.PRIO_PROCESS, 0))
 
 
 def at_low_priority(fn: Callable[..., T], *args: Any) -> T:
@@ -152,11 +141,11 @@ def _reply(ok: bool, value: object) -> bytes:
         return pickle.dumps((False, error), protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def lower_this_process_to(level: int | None) -> None:
-    """Lower every thread of this process to niceness ``level`` (never raise one): those started while it was made
+def lower_this_process(by: int) -> None:
+    """Raise the niceness of every thread of this process by ``by`` (up to 19): those started while it was made
     (a BLAS library's pool, started as numpy was imported to read the call's arguments) as well as the main one,
     from which later threads inherit it."""
-    if level is None:
+    if by <= 0:
         return
     try:
         tids = [int(t) for t in os.listdir("/proc/self/task")]
@@ -164,16 +153,15 @@ def lower_this_process_to(level: int | None) -> None:
         tids = [0]
     for tid in tids:
         with contextlib.suppress(OSError, AttributeError):  # ended meanwhile, or may not be lowered
-            if level > os.getpriority(os.PRIO_PROCESS, tid):
-                os.setpriority(os.PRIO_PROCESS, tid, min(19, level))
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + by))
 
 
 def _worker_main(calls: Any, results: Any, parent_pid: int, warm: Callable[[], object] | None,
-                 niceness: int | None = None) -> None:
-    """A worker process: die with the daemon, lower itself to ``niceness``, warm up, say so, then run the calls its
+                 niceness: int = 0) -> None:
+    """A worker process: die with the daemon, lower itself by ``niceness``, warm up, say so, then run the calls its
     pipe brings, one at a time, until the pipe closes."""
     die_with_parent(parent_pid)
-    lower_this_process_to(niceness)
+    lower_this_process(niceness)
     _warm()  # before the worker says it has started: its first call does not wait for pydicom and OpenCV to load
     if warm is not None:
         _run_warm_up(warm)
@@ -355,7 +343,7 @@ class _Call:
 class _Worker:
     """One worker process and the loop's ends of its two pipes (non-blocking)."""
 
-    def __init__(self, warm: Callable[[], object] | None, lone: bool, niceness: int | None = None) -> None:
+    def __init__(self, warm: Callable[[], object] | None, lone: bool, niceness: int = 0) -> None:
         ctx = multiprocessing.get_context("spawn")
         # spawn: forking this process (threads, sockets, an ONNX Runtime session) would copy state that is not
         # safe to copy. The pipes reach the worker as its arguments; the worker's ends are closed here after.
@@ -416,17 +404,14 @@ class WorkerPool:
 
     def __init__(self, workers: int, processes: bool = True, on_crash: Callable[[], None] | None = None,
                  niceness: int = 0) -> None:
-        """``niceness``: how much lower than the thread that makes the pool its workers (processes or threads) run,
-        whichever thread later starts one."""
+        """``niceness``: how much lower than the daemon its workers (processes or threads) run."""
         self.workers = workers
         self.processes = processes
         self.niceness = niceness
-        self._level = niceness_below(niceness)  # the niceness its workers run at (None: the daemon's own)
         self._on_crash = on_crash
         self._warm_work: Callable[[], object] | None = None  # run by each worker as it starts (warm_up)
         self._threads = None if processes else ThreadPoolExecutor(
-            workers, thread_name_prefix="preprocess", initializer=lower_this_thread_to,
-            initargs=(self._level,))
+            workers, thread_name_prefix="preprocess", initializer=lower_this_thread, initargs=(niceness,))
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop that drives the workers' pipes
         self._workers: list[_Worker] = []  # the pool's workers, started or starting (not the lone ones)
         self._idle: list[_Worker] = []  # started, running nothing
@@ -528,7 +513,7 @@ class WorkerPool:
         """A new worker, its pipes watched by the loop; None (and a retry later) if the system refuses one."""
         assert self._loop is not None
         try:
-            w = _Worker(None if lone else self._warm_work, lone, self._level)
+            w = _Worker(None if lone else self._warm_work, lone, self.niceness)
         except OSError as exc:
             if lone:
                 raise

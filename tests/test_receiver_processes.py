@@ -36,7 +36,6 @@ from tests.certs import CertPaths
 from tests.daemon import read_findings
 from tests.daemon import storescu as daemon_storescu
 from tests.dicomfiles import CT_SMALL, DATA_STORE, StoredLog, free_port, make_ct_series, running_receiver, storescu
-from tests.test_e2e import _nice_values
 from tests.test_scp_tls import _store as tls_store
 from tests.test_scp_tls import _tls
 from tests.ul import RawPeer, associate_rq
@@ -329,45 +328,6 @@ def test_the_daemon_with_receiver_processes_takes_studies_to_findings_and_stops_
     assert "open at the stop, 2 finished" not in d.log()  # both had ended before the stop
     assert "of the associations open at the stop, 0 finished and 0 were aborted" in d.log()
     assert not any(Path(f"/proc/{pid}").exists() and _is_receiver(pid) for pid in receivers)
-
-
-def _workers(pid: int) -> set[int]:
-    """The daemon's preprocessing workers: its children that are neither receivers nor multiprocessing's tracker."""
-    return {c for c in _children(pid) if not _is_receiver(c)
-            and b"resource_tracker" not in Path(f"/proc/{c}/cmdline").read_bytes()}
-
-
-def test_with_receiver_processes_everything_after_the_receiver_runs_below_it(
-        daemon: Any, nats_server: Any) -> None:
-    # pipeline.inference_niceness with receiver processes: the daemon's own loop (the pipeline, the bus, HTTP) runs
-    # below the receiver processes as well as preprocessing and inference; processes started again after a kill
-    # come back at their own level (a receiver at the daemon's niceness, a worker not lowered twice).
-    d = daemon(**{"dicom.receiver_processes": 2, "pipeline.inference_niceness": 7}).start()
-    assert d.proc is not None
-    pid = d.proc.pid
-    base = os.getpriority(os.PRIO_PROCESS, 0)
-    low = min(19, base + 7)
-    assert daemon_storescu(d.dicom_port, DATA_STORE / "RG1_UNCR.dcm").returncode == 0
-    read_findings(nats_server.url, 1)  # the pipeline, a worker and the engine have all run
-    threads = _nice_values(pid)
-    assert threads[pid] == low  # the main thread: the pipeline's loop
-    assert base in threads.values()  # the accepting thread, which starts the receiver processes
-    receivers, workers = {c for c in _children(pid) if _is_receiver(c)}, _workers(pid)
-    assert len(receivers) == 2 and len(workers) == 2
-    for r in receivers:
-        assert set(_nice_values(r).values()) == {base}
-    for w in workers:
-        assert _nice_values(w)[w] == low
-
-    os.kill(min(receivers), signal.SIGKILL)
-    os.kill(min(workers), signal.SIGKILL)
-    _wait(lambda: len({c for c in _children(pid) if _is_receiver(c)} - receivers) == 1
-          and len(_workers(pid) - workers) == 1, seconds=30, what="a new receiver process and a new worker")
-    [new_receiver] = {c for c in _children(pid) if _is_receiver(c)} - receivers
-    [new_worker] = _workers(pid) - workers
-    assert set(_nice_values(new_receiver).values()) == {base}
-    assert _nice_values(new_worker)[new_worker] == low
-    assert d.terminate() == 0
 
 
 def test_receiver_processes_die_with_a_killed_daemon(daemon: Any) -> None:
