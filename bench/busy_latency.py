@@ -55,6 +55,7 @@ class Run:
     ct_seconds: float = 0.0
     settled_seconds: float = 0.0
     cr_ms: list[float] = field(default_factory=list)
+    cr_stages_ms: list[dict[str, float]] = field(default_factory=list)  # per CR: preprocess, queue, infer, rest
     problems: list[str] = field(default_factory=list)
 
 
@@ -80,6 +81,7 @@ async def one_run(daemon: EdgeAgent, key: str, ct: int, folder: Path) -> Run:
     run.problems += await ct_sent + latency.problems
     run.ct_seconds = time.perf_counter() - started
     run.cr_ms = latency.latencies_ms
+    run.cr_stages_ms = latency.stages_ms
     crs = len(latency.latencies_ms)
     await asyncio.to_thread(daemon.settle, before, workload.instances + crs, workload.series_count + crs)
     run.settled_seconds = time.perf_counter() - started
@@ -92,16 +94,20 @@ async def one_run(daemon: EdgeAgent, key: str, ct: int, folder: Path) -> Run:
 
 def table(runs: list[Run], keys: list[str], ct: int) -> str:
     lines = ["| inference_niceness | CT series in (s, median) | CT instances/s | until settled (s) | CRs | "
-             "CR Success -> finding p50 (ms) | p90 | max | problems |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "CR Success -> finding p50 (ms) | p90 | max | of which p50: preprocess | queue | infer | rest | "
+             "problems |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for n in keys:
         mine = [r for r in runs if r.key == n]
         cr = [v for r in mine for v in r.cr_ms]
         ct_s = statistics.median(r.ct_seconds for r in mine)
         settled = statistics.median(r.settled_seconds for r in mine)
         problems = "; ".join(p for r in mine for p in r.problems) or "none"
+        stages = [stage for r in mine for stage in r.cr_stages_ms]
+        parts = " | ".join(f"{nearest_rank([st[k] for st in stages], 50):.0f}" if stages else "-"
+                           for k in ("preprocess", "queue", "infer", "rest"))
         lines.append(f"| {n} | {ct_s:.2f} | {ct / ct_s:.0f} | {settled:.2f} | {len(cr)} | {nearest_rank(cr, 50):.0f}"
-                     f" | {nearest_rank(cr, 90):.0f} | {max(cr, default=float('nan')):.0f} | {problems} |")
+                     f" | {nearest_rank(cr, 90):.0f} | {max(cr, default=float('nan')):.0f} | {parts} | {problems} |")
     return "\n".join(lines)
 
 

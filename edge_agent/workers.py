@@ -415,7 +415,12 @@ class WorkerPool:
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop that drives the workers' pipes
         self._workers: list[_Worker] = []  # the pool's workers, started or starting (not the lone ones)
         self._idle: list[_Worker] = []  # started, running nothing
-        self._queue: collections.deque[_Call] = collections.deque()
+        self._queue: collections.deque[_Call] = collections.deque()  # routine calls waiting for a worker
+        self._urgent: collections.deque[_Call] = collections.deque()  # urgent ones: dispatched first
+        # A thread pool's calls wait here for a thread (the executor's own queue knows no urgency).
+        self._thread_busy = 0
+        self._thread_waiting: tuple[collections.deque[asyncio.Future[None]], ...] = (
+            collections.deque(), collections.deque())  # urgent, routine
         self._lone: set[_Worker] = set()
         self._isolating: set[asyncio.Task[None]] = set()
         self._quarantine = asyncio.Lock()
@@ -428,8 +433,9 @@ class WorkerPool:
 
     # -- calls -----------------------------------------------------------------------------------
 
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """``fn(*args)`` in a worker.
+    async def run(self, fn: Callable[..., T], *args: Any, urgent: bool = False) -> T:
+        """``fn(*args)`` in a worker; an ``urgent`` call goes ahead of every routine one still waiting for a worker
+        (a chest radiograph's decoding behind a CT series' slices), after the urgent ones before it.
 
         If the worker dies while it runs the call, the call runs again alone, in a worker started for it
         alone, where a second death makes it fail with DecodeError: a worker can also die of something outside
@@ -440,13 +446,17 @@ class WorkerPool:
             fn, args = _with_values, (fn, *args)
         loop = asyncio.get_running_loop()
         if self._threads is not None:
-            return await loop.run_in_executor(self._threads, fn, *args)
+            await self._thread_turn(loop, urgent)
+            try:
+                return await loop.run_in_executor(self._threads, fn, *args)
+            finally:
+                self._thread_done()
         if self._closed:
             raise RuntimeError("the worker pool has been shut down")
         payload = pickle.dumps((fn, args), protocol=pickle.HIGHEST_PROTOCOL)
         self._start_all(loop)
         call = _Call(next(self._call_ids), payload, loop.create_future())
-        self._queue.append(call)
+        (self._urgent if urgent else self._queue).append(call)
         self._dispatch()
         # Cancelled here, the call's future is cancelled with it: a queued call is then skipped, and the result
         # of a running one is dropped when it comes.
@@ -489,8 +499,9 @@ class WorkerPool:
         self._closed = True
         if self._restart is not None:
             self._restart.cancel()
-        while self._queue:
-            self._queue.popleft().future.cancel()
+        for waiting in (self._urgent, self._queue):
+            while waiting:
+                waiting.popleft().future.cancel()
         for w in [*self._workers, *self._lone]:
             if w.call is not None or w.pid is None:
                 with contextlib.suppress(OSError, ValueError):  # ended already
@@ -538,10 +549,35 @@ class WorkerPool:
         self._start_all(self._loop)
 
     def _dispatch(self) -> None:
-        while self._queue and self._idle:
-            call = self._queue.popleft()
+        while (self._urgent or self._queue) and self._idle:
+            call = (self._urgent or self._queue).popleft()
             if not call.future.done():  # cancelled while it waited
                 self._send(self._idle.pop(), call)
+
+    async def _thread_turn(self, loop: asyncio.AbstractEventLoop, urgent: bool) -> None:
+        """Wait until one of the pool's threads is free for this call (urgent calls first)."""
+        if self._thread_busy < self.workers and not any(self._thread_waiting):
+            self._thread_busy += 1
+            return
+        turn: asyncio.Future[None] = loop.create_future()
+        self._thread_waiting[0 if urgent else 1].append(turn)
+        try:
+            await turn
+        except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled():  # given the turn just before the cancel: pass it on
+                self._thread_done()
+            raise
+
+    def _thread_done(self) -> None:
+        """A thread call has ended: give its thread to the next call waiting, urgent ones first."""
+        self._thread_busy -= 1
+        for waiting in self._thread_waiting:
+            while waiting:
+                turn = waiting.popleft()
+                if not turn.done():  # else cancelled while it waited
+                    self._thread_busy += 1
+                    turn.set_result(None)
+                    return
 
     def _send(self, w: _Worker, call: _Call) -> None:
         w.call = call

@@ -127,6 +127,41 @@ def test_a_call_waiting_for_a_worker_can_be_cancelled(tmp_path: Path) -> None:
     asyncio.run(main())
 
 
+def note_run(folder: str, name: str) -> str:
+    with open(os.path.join(folder, "order"), "a") as f:  # one short append per call: the order they ran in
+        f.write(name + "\n")
+    return name
+
+
+@pytest.mark.parametrize("processes", [True, False], ids=["processes", "threads"])
+def test_urgent_calls_go_ahead_of_routine_ones_waiting_for_a_worker(tmp_path: Path, processes: bool) -> None:
+    # A chest radiograph's decoding (an urgent route) must not wait behind a CT series' slices queued before it.
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)
+
+    async def main() -> list[str]:
+        pool = WorkerPool(1, processes=processes)
+        try:
+            await pool.run(note_run, str(tmp_path), "first")  # the worker is up: what follows queues in order
+            held = asyncio.create_task(pool.run(read_gate, str(gate)))
+            calls = []
+            for name, urgent in (("r1", False), ("r2", False), ("u1", True), ("cancelled", True), ("r3", False),
+                                 ("u2", True)):
+                calls.append(asyncio.create_task(pool.run(note_run, str(tmp_path), name, urgent=urgent)))
+                await asyncio.sleep(0)  # each submits its call before the next: nothing is timed
+            calls[3].cancel()
+            await asyncio.to_thread(gate.write_text, "open")
+            assert await held == "open"
+            done = await asyncio.gather(*calls, return_exceptions=True)
+            assert isinstance(done[3], asyncio.CancelledError)
+            assert await pool.run(note_run, str(tmp_path), "after") == "after"  # the cancelled one took no turn
+            return (tmp_path / "order").read_text().split()
+        finally:
+            pool.shutdown()
+
+    assert asyncio.run(main()) == ["first", "u1", "u2", "r1", "r2", "r3", "after"]
+
+
 def test_a_running_call_cancelled_gives_its_worker_back(tmp_path: Path) -> None:
     gate = tmp_path / "gate"
     os.mkfifo(gate)
