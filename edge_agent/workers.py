@@ -495,13 +495,16 @@ class WorkerPool:
         (what it would say goes nowhere); calls waiting or running are cancelled."""
         if self._threads is not None:
             self._threads.shutdown(wait=False, cancel_futures=True)
+            for turns in self._thread_waiting:  # calls waiting for a thread's turn
+                while turns:
+                    turns.popleft().cancel()
             return
         self._closed = True
         if self._restart is not None:
             self._restart.cancel()
-        for waiting in (self._urgent, self._queue):
-            while waiting:
-                waiting.popleft().future.cancel()
+        for calls in (self._urgent, self._queue):
+            while calls:
+                calls.popleft().future.cancel()
         for w in [*self._workers, *self._lone]:
             if w.call is not None or w.pid is None:
                 with contextlib.suppress(OSError, ValueError):  # ended already

@@ -162,6 +162,26 @@ def test_urgent_calls_go_ahead_of_routine_ones_waiting_for_a_worker(tmp_path: Pa
     assert asyncio.run(main()) == ["first", "u1", "u2", "r1", "r2", "r3", "after"]
 
 
+def test_shutdown_of_a_thread_pool_cancels_the_calls_waiting_for_a_thread(tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)
+
+    async def main() -> None:
+        pool = WorkerPool(1, processes=False)
+        held = asyncio.create_task(pool.run(read_gate, str(gate)))
+        await asyncio.sleep(0)
+        waiting = [asyncio.create_task(pool.run(crash_on, 3, urgent=u)) for u in (False, True)]
+        await asyncio.sleep(0)
+        pool.shutdown()
+        for task in waiting:
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        await asyncio.to_thread(gate.write_text, "open")  # the running call ends on its own
+        assert await held == "open"
+
+    asyncio.run(main())
+
+
 def test_a_running_call_cancelled_gives_its_worker_back(tmp_path: Path) -> None:
     gate = tmp_path / "gate"
     os.mkfifo(gate)
