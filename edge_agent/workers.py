@@ -445,14 +445,18 @@ class WorkerPool:
         if any(isinstance(a, SentOnce) for a in args):
             fn, args = _with_values, (fn, *args)
         loop = asyncio.get_running_loop()
+        if self._closed:
+            raise RuntimeError("the worker pool has been shut down")
         if self._threads is not None:
             await self._thread_turn(loop, urgent)
             try:
-                return await loop.run_in_executor(self._threads, fn, *args)
-            finally:
+                running = self._threads.submit(fn, *args)  # RuntimeError once the pool has shut down meanwhile
+            except BaseException:
                 self._thread_done()
-        if self._closed:
-            raise RuntimeError("the worker pool has been shut down")
+                raise
+            # The turn is held while the thread runs the call, also when the caller stops waiting for it.
+            running.add_done_callback(lambda _: self._thread_ended(loop))
+            return await asyncio.wrap_future(running, loop=loop)
         payload = pickle.dumps((fn, args), protocol=pickle.HIGHEST_PROTOCOL)
         self._start_all(loop)
         call = _Call(next(self._call_ids), payload, loop.create_future())
@@ -493,13 +497,13 @@ class WorkerPool:
     def shutdown(self) -> None:
         """Stop the workers: an idle one ends at once (its call pipe closes), a busy or starting one is killed
         (what it would say goes nowhere); calls waiting or running are cancelled."""
+        self._closed = True
         if self._threads is not None:
             self._threads.shutdown(wait=False, cancel_futures=True)
             for turns in self._thread_waiting:  # calls waiting for a thread's turn
                 while turns:
                     turns.popleft().cancel()
             return
-        self._closed = True
         if self._restart is not None:
             self._restart.cancel()
         for calls in (self._urgent, self._queue):
@@ -570,6 +574,11 @@ class WorkerPool:
             if turn.done() and not turn.cancelled():  # given the turn just before the cancel: pass it on
                 self._thread_done()
             raise
+
+    def _thread_ended(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On the thread that ran a call (or cancelled it before it ran): hand its turn on, on the loop."""
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits for a turn any more
+            loop.call_soon_threadsafe(self._thread_done)
 
     def _thread_done(self) -> None:
         """A thread call has ended: give its thread to the next call waiting, urgent ones first."""

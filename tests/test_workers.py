@@ -162,6 +162,32 @@ def test_urgent_calls_go_ahead_of_routine_ones_waiting_for_a_worker(tmp_path: Pa
     assert asyncio.run(main()) == ["first", "u1", "u2", "r1", "r2", "r3", "after"]
 
 
+def test_a_thread_call_whose_caller_stopped_waiting_keeps_its_turn_until_it_ends(tmp_path: Path) -> None:
+    # A thread cannot be stopped: the call runs on, and the calls after it wait for it in urgency order.
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)
+
+    async def main() -> list[str]:
+        pool = WorkerPool(1, processes=False)
+        try:
+            held = asyncio.create_task(pool.run(read_gate, str(gate)))
+            await asyncio.sleep(0)
+            held.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await held
+            calls = []
+            for name, urgent in (("r1", False), ("u1", True)):
+                calls.append(asyncio.create_task(pool.run(note_run, str(tmp_path), name, urgent=urgent)))
+                await asyncio.sleep(0)
+            await asyncio.to_thread(gate.write_text, "open")
+            await asyncio.gather(*calls)
+            return (tmp_path / "order").read_text().split()
+        finally:
+            pool.shutdown()
+
+    assert asyncio.run(main()) == ["u1", "r1"]
+
+
 def test_shutdown_of_a_thread_pool_cancels_the_calls_waiting_for_a_thread(tmp_path: Path) -> None:
     gate = tmp_path / "gate"
     os.mkfifo(gate)
