@@ -51,7 +51,7 @@ CR_GAP_SECONDS = 0.1  # after the CT series has begun, before the first CR
 
 @dataclass
 class Run:
-    key: str  # the niceness, and "baseline" for the daemon from --baseline-source
+    key: str  # the niceness ("10"), with ", baseline" for the daemon from --baseline-source ("10, baseline")
     ct_seconds: float = 0.0
     settled_seconds: float = 0.0
     cr_ms: list[float] = field(default_factory=list)

@@ -301,12 +301,12 @@ class Pipeline:
         call: asyncio.Future[list[Prepared]] | None = None
         try:
             if slot is None:
-                inputs = await self._preprocess(loaded, spool_name, None, None, stages, urgent)
+                inputs = await self._preprocess(loaded, spool_name, None, None, stages, urgent=urgent)
             else:
                 # The worker's call runs as a task of its own: if this one is cancelled, the worker may still be
                 # writing into the slot, so the slot goes back only once the call has ended too; given back
                 # sooner, the next instance's input could be overwritten by this one's.
-                call = asyncio.ensure_future(self._preprocess(loaded, spool_name, arena, slot, stages, urgent))
+                call = asyncio.ensure_future(self._preprocess(loaded, spool_name, arena, slot, stages, urgent=urgent))
                 self._calls.add(call)
                 call.add_done_callback(self._calls.discard)
                 call.add_done_callback(_retrieve)
@@ -329,7 +329,7 @@ class Pipeline:
         return [(r, p.source_shape) for r, p in zip(results, inputs, strict=True)]
 
     async def _preprocess(self, loaded: LoadedModel, spool_name: str, arena: Arena | None, slot: Slot | None,
-                          stages: InstanceStages, urgent: bool = False) -> list[Prepared]:
+                          stages: InstanceStages, *, urgent: bool) -> list[Prepared]:
         """Decode and prepare an instance in a worker; the first frame's input in ``slot`` when there is one. An
         urgent route's instance goes ahead of the routine ones waiting for a worker."""
         path = self._spool_path(spool_name)
