@@ -8,7 +8,11 @@ Threads are named from `py-spy dump`, taken after the workload; a thread that is
 own, for one) has no name there.
 
 Run:  .venv/bin/python bench/thread_cpu.py --routed [--workload ct4] [--ct 1500] [--edge-agent-source DIR]
-      [--receiver-processes N] [--warm] [--profile OUT.txt]
+      [--receiver-processes N] [--warm] [--profile OUT.txt] [--perf OUT.data]
+
+Each thread's CPU is split into user time (its own code) and system time (the kernel's on its behalf: socket
+reads, file writes, page faults, fsyncs). With ``--perf`` the whole machine is also recorded with `perf record
+-a -g` while the measured workload runs (senders and kernel threads included), for `perf report -i OUT.data`.
 
 With ``--profile`` it also samples the daemon with ``py-spy record`` while the workload runs and writes the
 collapsed stacks (one line per stack, thread first) to OUT.txt, and prints, for the busiest threads, the functions
@@ -24,6 +28,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -38,8 +43,8 @@ PY_SPY = Path(sys.executable).parent / "py-spy"
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def thread_seconds(pids: list[int]) -> dict[tuple[int, int], float]:
-    """(pid, tid) -> CPU seconds so far, for every thread of ``pids``."""
+def thread_seconds(pids: list[int]) -> dict[tuple[int, int], tuple[float, float]]:
+    """(pid, tid) -> (user, system) CPU seconds so far, for every thread of ``pids``."""
     out = {}
     for pid in pids:
         for tid in os.listdir(f"/proc/{pid}/task"):
@@ -47,7 +52,7 @@ def thread_seconds(pids: list[int]) -> dict[tuple[int, int], float]:
                 fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue  # ended meanwhile
-            out[(pid, int(tid))] = (int(fields[11]) + int(fields[12])) / TICKS
+            out[(pid, int(tid))] = (int(fields[11]) / TICKS, int(fields[12]) / TICKS)
     return out
 
 
@@ -72,6 +77,9 @@ def main() -> None:
                         help="send the workload once before measuring, as on a box that has taken studies before "
                              "(its spool keeps released files as slots)")
     parser.add_argument("--profile", type=Path, help="also write py-spy's collapsed stacks of the daemon here")
+    parser.add_argument("--perf", type=Path, metavar="OUT",
+                        help="also record the whole machine with `perf record -a -g` into OUT while the measured "
+                             "workload runs (kernel time included; read it with `perf report -i OUT`)")
     args = parser.parse_args()
     if args.profile and not PY_SPY.exists():
         parser.error(f"--profile needs py-spy beside this Python ({PY_SPY}): .venv/bin/pip install py-spy")
@@ -92,29 +100,43 @@ def main() -> None:
                                          args.ct, 1)
             pids = tree(daemon.pid)
             spy = start_profile(daemon.pid, args.profile) if args.profile else None
+            perf = start_perf(args.perf) if args.perf else None
             before = thread_seconds(pids)
             m = measure(daemon, workload, 0, root / "logs")
             after = thread_seconds(pids)
+            if perf is not None:
+                perf.send_signal(signal.SIGINT)
+                perf.wait(timeout=120)
             if spy is not None:
                 spy.send_signal(signal.SIGINT)
                 spy.wait(timeout=60)
             names = thread_names(daemon.pid)
         finally:
             daemon.stop()
-    per = {k: (after[k] - before.get(k, 0.0)) * 1000 / m.instances for k in after}
+    per = {k: tuple((a - b) * 1000 / m.instances for a, b in zip(after[k], before.get(k, (0.0, 0.0)), strict=True))
+           for k in after}
     print(f"{daemon.label}, {WORKLOADS[args.workload]}: {m.instances / m.wall_seconds:.0f} instances/s; "
-          f"CPU ms per instance, by thread")
-    print("| process | thread | ms per instance |")
-    print("|---|---|---:|")
-    for (pid, tid), ms in sorted(per.items(), key=lambda kv: -kv[1]):
-        if ms < 0.01:
+          f"CPU ms per instance, by thread (user: the thread's own code; system: the kernel's, on its behalf)")
+    print("| process | thread | ms per instance | user | system |")
+    print("|---|---|---:|---:|---:|")
+    for (pid, tid), (user, system) in sorted(per.items(), key=lambda kv: -sum(kv[1])):
+        if user + system < 0.01:
             continue
         where = "daemon" if pid == daemon.pid else f"child {pid}"
         name = names.get(tid) or ("(main thread)" if tid == pid else "(not a Python thread, or ended)")
-        print(f"| {where} | {name} | {ms:.2f} |")
-    print(f"| all | | {sum(per.values()):.2f} |")
+        print(f"| {where} | {name} | {user + system:.2f} | {user:.2f} | {system:.2f} |")
+    users, systems = sum(u for u, _ in per.values()), sum(s for _, s in per.values())
+    print(f"| all | | {users + systems:.2f} | {users:.2f} | {systems:.2f} |")
     if args.profile and args.profile.exists():
         print_leaves(args.profile)
+
+
+def start_perf(out: Path) -> subprocess.Popen[bytes]:
+    """``perf record`` of every CPU, with call graphs, until it is sent SIGINT."""
+    perf = subprocess.Popen(["perf", "record", "-a", "-g", "-F", "499", "-o", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)  # perf's own start (its first sample)
+    return perf
 
 
 def start_profile(pid: int, out: Path) -> subprocess.Popen[bytes]:

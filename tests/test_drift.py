@@ -144,6 +144,33 @@ def test_shifted_inputs_raise_the_index_above_the_alert_and_alike_ones_stay_low(
     assert max(v for k, v in other_maker.items() if k != "manufacturer") < 0.15, other_maker
 
 
+def test_the_gauges_show_the_window_as_it_is_when_scraped_and_no_index_before_min_images(
+        ct_demo: ModelCard) -> None:
+    reference = build_reference(observations(ct_demo, 200, seed=1), data="t", command="t",
+                                model_sha256=ct_demo.sha256)
+    metrics = Metrics()
+    drift = Drift({"ct-demo": card_with(ct_demo, reference)}, DriftConfig(window_images=60, min_images=40), metrics)
+
+    def exported(name: str, **labels: str) -> float | None:
+        return metrics.registry.get_sample_value(name, {"model": "ct-demo", **labels})
+
+    assert exported("edge_agent_model_drift_window_images") is None  # nothing seen yet
+    drift.add("ct-demo", observations(ct_demo, 39, seed=2))
+    assert exported("edge_agent_model_drift_window_images") == 39
+    assert exported("edge_agent_model_drift_psi", signal="input_mean") is None
+    drift.add("ct-demo", observations(ct_demo, 1, seed=3))
+    alike = drift.index("ct-demo")
+    assert alike is not None
+    for signal, value in alike.items():
+        assert exported("edge_agent_model_drift_psi", signal=signal) == value
+    # Later inputs move what a scrape reads, with nothing set by hand in between; the window stays exported.
+    drift.add("ct-demo", observations(ct_demo, 60, seed=4, brighter_hu=100.0))
+    shifted = drift.index("ct-demo")
+    assert shifted is not None and shifted["input_mean"] > PSI_ALERT > alike["input_mean"]
+    assert exported("edge_agent_model_drift_psi", signal="input_mean") == shifted["input_mean"]
+    assert exported("edge_agent_model_drift_window_images") == 60
+
+
 def test_the_window_forgets_old_inputs_and_the_snapshot_says_what_drifts(ct_demo: ModelCard) -> None:
     reference = build_reference(observations(ct_demo, 200, seed=1), data="the test set", command="t",
                                 model_sha256=ct_demo.sha256)
