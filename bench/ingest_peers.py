@@ -47,7 +47,8 @@ def http_get(url: str, timeout_seconds: float = 10.0) -> tuple[int, bytes]:
         return exc.code, exc.read()
 
 
-def wait_until(check: Any, what: str, proc: subprocess.Popen[bytes], log: Path, timeout_seconds: float) -> None:
+def wait_until(check: Any, what: str, proc: subprocess.Popen[bytes], log: Path, timeout_seconds: float,
+               every_seconds: float = 0.1) -> None:
     """Poll ``check()`` (a foreign process's readiness has nothing to await) until true, or fail with its log."""
     deadline = time.monotonic() + timeout_seconds
     while time.monotonic() < deadline:
@@ -58,7 +59,7 @@ def wait_until(check: Any, what: str, proc: subprocess.Popen[bytes], log: Path, 
                 return
         except (OSError, urllib.error.URLError, ValueError):
             pass
-        time.sleep(0.1)
+        time.sleep(every_seconds)
     raise RuntimeError(f"{what} not ready after {timeout_seconds:.0f} s:\n{tail(log)}")
 
 

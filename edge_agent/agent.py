@@ -149,6 +149,21 @@ class Agent:
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         # Before anything in state_dir is opened: a second daemon must leave the running one's files alone.
         self._state_dir_lock = lock_state_dir(cfg.state_dir)
+        cards = {name: load_card(cfg.model_repository / name) for name in cfg.model_names()}
+        # The preprocessing workers start now and warm up while the journal is checked and the models load: a
+        # worker's start (a new interpreter importing numpy, OpenCV and pydicom, then a synthetic image prepared for
+        # each model, so that the first studies do not pay for its memory and caches being made) is the longest
+        # step of a start.
+        warm = functools.partial(warm_up, [(c.preprocessing, c.input_shape[0]) for c in cards.values()])
+        warming = asyncio.ensure_future(self._pixel_pool.warm_up(warm))
+        try:
+            await self._start(cards, warming)
+        finally:
+            warming.cancel()  # ended already, unless the start stopped before the workers were needed
+            await asyncio.gather(warming, return_exceptions=True)
+
+    async def _start(self, cards: dict[str, ModelCard], warming: asyncio.Future[None]) -> None:
+        cfg = self.config
         self.journal = Journal(cfg.state_dir / "journal.sqlite3")
         clean = await asyncio.to_thread(self.journal.begin_run)
         if not clean:
@@ -169,16 +184,15 @@ class Agent:
         # The files the first instances will be written to, made now (for at most 0.2 s; idle ticks make the
         # rest) rather than while a study arrives.
         await asyncio.to_thread(self.spool.refill, within_seconds=_REFILL_SECONDS * 4)
-        await self._load_models()
+        await self._load_models(cards)
         if self.engine_problems:
             # Without every engine, series routed to the missing one could not be finished: stay up, say why on
-            # /readyz and in the systemd STATUS, and leave DICOM unanswered until the operator fixes it.
+            # /readyz and in the systemd STATUS, and leave DICOM unanswered until the operator fixes it. Nothing
+            # will be decoded: the workers that were starting go.
+            self._pixel_pool.shutdown()
             await self._serve_not_ready()
             return
-        # Each worker prepares a synthetic image for each model as it starts, so that the first studies after a
-        # start (or a worker's crash) do not pay for its memory and caches being made.
-        warm = functools.partial(warm_up, [(m.card.preprocessing, m.card.input_shape[0]) for m in self.models.values()])
-        await self._pixel_pool.warm_up(warm)
+        await warming  # every worker has started and warmed up
         self.publisher = Publisher(cfg.bus, self.journal, self.metrics, on_acked=self._on_acked)
         await self.publisher.start()
         spool = self.spool
@@ -401,10 +415,10 @@ class Agent:
 
     # -- parts ------------------------------------------------------------------------------------
 
-    async def _load_models(self) -> None:
+    async def _load_models(self, cards: dict[str, ModelCard]) -> None:
         for name in self.config.model_names():
             deployment = self.config.deployment(name)
-            card = load_card(self.config.model_repository / name)
+            card = cards[name]
             try:
                 card = card.with_operating_point(deployment.operating_point)
             except ValueError as exc:

@@ -17,7 +17,7 @@ from edge_agent.journal import Journal
 from tests.daemon import Daemon, storescu, write_config
 from tests.fault_tools import build_hanging_model
 from tests.natsutil import NatsServer
-from tests.test_e2e import CR_CHEST, fresh_copy
+from tests.test_e2e import CR_CHEST, _children, fresh_copy
 
 pytestmark = pytest.mark.e2e
 
@@ -201,6 +201,19 @@ def test_a_model_whose_warm_up_never_returns_stops_the_start_with_the_reason(
     daemons.append(d)
     d.start(wait_ready=False)
     assert d.proc is not None
+    # The preprocessing workers start while the models load, not after: here they are up while the start is held
+    # in the model's warm-up (before, none started until every model was warm).
+    workers: list[int] = []
+    deadline = time.monotonic() + 60
+    while len(workers) < 2 and d.proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+        workers = [kid for kid in _children(d.proc.pid)
+                   if b"resource_tracker" not in Path(f"/proc/{kid}/cmdline").read_bytes()]
+    assert len(workers) == 2, d.log()  # preprocess_workers, while the start waits for the warm-up
     assert d.proc.wait(60) == EXIT_FAILURE  # before the fix: no exit at all (the warm-up's thread was joined)
     said = "edge-agent stopped: engine ct-hang: its warm-up did not return within 4 s (a wedged GPU or driver?)"
     assert said in d.log()
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{w}").exists() for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(Path(f"/proc/{w}").exists() for w in workers)  # the failed start left no worker behind
