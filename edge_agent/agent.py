@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from edge_agent.bus.publisher import Publisher
-from edge_agent.config import AgentConfig, ModelDeployment, PoolKind, Retention
+from edge_agent.config import AgentConfig, ModelDeployment, PoolKind, Priority, Retention
 from edge_agent.dicom.header import InstanceMeta
 from edge_agent.dicom.receivers import ReceiverProcesses
 from edge_agent.dicom.scp import Receiver
@@ -121,10 +121,15 @@ class Agent:
             niceness=config.pipeline.inference_niceness,
         )
         # Engines are loaded on these threads, so that the threads a runtime starts for itself (ONNX Runtime's
-        # intra-op pool) inherit their niceness.
-        self._engine_pool = ThreadPoolExecutor(max(1, len(config.model_names())), thread_name_prefix="engine",
-                                               initializer=lower_this_thread,
+        # intra-op pool) inherit their niceness. A model that an urgent route names runs at the daemon's own
+        # priority instead: a chest CR's inference during a CT flood is not held below the receiver.
+        urgent = {r.model for r in config.routes if r.priority == Priority.URGENT}
+        self._urgent_models = {name for name in config.model_names() if name in urgent}
+        self._engine_pool = ThreadPoolExecutor(max(1, len(config.model_names()) - len(self._urgent_models)),
+                                               thread_name_prefix="engine", initializer=lower_this_thread,
                                                initargs=(config.pipeline.inference_niceness,))
+        self._urgent_engine_pool = ThreadPoolExecutor(max(1, len(self._urgent_models)),
+                                                      thread_name_prefix="engine-urgent")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._last_tick = time.monotonic()
         self._spool_writable = False
@@ -310,6 +315,7 @@ class Agent:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._pixel_pool.shutdown()
         self._engine_pool.shutdown(wait=False, cancel_futures=True)
+        self._urgent_engine_pool.shutdown(wait=False, cancel_futures=True)
         if self.journal is not None:
             counts = self.journal.counts()
             in_spool = sum(
@@ -444,7 +450,7 @@ class Agent:
             if self.gpu_metrics is not None:
                 self.gpu_metrics.record_engine(name, engine)
             batcher = Batcher(
-                name, engine, deployment.max_batch, deployment.max_queue_delay_ms, self.metrics, self._engine_pool,
+                name, engine, deployment.max_batch, deployment.max_queue_delay_ms, self.metrics, self._engines_of(name),
                 infer_timeout_seconds=deployment.infer_timeout_seconds,
             )
             await batcher.start()
@@ -460,12 +466,16 @@ class Agent:
                 time.perf_counter() - started,
             )
 
+    def _engines_of(self, name: str) -> ThreadPoolExecutor:
+        """The threads model ``name`` is loaded and run on: below the receiver, unless an urgent route names it."""
+        return self._urgent_engine_pool if name in self._urgent_models else self._engine_pool
+
     async def _engine_step(self, name: str, what: str, engine: Engine, step: Callable[[], object]) -> None:
         """One start-up call on a model's engine, in the engine pool, bounded: one that does not return in
         ``_ENGINE_START_TIMEOUTS`` times the model's infer_timeout_seconds (a wedged GPU or driver) raises
         EngineTimeoutError, and its thread is left to it."""
         seconds = _ENGINE_START_TIMEOUTS * self.config.deployment(name).infer_timeout_seconds
-        call = asyncio.get_running_loop().run_in_executor(self._engine_pool, step)
+        call = asyncio.get_running_loop().run_in_executor(self._engines_of(name), step)
         done, _ = await asyncio.wait((call,), timeout=seconds)
         if not done:
             self._stuck_engines.add(id(engine))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import threading
 from pathlib import Path
 
 import pytest
@@ -90,3 +91,30 @@ def test_a_lifecycle_stores_infers_publishes_and_stops_cleanly(tmp_path: Path, n
         assert journal.begin_run()  # the previous run recorded a clean stop: nothing to re-publish
     finally:
         journal.close()
+
+
+def _thread_niceness() -> int:
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+
+@pytest.mark.parametrize("cr_priority", ["urgent", "routine"])
+def test_a_model_an_urgent_route_names_runs_at_the_daemons_priority_the_others_below_it(
+        tmp_path: Path, cr_priority: str) -> None:
+    # pipeline.inference_niceness lowers the engines below the receiver (receiving first); a chest CR routed as
+    # urgent must not wait for its inference behind a CT flood at that priority.
+    raw = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
+    raw["state_dir"] = str(tmp_path / "state")
+    raw["model_repository"] = str(ENGINES)
+    raw["pipeline"]["inference_niceness"] = 5
+    [cr_route] = [r for r in raw["routes"] if r["model"] == "cxr-nodule"]
+    cr_route["priority"] = cr_priority
+    agent = Agent(parse_config(raw))
+    base = _thread_niceness()
+    try:
+        # The threads each model is loaded on (its runtime's own threads inherit their niceness) and runs on.
+        nice = {name: agent._engines_of(name).submit(_thread_niceness).result() for name in ("cxr-nodule", "ct-demo")}
+    finally:
+        agent._engine_pool.shutdown()
+        agent._urgent_engine_pool.shutdown()
+    assert nice["ct-demo"] == min(19, base + 5)  # routine only
+    assert nice["cxr-nodule"] == (base if cr_priority == "urgent" else min(19, base + 5))
