@@ -395,7 +395,8 @@ class PipelineConfig(_Strict):
     # again once half of them have been inferred.
     max_pending_instances: Annotated[int, Field(ge=2, le=1_000_000)] = 2000
     # How much lower than the receiver preprocessing and inference run (Linux niceness, 0-19): where they compete
-    # for few cores, a sender is answered first and the backlog waits on the spool (bounded by the above).
+    # for few cores, a sender is answered first and the backlog waits on the spool (bounded by the above). Not for
+    # the engines of models that an urgent route names.
     inference_niceness: Annotated[int, Field(ge=0, le=19)] = 10
 
     @field_validator("preprocess_pool", mode="before")
