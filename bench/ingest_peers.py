@@ -264,6 +264,8 @@ class EdgeAgent(Receiver):
     nats: NatsServer | None = None
     receiver_processes: int = 1  # dicom.receiver_processes
     pipeline: dict[str, Any] = field(default_factory=dict)  # settings of the pipeline section over the shipped ones
+    ready_poll_seconds: float = 0.1  # how often start() asks /readyz
+    start_seconds: float = 0.0  # set by start(): from the daemon's command to its /readyz answering 200
 
     def config(self) -> dict[str, Any]:
         raw: dict[str, Any] = yaml.safe_load((self.source / "configs" / "agent.yaml").read_text())
@@ -301,10 +303,12 @@ class EdgeAgent(Receiver):
         self.nats.start()
         path = self.root / "agent.yaml"
         path.write_text(yaml.safe_dump(self.config()))
+        started = time.perf_counter()
         self._spawn(self.command(path), env=self.environment(), cwd=self.source)
         assert self.proc is not None
         wait_until(lambda: http_get(self._url("/readyz"))[0] == 200, self.label, self.proc, self.log_path,
-                   START_TIMEOUT_SECONDS)
+                   START_TIMEOUT_SECONDS, every_seconds=self.ready_poll_seconds)
+        self.start_seconds = time.perf_counter() - started
 
     def stop(self) -> None:
         try:

@@ -17,35 +17,23 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
-
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.ingest import make_receiver
-from bench.ingest_peers import REPO, NatsServer, http_get, wait_until
-
-START_TIMEOUT_SECONDS = 120.0
+from bench.ingest import make_receiver, order_for
+from bench.ingest_peers import REPO, EdgeAgent
 
 
 def start_seconds(source: Path) -> float:
     """Start a daemon from ``source`` on a new state folder; seconds until it is ready. Stops it."""
     with tempfile.TemporaryDirectory(prefix="edge-start-") as folder:
         daemon = make_receiver("edge-ct", Path(folder), source)
-        daemon.nats = NatsServer(daemon.root / "nats")
-        daemon.nats.start()
+        assert isinstance(daemon, EdgeAgent)
+        daemon.ready_poll_seconds = 0.01
         try:
-            path = daemon.root / "agent.yaml"
-            path.write_text(yaml.safe_dump(daemon.config()))
-            started = time.perf_counter()
-            daemon._spawn(daemon.command(path), env=daemon.environment(), cwd=daemon.source)
-            assert daemon.proc is not None
-            url = f"http://127.0.0.1:{daemon.http_port}/readyz"
-            wait_until(lambda: http_get(url, timeout_seconds=1.0)[0] == 200, daemon.label, daemon.proc,
-                       daemon.log_path, START_TIMEOUT_SECONDS, every_seconds=0.01)
-            return time.perf_counter() - started
+            daemon.start()
+            return daemon.start_seconds
         finally:
             daemon.stop()
 
@@ -59,7 +47,7 @@ def main() -> None:
     versions = {"edge-agent": args.edge_agent_source, "baseline": args.baseline_source}
     results: dict[str, list[float]] = {name: [] for name in versions}
     for run in range(args.runs):
-        for name in list(versions) if run % 2 == 0 else list(reversed(versions)):
+        for name in order_for(run, list(versions)):
             results[name].append(start_seconds(versions[name].resolve()))
             print(f"run {run + 1}: {name} ready after {results[name][-1]:.2f} s", flush=True)
     print(f"\n{args.runs} fresh starts of each, alternating; {os.cpu_count()} CPUs, Python {sys.version.split()[0]}\n")

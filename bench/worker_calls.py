@@ -39,9 +39,10 @@ def nothing(path: Path, card: ModelCard, slot: Any) -> int:
     return card.input_shape[0]
 
 
-def _cpu_seconds(pids: list[int]) -> float:
-    own = os.times()
-    total = own.user + own.system
+def _cpu_seconds(pids: list[int], own: bool = True) -> float:
+    """CPU seconds so far of ``pids``, and of this process with ``own``."""
+    mine = os.times()
+    total = mine.user + mine.system if own else 0.0
     for pid in pids:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         total += (int(fields[11]) + int(fields[12])) / TICKS
@@ -73,16 +74,17 @@ async def _call(pool: WorkerPool, fn: Any, card: Any, arena: Arena | None) -> No
 
 
 async def _timed(pool: WorkerPool, pids: list[int], fn: Any, card: Any, arena: Arena | None,
-                 calls: int) -> tuple[float, float]:
-    """(wall ms, CPU ms) per call, with as many calls in flight as the pool has workers, twice over."""
-    cpu0, wall0 = _cpu_seconds(pids), time.perf_counter()
+                 calls: int, own: bool = True) -> tuple[float, float]:
+    """(wall ms, CPU ms) per call, with as many calls in flight as the pool has workers, twice over; the CPU is the
+    workers' and, with ``own``, this process's."""
+    cpu0, wall0 = _cpu_seconds(pids, own), time.perf_counter()
     pending: set[asyncio.Future[Any]] = set()
     for _ in range(calls):
         if len(pending) >= 2 * pool.workers:
             _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
         pending.add(asyncio.ensure_future(_call(pool, fn, card, arena)))
     await asyncio.gather(*pending)
-    return (time.perf_counter() - wall0) * 1000 / calls, (_cpu_seconds(pids) - cpu0) * 1000 / calls
+    return (time.perf_counter() - wall0) * 1000 / calls, (_cpu_seconds(pids, own) - cpu0) * 1000 / calls
 
 
 async def main(args: argparse.Namespace) -> None:

@@ -17,27 +17,18 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.worker_calls import TICKS, _call  # noqa: E402
+from bench.worker_calls import _call, _timed  # noqa: E402
 from edge_agent.inference.card import load_card  # noqa: E402
 from edge_agent.inference.preprocess import load_instance_prepared_into  # noqa: E402
 from edge_agent.workers import Arena, SentOnce, WorkerPool  # noqa: E402
 
 BUSY = "while True: pass"
-
-
-def _workers_cpu(pids: list[int]) -> float:
-    total = 0.0
-    for pid in pids:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += (int(fields[11]) + int(fields[12])) / TICKS
-    return total
 
 
 async def _measure(niceness: int, once: Any, calls: int) -> tuple[float, float]:
@@ -46,17 +37,10 @@ async def _measure(niceness: int, once: Any, calls: int) -> tuple[float, float]:
     arena = Arena(8, 4 * 256 * 256)
     try:
         await pool.warm_up()
-        pids = pool.pids()
         for _ in range(20):
             await _call(pool, load_instance_prepared_into, once, arena)
-        cpu0, wall0 = _workers_cpu(pids), time.perf_counter()
-        pending: set[asyncio.Future[Any]] = set()
-        for _ in range(calls):
-            if len(pending) >= 2 * pool.workers:
-                _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            pending.add(asyncio.ensure_future(_call(pool, load_instance_prepared_into, once, arena)))
-        await asyncio.gather(*pending)
-        return (_workers_cpu(pids) - cpu0) * 1000 / calls, (time.perf_counter() - wall0) * 1000 / calls
+        wall, cpu = await _timed(pool, pool.pids(), load_instance_prepared_into, once, arena, calls, own=False)
+        return cpu, wall
     finally:
         pool.shutdown()
         arena.close()
