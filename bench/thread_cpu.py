@@ -16,7 +16,8 @@ reads, file writes, page faults, fsyncs). With ``--perf`` the whole machine is a
 
 With ``--profile`` it also samples the daemon with ``py-spy record`` while the workload runs and writes the
 collapsed stacks (one line per stack, thread first) to OUT.txt, and prints, for the busiest threads, the functions
-where their samples end.
+where their samples end, and what share of the receiving threads' busy samples end in the receive path's own
+PDU and DIMSE parsing (the most a compiled parser could take away).
 """
 
 from __future__ import annotations
@@ -129,6 +130,7 @@ def main() -> None:
     print(f"| all | | {users + systems:.2f} | {users:.2f} | {systems:.2f} |")
     if args.profile and args.profile.exists():
         print_leaves(args.profile)
+        print_parsing_share(args.profile)
 
 
 def start_perf(out: Path) -> subprocess.Popen[bytes]:
@@ -169,6 +171,28 @@ def print_leaves(path: Path, threads: int = 4, top: int = 15) -> None:
             print(f"  {title}:")
             for frame, n in counts.most_common(top):
                 print(f"  {100 * n / total:5.1f}%  {frame}")
+
+
+# Where the receive path's own parsing runs: the connection's PDU/PDV state machine and the codecs it calls.
+_PARSING = re.compile(r"^(_Connection\.\w+ \(edge_agent/dicom/scp\.py:"
+                      r"|\w[\w.]* \(edge_agent/dicom/(dimse|acse|assembler)\.py:)")
+
+
+def print_parsing_share(path: Path) -> None:
+    """Of the receiving threads' busy samples (a thread blocked in its select left out), the share that ends in
+    PDU and DIMSE parsing, against the share ending anywhere else (system calls, the digest, the spool)."""
+    busy = parsing = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = stack.split(";")
+        if not any(f.startswith("thread (") and f.endswith("dicom-receiver") for f in frames):
+            continue
+        if frames[-1].startswith("EpollSelector.select "):
+            continue
+        busy += int(count)
+        parsing += int(count) if _PARSING.match(frames[-1]) else 0
+    if busy:
+        print(f"\ndicom-receiver threads: {busy} busy samples, {100 * parsing / busy:.1f}% ending in PDU/DIMSE parsing")
 
 
 if __name__ == "__main__":
