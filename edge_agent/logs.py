@@ -9,7 +9,9 @@ from ``extra={"series_id": ..., "finding_id": ...}`` on one call.
 
 Neither names a patient: the journal id is a row number and the finding id a SHA-256. Code that logs must
 still keep UIDs, names and accession numbers out of its messages (STYLE.md 11); the formatter cannot
-know which text is patient data, so it does not try to scrub.
+know which text is patient data, so it does not try to scrub. What pydicom logs or warns is another matter:
+it quotes element values ("Invalid value for VR UI: '<a Series Instance UID>'"), so its text is withheld at
+every handler (``WithheldText``): the line says that pydicom logged or warned, and of what kind, never what.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -74,6 +77,51 @@ class ContextFilter(logging.Filter):
         return True
 
 
+# Libraries whose log lines and warnings may quote DICOM element values (UIDs, names): their text is withheld.
+_QUOTING_LIBRARIES = ("pydicom",)
+# A captured warning's text, as warnings.formatwarning writes it: "FILE:LINE: CATEGORY: message".
+_WARNING_TEXT = re.compile(r"(?P<file>[^\n]*?):\d+: (?P<category>\w+): ")
+
+
+def _quoting(name: str) -> str | None:
+    return next((lib for lib in _QUOTING_LIBRARIES if name == lib or name.startswith(lib + ".")), None)
+
+
+class WithheldText(logging.Filter):
+    """Replaces the text of what a library that quotes element values logged or warned (pydicom's "Invalid value
+    for VR UI: '<uid>'") with a line that names only the library and the kind; everything else passes as is."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        library = _quoting(record.name)
+        if library is not None:
+            record.msg, record.args = "%s logged a %s message; its text is withheld (it may quote DICOM element " \
+                                      "values)", (library, record.levelname.lower())
+        elif record.name == "py.warnings":
+            match = _WARNING_TEXT.match(record.getMessage())
+            source = match.group("file").replace("\\", "/") if match else ""
+            library = next((lib for lib in _QUOTING_LIBRARIES if f"/{lib}/" in source), None)
+            if library is not None and match is not None:
+                record.msg, record.args = "%s warned (%s); its text is withheld (it may quote DICOM element " \
+                                          "values)", (library, match.group("category"))
+        return True
+
+
+def withhold_library_text(handler: logging.Handler) -> logging.Handler:
+    """``handler``, with what pydicom logs or warns withheld (``WithheldText``); returns it."""
+    handler.addFilter(WithheldText())
+    return handler
+
+
+def child_logging(handler: logging.Handler, level: int) -> None:
+    """A child process's logging: everything, Python's warnings included, through ``handler`` at ``level``, with
+    what pydicom logs or warns withheld (a warning would otherwise go to stderr as it is)."""
+    root = logging.getLogger()
+    root.handlers = [withhold_library_text(handler)]
+    root.setLevel(level)
+    logging.captureWarnings(True)
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per record, on one line."""
 
@@ -101,7 +149,7 @@ class JsonFormatter(logging.Formatter):
 
 def setup_logging(level: str, fmt: LogFormat | str = LogFormat.TEXT, stream: TextIO | None = None) -> None:
     """Send every log record (edge-agent's, its libraries', Python's warnings) to ``stream`` (stderr)."""
-    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler = withhold_library_text(logging.StreamHandler(stream if stream is not None else sys.stderr))
     handler.addFilter(ContextFilter())
     handler.setFormatter(JsonFormatter() if LogFormat(fmt) is LogFormat.JSON else logging.Formatter(TEXT_FORMAT))
     logging.basicConfig(level=level, handlers=[handler])

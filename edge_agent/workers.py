@@ -36,6 +36,7 @@ import pickle
 import secrets
 import signal
 import struct
+import sys
 import threading
 import weakref
 from collections.abc import Callable
@@ -48,6 +49,7 @@ import numpy.typing as npt
 
 from edge_agent.children import die_with_parent
 from edge_agent.errors import DecodeError
+from edge_agent.logs import child_logging
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +163,8 @@ def _worker_main(calls: Any, results: Any, parent_pid: int, warm: Callable[[], o
     """A worker process: die with the daemon, lower itself by ``niceness``, warm up, say so, then run the calls its
     pipe brings, one at a time, until the pipe closes."""
     die_with_parent(parent_pid)
+    # Warnings and errors to stderr (the daemon's journal), with what pydicom says withheld: it quotes UIDs.
+    child_logging(logging.StreamHandler(sys.stderr), logging.WARNING)
     lower_this_process(niceness)
     _warm()  # before the worker says it has started: its first call does not wait for pydicom and OpenCV to load
     if warm is not None:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -19,6 +20,7 @@ from pydicom.multival import MultiValue
 
 from edge_agent.dicom import fastheader
 from edge_agent.dicom.digest import finish, hasher, legacy_hasher
+from edge_agent.dicom.quiet import kinds, pydicom_warnings
 from edge_agent.dicom.spool import read_mark
 from edge_agent.errors import DecodeError
 
@@ -152,25 +154,38 @@ def _read_header(path: Path) -> Dataset:
         raise DecodeError(f"unreadable DICOM header ({type(exc).__name__})") from None
 
 
+@contextlib.contextmanager
+def _quietly() -> Iterator[None]:
+    """pydicom's warnings while it reads a header and its values are converted (which is when a UID that breaks
+    the UI rules is warned about, quoted): caught, and only their kinds said."""
+    with pydicom_warnings() as caught:
+        yield
+    if caught:
+        logger.debug("header: pydicom warned (%s); read anyway", ", ".join(kinds(caught)))
+
+
 def read_meta(path: Path, calling_aet: str, called_aet: str, digest: str | None = None) -> InstanceMeta:
     """Read an instance's header (pixel data is not read). Raises DecodeError without patient data."""
-    ds = _read_header(path)
-    file_meta = getattr(ds, "file_meta", None)
-    syntax = _text(file_meta, "TransferSyntaxUID") if file_meta is not None else ""
-    return meta_from_dataset(ds, syntax, calling_aet, called_aet,
-                             digest if digest is not None else file_digest(path))
+    if digest is None:
+        digest = file_digest(path)
+    with _quietly():
+        ds = _read_header(path)
+        file_meta = getattr(ds, "file_meta", None)
+        syntax = _text(file_meta, "TransferSyntaxUID") if file_meta is not None else ""
+        return meta_from_dataset(ds, syntax, calling_aet, called_aet, digest)
 
 
 def read_stored_meta(path: Path, digest: str) -> InstanceMeta:
     """``read_meta`` of a file the receiver wrote: the AE titles come from its File Meta (Source and Receiving
     Application Entity Title), as the association gave them."""
-    ds = _read_header(path)
-    file_meta = getattr(ds, "file_meta", None)
-    if file_meta is None:
-        raise DecodeError("no File Meta group")
-    return meta_from_dataset(ds, _text(file_meta, "TransferSyntaxUID"),
-                             _text(file_meta, "SourceApplicationEntityTitle"),
-                             _text(file_meta, "ReceivingApplicationEntityTitle"), digest)
+    with _quietly():
+        ds = _read_header(path)
+        file_meta = getattr(ds, "file_meta", None)
+        if file_meta is None:
+            raise DecodeError("no File Meta group")
+        return meta_from_dataset(ds, _text(file_meta, "TransferSyntaxUID"),
+                                 _text(file_meta, "SourceApplicationEntityTitle"),
+                                 _text(file_meta, "ReceivingApplicationEntityTitle"), digest)
 
 
 # The last element meta_from_dataset reads: a dataset read up to a later tag holds everything it needs.
@@ -190,17 +205,18 @@ def read_meta_head(head: bytes, transfer_syntax_uid: str, calling_aet: str, call
         raw = fastheader.read(head, not implicit, whole=whole)
         if raw is not None:
             return meta_from_dataset(raw, transfer_syntax_uid, calling_aet, called_aet, digest)
-    try:
-        ds = read_dataset(BytesIO(head), implicit, little, stop_when=_at_pixel_data)
-    except Exception as exc:
+    with _quietly():
+        try:
+            ds = read_dataset(BytesIO(head), implicit, little, stop_when=_at_pixel_data)
+        except Exception as exc:
+            if not whole:
+                return None
+            raise DecodeError(f"unreadable DICOM header ({type(exc).__name__})") from None
         if not whole:
-            return None
-        raise DecodeError(f"unreadable DICOM header ({type(exc).__name__})") from None
-    if not whole:
-        tags = [int(t) for t in ds.keys()]  # noqa: SIM118 (iterating a Dataset yields its elements)
-        if not tags or max(tags) <= LAST_TAG_READ:
-            return None
-    return meta_from_dataset(ds, transfer_syntax_uid, calling_aet, called_aet, digest)
+            tags = [int(t) for t in ds.keys()]  # noqa: SIM118 (iterating a Dataset yields its elements)
+            if not tags or max(tags) <= LAST_TAG_READ:
+                return None
+        return meta_from_dataset(ds, transfer_syntax_uid, calling_aet, called_aet, digest)
 
 
 def _at_pixel_data(tag: Any, vr: Any, length: Any) -> bool:

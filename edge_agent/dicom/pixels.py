@@ -25,8 +25,6 @@ from __future__ import annotations
 import logging
 import math
 import re
-import threading
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +39,7 @@ from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEnd
 
 from edge_agent.dicom import fastheader
 from edge_agent.dicom.header import dataset_offset, stored_end
+from edge_agent.dicom.quiet import kinds, pydicom_warnings
 from edge_agent.errors import DecodeError
 
 logger = logging.getLogger(__name__)
@@ -53,10 +52,6 @@ MAX_DECODED_BYTES = 2 * 1024**3
 # ITU-R BT.601 luma: what a grey-scale model trained on converted colour images most likely saw.
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
-# warnings.catch_warnings swaps process-global state and is not thread-safe before Python 3.14, and
-# decoding runs in a thread pool. pydicom and the pylibjpeg decoders hold the GIL while they work
-# (measured: two threads decode no faster than one), so serialising this part costs no throughput.
-_PYDICOM_LOCK = threading.Lock()
 
 # Native encodings whose Pixel Data bytes are the samples, little-endian (PS3.5 8.1.1, A.1-A.3; a
 # Deflated dataset is inflated by dcmread).
@@ -365,10 +360,7 @@ def _fast_read(path: Path) -> tuple[_Attributes, np.ndarray[Any, Any]] | None:
 def _read(path: Path) -> tuple[Dataset, np.ndarray[Any, Any], list[str]]:
     """dcmread + pixel decode, with pydicom's warnings captured instead of raised or printed."""
     step = "reading the file"
-    with _PYDICOM_LOCK, warnings.catch_warnings(record=True) as caught:
-        # pydicom warns about recoverable oddities (excess padding, wrong VR); the file still decodes.
-        # Under a warnings-as-errors policy they would turn a readable image into a failure.
-        warnings.simplefilter("always")
+    with pydicom_warnings() as caught:
         try:
             ds = pydicom.dcmread(path)
             if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
@@ -384,8 +376,7 @@ def _read(path: Path) -> tuple[Dataset, np.ndarray[Any, Any], list[str]]:
         except Exception as exc:
             # `from None`: pydicom's messages may quote element values (UIDs, names).
             raise DecodeError(f"{step}: {type(exc).__name__}") from None
-    kinds = sorted({w.category.__name__ for w in caught})
-    return ds, arr, kinds
+    return ds, arr, kinds(caught)
 
 
 def _frame_stack(arr: np.ndarray[Any, Any], ds: Dataset | _Attributes, frames: int) -> tuple[np.ndarray[Any, Any], str]:

@@ -69,7 +69,7 @@ from edge_agent.dicom.scp import (
 from edge_agent.dicom.spool import Spool
 from edge_agent.errors import EdgeAgentError
 from edge_agent.journal import Journal
-from edge_agent.logs import RepeatedLog
+from edge_agent.logs import RepeatedLog, child_logging
 from edge_agent.metrics import Metrics
 from edge_agent.records import Recorded
 
@@ -609,10 +609,7 @@ def _receiver_main(index: int, count: int, config: DicomConfig, spool_root: Path
     """A receiver process: serve the connections the control socket brings until it says stop, or closes."""
     die_with_parent(parent_pid)
     events = _Events(pipe)
-    root = logging.getLogger()
-    root.handlers = [_ForwardLogs(events)]
-    root.setLevel(log_level)
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    child_logging(_ForwardLogs(events), log_level)
     gate: list[str | None] = [None]
     try:
         spool = Spool(spool_root, min_free_bytes, taker=(index, count))
