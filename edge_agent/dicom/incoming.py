@@ -26,12 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from edge_agent.dicom import digest, status
+from edge_agent.dicom import digest, status, wholeness
 from edge_agent.dicom.header import InstanceMeta, check_sop_class, read_meta, read_meta_head
 from edge_agent.dicom.spool import Spool, ToPlace, start_writeback
-from edge_agent.errors import EdgeAgentError
+from edge_agent.errors import DecodeError, EdgeAgentError
 from edge_agent.journal import Journal, Recorded
 
 logger = logging.getLogger(__name__)
@@ -41,6 +41,8 @@ _HEAD_BYTES = 256 * 1024
 _INFLATE_STEP = 1 << 20
 # Writeback of a dataset being received is started every this many bytes, and at its end.
 _WRITEBACK_BYTES = 1 << 20
+
+_IMPLICIT, _BIG_ENDIAN = str(ImplicitVRLittleEndian), str(ExplicitVRBigEndian)
 
 CANNOT_UNDERSTAND = status.Answer(status.CANNOT_UNDERSTAND, status.OUTCOME_CANNOT_UNDERSTAND)
 
@@ -248,6 +250,7 @@ class Committer:
         ready: list[tuple[int, InstanceMeta]] = []
         for i, st in enumerate(group):
             try:
+                _check_whole(st)
                 meta = _read_meta(st)
                 check_sop_class(meta, st.sop_class)
                 ready.append((i, meta))
@@ -343,6 +346,43 @@ def _read_meta(st: Incoming) -> InstanceMeta:
     if st.inflater is not None:
         meta = InstanceMeta(**{**meta.__dict__, "transfer_syntax_uid": st.transfer_syntax})
     return meta
+
+
+class _DatasetBytes:
+    """``wholeness.Read`` over an instance being committed: its kept head, else its temp file (opened to read only
+    if the walk goes past the head), never past the dataset's end (a slot's padding follows it)."""
+
+    def __init__(self, st: Incoming) -> None:
+        self._st, self._head, self._fd = st, st.head, -1
+
+    def __call__(self, pos: int, count: int) -> bytes:
+        count = max(0, min(count, self._st.size - pos))
+        if pos + count <= len(self._head):
+            return bytes(self._head[pos : pos + count])
+        if self._fd < 0:
+            assert self._st.path is not None
+            self._fd = os.open(self._st.path, os.O_RDONLY | os.O_CLOEXEC)
+        return os.pread(self._fd, count, self._st.meta_bytes + pos)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _check_whole(st: Incoming) -> None:
+    """DecodeError when the dataset ends inside an element (wholeness.py). A Deflated one was checked as it
+    arrived: its deflate stream must end (scp.py)."""
+    if st.inflater is not None:
+        return
+    read = _DatasetBytes(st)
+    try:
+        short = wholeness.cut_short(read, st.size, st.head, explicit=st.transfer_syntax != _IMPLICIT,
+                                    little=st.transfer_syntax != _BIG_ENDIAN)
+    finally:
+        read.close()
+    if short:
+        raise DecodeError("the dataset ends inside an element: its last fragment came before the element's end")
 
 
 def _refused(st: Incoming, exc: BaseException) -> Result:
