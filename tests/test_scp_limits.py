@@ -7,6 +7,7 @@ well-behaved SCU would: declare huge PDUs, trickle, go silent, open many connect
 from __future__ import annotations
 
 import contextlib
+import socket
 import struct
 import threading
 import time
@@ -29,7 +30,7 @@ from pydicom.uid import (
 from pynetdicom import AE
 
 from tests.dicomfiles import CT_SMALL, RG1_UNCR, SC_DEFLATED, running_receiver, storescu
-from tests.ul import RawPeer, associate_rq, pdata, store_command
+from tests.ul import VERIFICATION, RawPeer, associate_rq, echo_command, pdata, store_command
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -245,6 +246,44 @@ def test_a_silent_association_is_aborted(tmp_path: Path, peers: list[RawPeer]) -
         pdu = peer.read_pdu()
         assert pdu is not None and pdu[0] == 0x07
         assert h.associations("timed_out") == 1
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_peer_that_never_reads_its_answers_is_not_buffered_and_loses_its_slot(tmp_path: Path, peers: list[RawPeer],
+                                                                             processes: int) -> None:
+    """Requests sent on and on with no answer ever read: the receiver stops reading once 64 KiB of answers wait
+    (TCP then pushes back on the peer), aborts the association at the network timeout and drops the connection
+    with its unread answers, so that its slot is free again."""
+    with running_receiver(tmp_path, network_timeout_seconds=1.0, max_associations=1,
+                          receiver_processes=processes) as h:
+        peer = RawPeer(h.port)
+        peers.append(peer)
+        peer.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        peer.associate(contexts=[(1, VERIFICATION, str(ImplicitVRLittleEndian))])
+        batch = pdata(1, 0x03, echo_command()) * 1000
+        sent = [0]
+
+        def flood() -> None:
+            with contextlib.suppress(OSError):  # until the receiver's abort resets the connection
+                while sent[0] < 400 * 1024 * 1024:
+                    peer.sock.sendall(batch)
+                    sent[0] += len(batch)
+
+        flooding = threading.Thread(target=flood, daemon=True)
+        flooding.start()
+        flooding.join(30)
+        assert not flooding.is_alive()
+        # The peer could send only what the socket buffers and one read's worth hold: a few MB, not 400.
+        assert sent[0] < 32 * 1024 * 1024
+        deadline = time.monotonic() + 10
+        while h.receiver.active_associations() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert h.receiver.active_associations() == 0
+        assert h.associations("timed_out") == 1
+        other = RawPeer(h.port)  # the one association there is, free again
+        peers.append(other)
+        other.associate(contexts=[(1, VERIFICATION, str(ImplicitVRLittleEndian))])
+        assert other.echo(1) == 0x0000
 
 
 def test_garbage_before_association_and_unknown_pdus_are_aborted(tmp_path: Path, peers: list[RawPeer]) -> None:

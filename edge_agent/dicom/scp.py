@@ -163,6 +163,9 @@ class _Connection(asyncio.Protocol):
         self._store: Incoming | None = None
         self._busy: asyncio.Future[Result] | None = None
         self._backlog = bytearray()
+        # The peer is not reading our answers as fast as we write them (asyncio's pause_writing): we read
+        # nothing more from it, so that it cannot make us hold its unread answers without end.
+        self._unread = False
         self.calling_aet = self.called_aet = ""
         self.series: set[int] = set()
         self.released = False
@@ -190,10 +193,22 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_rx = time.monotonic()
-        if self._busy is not None:
+        if self._busy is not None or self._unread:
             self._backlog += data
             return
         self._feed(data)
+
+    def pause_writing(self) -> None:
+        # Our answers are piling up unread (above the transport's high-water mark, 64 KiB): stop reading, and so
+        # stop answering. A peer that never reads again goes silent to us and is aborted at
+        # dicom.network_timeout_seconds; its unread answers are then dropped with the connection (close_now).
+        self._unread = True
+        self._pause()
+
+    def resume_writing(self) -> None:
+        self._unread = False
+        if self._busy is None:
+            self._resume()
 
     def eof_received(self) -> bool:
         return False
@@ -224,7 +239,7 @@ class _Connection(asyncio.Protocol):
         while pos < end:
             if self.state >= _ENDING:
                 return
-            if self._busy is not None:
+            if self._busy is not None or self._unread:
                 self._backlog += mv[pos:]
                 return
             if self._mode == _DATA:
@@ -457,7 +472,7 @@ class _Connection(asyncio.Protocol):
             self._transport.pause_reading()
 
     def _resume(self) -> None:
-        if self.state >= _ENDING or self._transport is None or self._transport.is_closing():
+        if self.state >= _ENDING or self._unread or self._transport is None or self._transport.is_closing():
             return
         self._transport.resume_reading()
         if self._backlog:
@@ -482,8 +497,15 @@ class _Connection(asyncio.Protocol):
         asyncio.get_running_loop().call_later(_LINGER_SECONDS, self.close_now)
 
     def close_now(self) -> None:
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.close()
+        transport = self._transport
+        if transport is None:
+            return
+        if transport.get_write_buffer_size():
+            # A close waits for what is written to be read, and a peer that does not read would hold its slot
+            # (and that memory) for as long as it keeps the connection: dropped instead.
+            transport.abort()
+        elif not transport.is_closing():
+            transport.close()
 
     @property
     def idle(self) -> bool:
