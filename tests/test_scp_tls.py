@@ -128,3 +128,33 @@ def test_tls_config_errors_name_the_key(tmp_path: Path, certs: CertPaths) -> Non
     cfg.write_text(f"dicom:\n  tls:\n    cert_file: {missing}\n    key_file: {certs.server_key_file}\n")
     with pytest.raises(ConfigError, match=r"dicom\.tls"):
         load_config(cfg)
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_connections_in_their_handshake_count_against_the_caps_from_their_accept(tmp_path: Path, certs: CertPaths,
+                                                                                processes: int) -> None:
+    """Raw TCP connections to the TLS port that never start TLS: refused at accept beyond the per-host cap, as on
+    the plain port, and the ones admitted are closed at dicom.acse_timeout_seconds; a TLS store then works."""
+    with running_receiver(tmp_path, **_tls(certs), max_connections_per_host=2, max_pending_connections=4,
+                          acse_timeout_seconds=1.0, receiver_processes=processes) as h:
+        port = h.receiver.tls_port
+        assert port is not None
+        silent: list[socket.socket] = []
+        closed = 0
+        try:
+            for _ in range(20):
+                try:
+                    silent.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+                except ConnectionResetError:  # refused at accept before the connect returned
+                    closed += 1
+            for sock in silent:
+                try:
+                    closed += sock.recv(1) == b""  # closed (refused at accept, or at the timeout): EOF or a reset
+                except ConnectionResetError:
+                    closed += 1
+            assert closed == 20  # none held beyond the ARTIM timeout
+            assert h.associations("refused_connection") == 18  # refused at once: only 2 per host get in
+        finally:
+            for sock in silent:
+                sock.close()
+        assert _store(port, tlsutil.client_context(certs.ca_file)) == 0x0000

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
 import os
 import socket
@@ -148,9 +149,13 @@ _PDU_HEADER, _PDU_BODY, _PDV_HEADER, _COMMAND, _DATA = range(5)
 class _Connection(asyncio.Protocol):
     """One TCP connection: the Upper Layer state machine, fed incrementally (see the module docstring)."""
 
-    def __init__(self, server: Receiver, tls: bool) -> None:
+    def __init__(self, server: Receiver, tls: bool, upgrade: ssl.SSLContext | None = None) -> None:
         self._server = server
         self.tls = tls
+        # On the TLS port of a receiver that listens itself: TLS is started once the connection is admitted, so
+        # that a connection is counted against the caps from its accept, not only after its handshake.
+        self._upgrade = upgrade
+        self._handshake: asyncio.Task[None] | None = None
         self._transport: asyncio.Transport | None = None
         self.peer = "?"
         self.state = _AWAIT_RQ
@@ -190,10 +195,38 @@ class _Connection(asyncio.Protocol):
             self._server._count_association("refused_connection")
             self._server._repeated.warning("connection", "connection refused: %s", why)
             transport.abort()
+        elif self._upgrade is not None:
+            transport.pause_reading()  # the ClientHello waits in the socket for the TLS layer
+            self._handshake = asyncio.get_running_loop().create_task(self._start_tls(transport, self._upgrade))
+
+    async def _start_tls(self, raw: asyncio.Transport, context: ssl.SSLContext) -> None:
+        """The TLS handshake of an admitted connection, within dicom.acse_timeout_seconds; then it is served."""
+        try:
+            transport = await asyncio.get_running_loop().start_tls(
+                raw, self, context, server_side=True, ssl_handshake_timeout=self._server.config.acse_timeout_seconds)
+        except (OSError, ValueError, asyncio.CancelledError) as exc:  # ssl.SSLError and TimeoutError are OSErrors
+            self._handshake = None
+            if not isinstance(exc, asyncio.CancelledError):
+                self._server._repeated.warning("handshake", "DICOM TLS connection closed before it began (%s)",
+                                               type(exc).__name__)
+            raw.abort()
+            self.state = _CLOSED
+            self._server._forget(self)
+            return
+        self._handshake = None
+        if transport is None or self.state >= _ENDING:
+            raw.abort()
+            return
+        self._transport = transport
+        if self._backlog:
+            # What came with the end of the handshake (an A-ASSOCIATE-RQ, often), held until there was a TLS
+            # transport to answer on.
+            data, self._backlog = bytes(self._backlog), bytearray()
+            self._feed(data)
 
     def data_received(self, data: bytes) -> None:
         self.last_rx = time.monotonic()
-        if self._busy is not None or self._unread:
+        if self._busy is not None or self._unread or self._handshake is not None:
             self._backlog += data
             return
         self._feed(data)
@@ -515,6 +548,10 @@ class _Connection(asyncio.Protocol):
         """A-ABORT (service-provider) and close. ``why`` names the protocol fault, never peer data."""
         if self.state >= _ENDING:
             return
+        if self._handshake is not None:  # no TLS yet to say it in: the connection is dropped
+            logger.warning("connection closed during its TLS handshake: %s", why)
+            self._handshake.cancel()
+            return
         if self.state == _OPEN:
             self._server._count_association("aborted")
         logger.warning("association aborted: %s", why)
@@ -732,9 +769,9 @@ class Receiver(ServedOnALoop):
             listeners.append((cfg.tls.port, self._tls_context()))
         for port, ctx in listeners:
             try:
-                server = await loop.create_server(
-                    lambda tls=ctx is not None: _Connection(self, tls), cfg.host, port, reuse_address=True,
-                    backlog=_BACKLOG, ssl=ctx, ssl_handshake_timeout=cfg.acse_timeout_seconds if ctx else None)
+                # TLS is started by each connection once admitted (_Connection._start_tls), not by the server.
+                server = await loop.create_server(functools.partial(_Connection, self, ctx is not None, ctx),
+                                                  cfg.host, port, reuse_address=True, backlog=_BACKLOG)
             except OSError as exc:
                 for s in self._servers:
                     s.close()
