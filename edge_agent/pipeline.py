@@ -39,7 +39,7 @@ from edge_agent.config import AgentConfig, Route
 from edge_agent.dicom.assembler import Assembler
 from edge_agent.dicom.header import InstanceMeta
 from edge_agent.drift import Drift
-from edge_agent.errors import DecodeError, EngineError
+from edge_agent.errors import DecodeError, EngineError, JournalError
 from edge_agent.finding_maker import finding_input, overlay_name, shown_label, store_heatmap, store_overlay
 from edge_agent.inference.batcher import Batcher
 from edge_agent.inference.card import ModelCard
@@ -103,6 +103,7 @@ class _SeriesWork:
     acquisitions: Counter[int | None] = field(default_factory=Counter)
     # instance id -> seconds its C-STORE took (this run's arrivals only), kept should its inference start again
     receive_seconds: dict[int, float] = field(default_factory=dict)
+    journal_errors: int = 0  # completions in a row that the journal could not record: the back-off's attempt
 
     def see(self, instance_id: int, expected_count: int | None, acquisition_number: int | None) -> None:
         old = self.seen.get(instance_id)
@@ -266,8 +267,14 @@ class Pipeline:
 
     def _start_instance(self, work: _SeriesWork, row: InstanceRow) -> None:
         work.see(row.id, row.expected_count, row.acquisition_number)
-        old = work.instances.pop(row.id, None)
+        old = work.instances.get(row.id)
+        if old is not None and old.row.spool_name == row.spool_name:
+            # The same content (a spool file's name is never reused): a completion started it from the journal's
+            # list before the receiver's hand-over came. Started again, its result would be cancelled under the
+            # completion waiting for it.
+            return
         if old is not None:
+            del work.instances[row.id]
             old.task.cancel()  # a re-sent instance with new content replaces the earlier one
         if work.model is None:
             return
@@ -421,13 +428,12 @@ class Pipeline:
             logger.info("series %d revision %d: interrupted by shutdown; resumed at the next start",
                         work.series_id, revision)
             return
+        except JournalError as exc:
+            outcome = self._after_journal_error(work, revision, exc)
         except Exception as exc:  # a series must end in a recorded state, whatever failed
-            logger.exception("series %d: processing failed (%s); instances kept in the spool", work.series_id,
-                             type(exc).__name__)
-            note = f"{type(exc).__name__}: {exc}"[:500]
-            await self._db(self._journal.fail_series, work.series_id, revision, work.model, note, started)
-            self._metrics.series.labels(outcome="failed").inc()
-            outcome = _Outcome(SeriesState.FAILED)
+            outcome = await self._fail(work, revision, exc, started)
+        else:
+            work.journal_errors = 0
         finally:
             if outcome is not None and outcome.state is not SeriesState.COMPLETE and self._work.get(
                 work.series_id
@@ -441,6 +447,31 @@ class Pipeline:
             self.finished_series += 1
         logger.info("series %d revision %d: %s (model %s)", work.series_id, revision, outcome.state.value,
                     outcome.model or "-")
+
+    async def _fail(self, work: _SeriesWork, revision: int, exc: Exception, started: float) -> _Outcome:
+        """An unforeseen error: the series is failed for good, its files kept for an operator."""
+        logger.error("series %d: processing failed (%s); instances kept in the spool", work.series_id,
+                     type(exc).__name__, exc_info=exc)
+        note = f"{type(exc).__name__}: {exc}"[:500]
+        try:
+            await self._db(self._journal.fail_series, work.series_id, revision, work.model, note, started)
+        except JournalError as journal_exc:
+            # Not even the failure could be recorded: left unrecorded, the series would wait for a restart.
+            return self._after_journal_error(work, revision, journal_exc)
+        self._metrics.series.labels(outcome="failed").inc()
+        return _Outcome(SeriesState.FAILED)
+
+    def _after_journal_error(self, work: _SeriesWork, revision: int, exc: JournalError) -> _Outcome:
+        """The journal could not record the completion (a full or failing state disk): nothing changed in it, so
+        the series is tried again with the back-off of a transient engine failure. The try is not journalled (the
+        journal is what failed); a restart meanwhile finds the series as it was and resumes it."""
+        work.journal_errors += 1
+        delay = retry_delay_seconds(work.journal_errors)
+        self._metrics.series.labels(outcome="deferred").inc()
+        logger.warning("series %d revision %d: %s; tried again in %.0f s", work.series_id, revision, exc, delay)
+        if self._work.get(work.series_id) is work and work.revision == revision:
+            self._assembler.arm(work.series_id, delay)  # (a newer revision has its own timer)
+        return _Outcome(SeriesState.COMPLETE, work.model)
 
     async def _finish(self, work: _SeriesWork, revision: int, started: float) -> _Outcome:
         row, instances = await self._db(self._journal.snapshot, work.series_id)
@@ -464,11 +495,14 @@ class Pipeline:
             work.model = row.model
             work.urgent = route is not None and route.priority == "urgent"
         for inst in instances:
-            if inst.id not in work.instances:
+            held = work.instances.get(inst.id)
+            if held is None or held.row.spool_name != inst.spool_name:
+                # Not started yet, or started on content the instance no longer has: a re-send committed before
+                # the series closed whose hand-over (on_stored) has not come yet. The journal's list is what the
+                # finding must cover.
                 self._start_instance(work, inst)
         loaded = self._models[row.model]
-        ordered = [work.instances[i.id] for i in instances if i.id in work.instances]
-        done = await asyncio.gather(*(w.task for w in ordered), return_exceptions=True)
+        ordered, done = await self._results(work, revision, instances)
         if work.revision != revision:
             return _Outcome(SeriesState.OPEN)  # new data arrived while inferring; the next revision covers it
         if self._closing and any(isinstance(r, asyncio.CancelledError) for r in done):
@@ -481,10 +515,10 @@ class Pipeline:
         covered: list[str] = []
         failed: list[str] = []
         covered_stages: list[InstanceStages] = []
-        transient: list[tuple[int, BaseException]] = []
+        transient: list[tuple[_InstanceWork, BaseException]] = []
         for w, res in zip(ordered, done, strict=True):
             if isinstance(res, EngineError | TimeoutError | asyncio.CancelledError):
-                transient.append((w.row.id, res))
+                transient.append((w, res))
                 continue
             if isinstance(res, BaseException):
                 failed.append(w.row.sop_instance_uid)
@@ -523,10 +557,16 @@ class Pipeline:
                           overlay=overlay)
         )
         subject = findings.subject(self._config.bus.subject_prefix, self._config.site, row.modality, row.model)
-        queued = await self._db(
-            self._journal.outbox.enqueue, work.series_id, revision, row.model, msg_id, subject,
-            findings.encode(payload), started,
-        )
+        queued = False
+        try:
+            queued = await self._db(
+                self._journal.outbox.enqueue, work.series_id, revision, row.model, msg_id, subject,
+                findings.encode(payload), started,
+            )
+        finally:
+            if not queued and source is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(source)  # no finding names it (a retry makes its own)
         if not queued:
             return _Outcome(SeriesState.OPEN, row.model)
         self._metrics.findings.labels(model=row.model, outcome="queued").inc()
@@ -538,6 +578,19 @@ class Pipeline:
             assert shown is not None
             self._after(self._draw_overlay(shown, loaded.card, msg_id, source, slice_refs[shown.index][1]))
         return _Outcome(SeriesState.QUEUED, row.model)
+
+    async def _results(self, work: _SeriesWork, revision: int,
+                       instances: list[InstanceRow]) -> tuple[list[_InstanceWork], list[Any]]:
+        """Wait for the result of each instance in ``instances`` that has a task (in that order).
+
+        A task replaced while it was waited for (a hand-over that came late: ``_start_instance`` cancels the task
+        it replaces) is waited for again in its replacement: its cancellation is not a failure of the instance.
+        """
+        while True:
+            ordered = [work.instances[i.id] for i in instances if i.id in work.instances]
+            done = await asyncio.gather(*(w.task for w in ordered), return_exceptions=True)
+            if work.revision != revision or all(work.instances.get(w.row.id) is w for w in ordered):
+                return ordered, done
 
     def _overlay_source(self, spool_name: str) -> Path | None:
         """A hard link to a spool file in the spool's tmp folder (swept at start if left), or None if none can be
@@ -564,9 +617,13 @@ class Pipeline:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _defer(self, work: _SeriesWork, row: SeriesRow, transient: list[tuple[int, BaseException]],
+    async def _defer(self, work: _SeriesWork, row: SeriesRow, transient: list[tuple[_InstanceWork, BaseException]],
                      started: float) -> _Outcome:
         """Some instances failed for a reason that may pass (the engine): try the series again later."""
+        # Only these run again (also after a journal error below); the others' results are kept.
+        for w, _ in transient:
+            if work.instances.get(w.row.id) is w:
+                del work.instances[w.row.id]
         delay = retry_delay_seconds(row.attempts + 1)
         kinds = sorted({type(exc).__name__ for _, exc in transient})
         note = (f"{len(transient)} instance(s) not inferred ({', '.join(kinds)}); "
@@ -574,8 +631,6 @@ class Pipeline:
         if not await self._db(self._journal.defer_series, work.series_id, work.revision, row.model or "-", note,
                               time.time() + delay, started):
             return _Outcome(SeriesState.OPEN)
-        for instance_id, _ in transient:
-            work.instances.pop(instance_id, None)  # only these run again; the others' results are kept
         self._metrics.series.labels(outcome="deferred").inc()
         logger.warning("series %d: %s", work.series_id, note)
         self._assembler.arm(work.series_id, delay)
