@@ -330,6 +330,41 @@ def test_an_aborted_association_reports_no_release(tmp_path: Path, peers: list[R
         peer.send(struct.pack(">BBI", 0x07, 0, 4) + b"\0\0\0\0")
         assert peer.closed_within(5)
         assert len(h.stored.calls) == 1 and released == []
+        assert h.associations("aborted") == 1 and h.associations("released") == 0
+
+
+def test_a_dataset_of_another_instance_than_the_request_names_is_stored_as_the_dataset_says(
+        tmp_path: Path, peers: list[RawPeer], caplog: pytest.LogCaptureFixture) -> None:
+    """A PACS forwarding a file whose File Meta disagrees with its dataset names the File Meta's instance in its
+    request: stored (never refused, or the study would never arrive whole), journalled as the dataset says, and
+    said in a log line that names no UID."""
+    with running_receiver(tmp_path) as h:
+        peer = RawPeer(h.port)
+        peers.append(peer)
+        peer.associate()
+        data, sop_class, sop_instance = _ct_dataset()
+        requested = generate_uid()
+        assert peer.store(data, sop_class, requested) == 0x0000
+        (meta, _), = h.stored.wait_for(1)
+        assert meta.sop_instance_uid == sop_instance
+    said = [r.getMessage() for r in caplog.records if "another SOP Instance UID" in r.getMessage()]
+    assert len(said) == 1 and requested not in said[0] and sop_instance not in said[0]
+
+
+def test_a_store_request_without_a_dataset_is_aborted(tmp_path: Path, peers: list[RawPeer]) -> None:
+    with running_receiver(tmp_path) as h:
+        peer = RawPeer(h.port)
+        peers.append(peer)
+        peer.associate()
+        _, sop_class, sop_instance = _ct_dataset()
+        no_dataset = store_command(sop_class, sop_instance).replace(
+            struct.pack("<HHI", 0x0000, 0x0800, 2) + struct.pack("<H", 0),
+            struct.pack("<HHI", 0x0000, 0x0800, 2) + struct.pack("<H", 0x0101))
+        assert no_dataset != store_command(sop_class, sop_instance)
+        peer.send(pdata(1, 0x03, no_dataset))
+        pdu = peer.read_pdu()
+        assert pdu is not None and pdu[0] == 0x07
+        assert h.spool_files() == []
 
 
 def test_a_dataset_cut_by_a_closed_connection_leaves_nothing(tmp_path: Path) -> None:

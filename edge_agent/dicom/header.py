@@ -256,7 +256,14 @@ def meta_from_dataset(ds: Dataset | fastheader.RawHeader, transfer_syntax_uid: s
         raise DecodeError(f"unreadable DICOM header ({type(exc).__name__})") from None
 
 
-def check_sop_class(meta: InstanceMeta, requested_sop_class_uid: str) -> None:
-    """Raise SopClassMismatchError if the dataset is not of the SOP class its C-STORE request named."""
+def check_request(meta: InstanceMeta, requested_sop_class_uid: str, requested_sop_instance_uid: str) -> bool:
+    """Raise SopClassMismatchError if the dataset is not of the SOP class its C-STORE request named. Returns whether
+    the dataset is the instance the request named (Affected SOP Instance UID).
+
+    Another instance than the request names is stored, as the dataset says: files whose File Meta names another
+    instance than their dataset exist (pydicom's own rtplan.dcm is one), and a PACS forwarding them reads the
+    request's UID from that File Meta; refused, the study would never arrive whole.
+    """
     if meta.sop_class_uid != str(requested_sop_class_uid).strip():
         raise SopClassMismatchError("the dataset's SOP Class UID differs from the C-STORE request's")
+    return meta.sop_instance_uid == str(requested_sop_instance_uid).strip()

@@ -29,12 +29,14 @@ from typing import Any
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from edge_agent.dicom import digest, status, wholeness
-from edge_agent.dicom.header import InstanceMeta, check_sop_class, read_meta, read_meta_head
+from edge_agent.dicom.header import InstanceMeta, check_request, read_meta, read_meta_head
 from edge_agent.dicom.spool import Spool, ToPlace, start_writeback
 from edge_agent.errors import DecodeError, EdgeAgentError
 from edge_agent.journal import Journal, Recorded
+from edge_agent.logs import RepeatedLog
 
 logger = logging.getLogger(__name__)
+_mismatch = RepeatedLog(logger)  # once a minute, however many such instances a PACS forwards
 
 # How much of each dataset's start is kept in memory to read the header without reading the file again.
 _HEAD_BYTES = 256 * 1024
@@ -252,7 +254,10 @@ class Committer:
             try:
                 _check_whole(st)
                 meta = _read_meta(st)
-                check_sop_class(meta, st.sop_class)
+                if not check_request(meta, st.sop_class, st.sop_instance):
+                    _mismatch.warning("instance", "a dataset names another SOP Instance UID than its C-STORE request "
+                                      "(from a File Meta that disagrees with its dataset, mostly); stored and "
+                                      "journalled as the dataset says")
                 ready.append((i, meta))
             except Exception as exc:
                 results[i] = _refused(st, exc)

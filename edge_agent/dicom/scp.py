@@ -386,6 +386,8 @@ class _Connection(asyncio.Protocol):
             self._server._count_association("released")
         elif pdu_type == 0x07:
             logger.info("association aborted by the peer")
+            if self.state == _OPEN:
+                self._server._count_association("aborted")
             self._close()
         else:
             raise ProtocolError("an unexpected PDU", ABORT_UNEXPECTED)
@@ -449,6 +451,8 @@ class _Connection(asyncio.Protocol):
             self._write(response(context_id, 0x8030, message_id, status.SUCCESS, VERIFICATION, None))
         elif field_ == CMD_STORE_RQ and has_dataset:
             self._store = self._server._begin_store(self, context_id, message_id, abstract, syntax, cmd)
+        elif field_ == CMD_STORE_RQ:
+            raise ProtocolError("a C-STORE request that says it has no dataset")
         elif field_ == CMD_CANCEL_RQ:
             pass
         elif has_dataset:
