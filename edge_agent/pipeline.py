@@ -540,7 +540,7 @@ class Pipeline:
             return _Outcome(SeriesState.FAILED, row.model)
         result = aggregate(loaded.card, slices, shapes)
         self._metrics.triage.labels(model=row.model, priority=result.priority).inc()
-        msg_id = finding_message_id(row.series_uid, row.model, loaded.card.version, revision,
+        msg_id = finding_message_id(row.series_uid, row.model, loaded.card.version, revision, row.first_received,
                                     self._config.privacy.pseudonymiser)
         set_log_context(finding_id=msg_id)
         shown = shown_label(result)

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -119,14 +121,18 @@ def expected_uid(uid: str) -> str:
     return "2.25." + str(int.from_bytes(digest[:16], "big"))
 
 
-def send_two_revisions(d: Daemon, url: str, files: list[Path]) -> list[dict[str, Any]]:
-    """Slice 1, its finding, then slice 2 of the same series: new data after a finding opens revision 1."""
+def send_two_revisions(d: Daemon, url: str, files: list[Path]) -> tuple[list[dict[str, Any]], list[float]]:
+    """Slice 1, its finding, then slice 2 of the same series: new data after a finding opens revision 1. With the
+    findings, when the journal opened each revision (what finding ids are made from, with the series UID)."""
+    opened = []
     for n, path in enumerate(files, start=1):
         result = storescu(d.dicom_port, path, calling_aet=CALLING_AET, called_aet=CALLED_AET)
         assert result.returncode == 0, result.stderr
         found = read_findings(url, n)
         assert len(found) == n, d.log()
-    return found
+        with contextlib.closing(sqlite3.connect(Path(d.config["state_dir"]) / "journal.sqlite3")) as db:
+            opened.append(float(db.execute("SELECT first_received FROM series").fetchone()[0]))
+    return found, opened
 
 
 def test_pseudonymised_findings_carry_no_identifier_and_revisions_still_join(
@@ -138,7 +144,7 @@ def test_pseudonymised_findings_carry_no_identifier_and_revisions_still_join(
     assert {ds.SeriesInstanceUID, ds.StudyInstanceUID, *PATIENT.values()} <= secret | {"19610423"}
     d = daemon(**{"privacy.pseudonymise": True, "dicom.ae_title": CALLED_AET}).start(env={KEY_ENV: KEY})
 
-    first, second = send_two_revisions(d, nats_server.url, files)
+    (first, second), opened = send_two_revisions(d, nats_server.url, files)
     messages = raw_messages(nats_server.url)
     assert len(messages) == 2
     for message in messages:
@@ -159,8 +165,9 @@ def test_pseudonymised_findings_carry_no_identifier_and_revisions_still_join(
         assert finding["calling_ae_title"] == p.ae_title(CALLING_AET)
         assert finding["called_ae_title"] == p.ae_title(CALLED_AET)
         model, version = finding["model"]["name"], finding["model"]["version"]
-        assert finding["finding_id"] == finding_message_id(ds.SeriesInstanceUID, model, version, revision, p)
-        assert finding["finding_id"] != message_id(ds.SeriesInstanceUID, model, version, revision)
+        assert finding["finding_id"] == finding_message_id(ds.SeriesInstanceUID, model, version, revision,
+                                                           opened[revision], p)
+        assert finding["finding_id"] != message_id(ds.SeriesInstanceUID, model, version, revision, opened[revision])
     assert expected_uid(pydicom.dcmread(files[0]).SOPInstanceUID) in first["sop_instance_uids"]
     assert expected_uid(pydicom.dcmread(files[1]).SOPInstanceUID) in second["sop_instance_uids"]
     assert first["finding_id"] != second["finding_id"]
@@ -189,7 +196,9 @@ def test_without_pseudonymise_the_same_sweep_finds_the_identifiers(
                   CALLING_AET, CALLED_AET):
         assert value.encode() in message["data"], value
     assert finding["pseudonymised"] is False
+    with contextlib.closing(sqlite3.connect(Path(d.config["state_dir"]) / "journal.sqlite3")) as db:
+        opened = float(db.execute("SELECT first_received FROM series").fetchone()[0])
     assert finding["finding_id"] == message_id(ds.SeriesInstanceUID, finding["model"]["name"],
-                                               finding["model"]["version"], 0)
+                                               finding["model"]["version"], 0, opened)
     assert finding["series_instance_uid"] == ds.SeriesInstanceUID
     assert d.terminate() == 0

@@ -77,7 +77,7 @@ def test_built_finding_has_every_field_and_validates(validator: jsonschema.proto
     f = build_finding(make_input())
     validator.validate(f)
     assert f["schema_version"] == SCHEMA_VERSION
-    assert f["finding_id"] == message_id(SERIES, "ct-demo", "0.1.0", 0)
+    assert f["finding_id"] == message_id(SERIES, "ct-demo", "0.1.0", 0, T0)
     assert f["driving_instance_uid"] == SOP_B
     assert f["labels"][0]["positive"] is True and f["labels"][1]["positive"] is False
     assert f["heatmap"]["bbox"] == {"x0": 0.1, "y0": 0.2, "x1": 0.4, "y1": 0.5}
@@ -194,20 +194,22 @@ def test_build_refuses_values_the_schema_would_reject(changes: dict[str, Any]) -
 
 
 def test_message_id_is_deterministic_hex_and_carries_no_uid() -> None:
-    mid = message_id(SERIES, "ct-demo", "0.1.0", 0)
-    assert mid == message_id(SERIES, "ct-demo", "0.1.0", 0)
+    mid = message_id(SERIES, "ct-demo", "0.1.0", 0, T0)
+    assert mid == message_id(SERIES, "ct-demo", "0.1.0", 0, T0)
     assert re.fullmatch(r"[0-9a-f]{64}", mid)
     assert SERIES not in mid and "ct-demo" not in mid
     others = {
-        message_id(SERIES, "ct-demo", "0.1.0", 1),
-        message_id(SERIES, "ct-demo", "0.2.0", 0),
-        message_id(SERIES, "cxr-demo", "0.1.0", 0),
-        message_id(SERIES + "1", "ct-demo", "0.1.0", 0),
+        message_id(SERIES, "ct-demo", "0.1.0", 1, T0),
+        message_id(SERIES, "ct-demo", "0.2.0", 0, T0),
+        message_id(SERIES, "cxr-demo", "0.1.0", 0, T0),
+        message_id(SERIES + "1", "ct-demo", "0.1.0", 0, T0),
+        # The same series UID seen again after its rows were pruned: another revision 0, another id.
+        message_id(SERIES, "ct-demo", "0.1.0", 0, T0 + 8 * 86400),
         # Joining without a separator would make these two collide.
-        message_id("1.2", "3ct-demo", "0.1.0", 0),
-        message_id("1.23", "ct-demo", "0.1.0", 0),
+        message_id("1.2", "3ct-demo", "0.1.0", 0, T0),
+        message_id("1.23", "ct-demo", "0.1.0", 0, T0),
     }
-    assert mid not in others and len(others) == 6
+    assert mid not in others and len(others) == 7
 
 
 @pytest.mark.parametrize(
@@ -256,7 +258,7 @@ def test_a_stored_heat_map_is_named_by_url_and_path(validator: jsonschema.protoc
     bare = build_finding(make_input())
     assert bare["heatmap"]["image"] is None and bare["heatmap"]["url"] is None  # no PNG was stored
     assert bare["heatmap"]["overlay_url"] is None
-    fid = message_id(SERIES, "ct-demo", "0.1.0", 0)
+    fid = message_id(SERIES, "ct-demo", "0.1.0", 0, T0)
     heatmap = dataclasses.replace(make_input().heatmap, image=f"heatmaps/{fid}.png",
                                   overlay=f"heatmaps/{fid}.overlay.png")
     f = build_finding(make_input(heatmap=heatmap))

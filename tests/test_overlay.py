@@ -146,12 +146,13 @@ def test_an_overlay_that_cannot_be_written_is_counted_and_the_finding_keeps_its_
 
     async def main() -> None:
         with harness(tmp_path) as h:
-            fid = message_id(series_uid, "ct-demo", h.card.version, 0)
-            blocked = h.config.state_dir / "heatmaps" / f"{fid}.overlay.png"
-            (blocked / "in-the-way").mkdir(parents=True)  # a folder where the file should go
             async with h.pipeline() as pipe:
-                for path in slices:
-                    h.store(pipe, path)
+                first = h.store(pipe, slices[0])  # the series is open (two expected): its finding id is known
+                fid = message_id(series_uid, "ct-demo", h.card.version, 0,
+                                 h.journal.series(first.series_id).first_received)
+                blocked = h.config.state_dir / "heatmaps" / f"{fid}.overlay.png"
+                (blocked / "in-the-way").mkdir(parents=True)  # a folder where the file should go
+                h.store(pipe, slices[1])
                 [f] = await h.wait_findings(1)
                 await _until(lambda: h.metrics.heatmap_write_errors._value.get() == 1)
             # The finding went out first, naming the overlay; the overlay's failure is counted, the bare map stays.

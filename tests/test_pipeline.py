@@ -517,3 +517,32 @@ def test_the_count_rule_sees_a_replaced_instance_once() -> None:
     work.see(3, None, 1)
     assert dict(work.counts) == {3: 2, None: 1}
     assert not count_says_complete(len(work.seen), work.counts.keys(), work.acquisitions.keys())
+
+
+def test_a_series_seen_again_after_its_rows_were_pruned_gets_another_finding_id(tmp_path: Path) -> None:
+    """Days after a series' finding was acknowledged, released and pruned, a PACS forwards it again with a slice
+    more: it starts over at revision 0, and its finding must not take the earlier one's id, which subscribers
+    de-duplicate by and which names the heat-map files."""
+    slices = make_ct_series(tmp_path / "ct", 3)
+
+    async def main(h: Harness) -> None:
+        async with h.pipeline() as pipe:
+            for path in slices[:2]:
+                h.store(pipe, path)
+            [first] = await h.wait_findings(1)
+            [(outbox_id,)] = h.journal.read("SELECT id FROM outbox")
+            h.journal.outbox.ack(outbox_id, 1)
+            for _, names in h.journal.claim_releasable(time.time() + 1):
+                for name in names:
+                    h.spool.remove(name)
+            assert h.journal.prune(time.time() + 1)  # (a week on)
+            h.store(pipe, slices[2])
+            await h.wait_findings(1)
+            [second] = h.findings()
+        assert (first["revision"], second["revision"]) == (0, 0)
+        assert first["series_instance_uid"] == second["series_instance_uid"]
+        assert first["finding_id"] != second["finding_id"]
+        assert first["heatmap"]["image"] != second["heatmap"]["image"]
+
+    with harness(tmp_path) as h:
+        asyncio.run(main(h))

@@ -20,7 +20,7 @@ from edge_agent.bus.pseudonym import finding_message_id, pseudonymise
 from edge_agent.config import DEFAULT_CONFIG_PATH, load_config, parse_config
 from edge_agent.errors import ConfigError
 from edge_agent.privacy import KEY_ENV, MIN_KEY_BYTES, PrivacyKeyError, Pseudonymiser, read_key
-from tests.test_finding import SERIES, SOP_A, SOP_B, STUDY, make_input
+from tests.test_finding import SERIES, SOP_A, SOP_B, STUDY, T0, make_input
 
 REPO = Path(__file__).resolve().parent.parent
 KEY = b"k" * 40
@@ -107,7 +107,7 @@ def test_a_pseudonymised_finding_validates_and_carries_no_identifier() -> None:
     jsonschema.Draft202012Validator(load_schema()).validate(finding)
     payload = encode(finding)
     for identifier in (SERIES, STUDY, SOP_A, SOP_B, "1.2.826.0.1.3680043.8.498.14", "ACC123", "CT_SCANNER_1",
-                       "EDGE_AGENT", message_id(SERIES, "ct-demo", "0.1.0", 0)):
+                       "EDGE_AGENT", message_id(SERIES, "ct-demo", "0.1.0", 0, T0)):
         assert identifier.encode() not in payload, identifier
     assert finding["pseudonymised"] is True
     assert finding["series_instance_uid"] == expected_uid(KEY, SERIES)
@@ -119,7 +119,7 @@ def test_a_pseudonymised_finding_validates_and_carries_no_identifier() -> None:
     assert (finding["calling_ae_title"], finding["called_ae_title"]) == (p.ae_title("CT_SCANNER_1"),
                                                                          p.ae_title("EDGE_AGENT"))
     # The finding id is the Nats-Msg-Id the pipeline computes before building: both come from the pseudonym.
-    assert finding["finding_id"] == finding_message_id(SERIES, "ct-demo", "0.1.0", 0, p)
+    assert finding["finding_id"] == finding_message_id(SERIES, "ct-demo", "0.1.0", 0, T0, p)
     # Everything that is not an identifier is untouched.
     plain = build_finding(inp)
     for key in ("site", "modality", "body_part", "route", "model", "priority", "revision", "timings", "agent",
@@ -142,8 +142,8 @@ def test_without_pseudonymise_the_finding_is_as_before() -> None:
     assert finding["pseudonymised"] is False
     assert (finding["series_instance_uid"], finding["accession_number"], finding["calling_ae_title"]) == (
         SERIES, "ACC123", "CT_SCANNER_1")
-    assert finding["finding_id"] == message_id(SERIES, "ct-demo", "0.1.0", 0) == finding_message_id(
-        SERIES, "ct-demo", "0.1.0", 0, None)
+    assert finding["finding_id"] == message_id(SERIES, "ct-demo", "0.1.0", 0, T0) == finding_message_id(
+        SERIES, "ct-demo", "0.1.0", 0, T0, None)
     assert dataclasses.replace(make_input()).pseudonymised is False
 
 

@@ -53,11 +53,13 @@ def enqueue(journal: Journal, n: int, start: int = 0) -> list[tuple[int, str]]:
             InstanceMeta(sop_instance_uid=sop, sop_class_uid="1.2.840.10008.5.1.4.1.1.2", series_uid=series_uid,
                          modality="CT"),
             spool_name=f"20260101/{i:032x}.dcm", size_bytes=100)
+        opened = journal.series(rec.series_id).first_received
         payload = encode(build_finding(make_input(series_instance_uid=series_uid, sop_instance_uids=[sop],
                                                   labels=[dataclasses.replace(make_input().labels[0],
                                                                               driving_instance_uid=sop)],
-                                                  heatmap=None)))
-        mid = message_id(series_uid, "ct-demo", "0.1.0", rec.revision)
+                                                  heatmap=None, timings=dataclasses.replace(
+                                                      make_input().timings, received_first=opened))))
+        mid = message_id(series_uid, "ct-demo", "0.1.0", rec.revision, opened)
         assert journal.close_series(rec.series_id, rec.revision, lambda s, i: ("ct", "ct-demo")) is not None
         assert journal.outbox.enqueue(rec.series_id, rec.revision, "ct-demo", mid,
                                       subject(PREFIX, "site1", "CT", "ct-demo"), payload)
@@ -168,7 +170,7 @@ def test_publishes_pending_findings_acks_them_and_wakes_on_new_ones(
 
 def enqueue_mid(journal: Journal, series_id: int) -> str:
     row = journal.series(series_id)
-    return message_id(row.series_uid, "ct-demo", "0.1.0", row.revision)
+    return message_id(row.series_uid, "ct-demo", "0.1.0", row.revision, row.first_received)
 
 
 def test_a_finding_already_in_the_stream_is_acked_as_duplicate(

@@ -120,9 +120,14 @@ def rfc3339(unix_seconds: float) -> str:
     return datetime.fromtimestamp(unix_seconds, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def message_id(series_uid: str, model: str, model_version: str, revision: int) -> str:
-    """The deterministic Nats-Msg-Id of a finding: sha256 hex, so it carries no readable UID."""
-    text = _ID_SEPARATOR.join((series_uid, model, model_version, str(revision)))
+def message_id(series_uid: str, model: str, model_version: str, revision: int, opened: float) -> str:
+    """The deterministic Nats-Msg-Id of a finding: sha256 hex, so it carries no readable UID.
+
+    ``opened``: when the journal opened this revision of the series (its ``received_first``). A series whose rows
+    were pruned (``housekeeping.prune_after_days``) and that arrives again starts at revision 0 once more; without
+    it, its finding would take the id of the earlier one, which subscribers de-duplicate by and which names the
+    heat-map files."""
+    text = _ID_SEPARATOR.join((series_uid, model, model_version, str(revision), repr(float(opened))))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
@@ -219,7 +224,8 @@ def build_finding(inp: FindingInput) -> dict[str, Any]:
     received = inferred + failed if inp.instances_received is None else inp.instances_received
     if received < inferred + failed:
         raise ValueError("instances_received must count at least the instances inferred and failed")
-    finding_id = message_id(inp.series_instance_uid, inp.model.name, inp.model.version, inp.revision)
+    finding_id = message_id(inp.series_instance_uid, inp.model.name, inp.model.version, inp.revision,
+                            inp.timings.received_first)
     return {
         "schema_version": SCHEMA_VERSION,
         "finding_id": finding_id,

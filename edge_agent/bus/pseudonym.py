@@ -37,8 +37,8 @@ def pseudonymise(inp: FindingInput, p: Pseudonymiser) -> FindingInput:
 
 
 def finding_message_id(
-    series_uid: str, model: str, model_version: str, revision: int, p: Pseudonymiser | None
+    series_uid: str, model: str, model_version: str, revision: int, opened: float, p: Pseudonymiser | None
 ) -> str:
     """The Nats-Msg-Id (and finding_id) of a finding whose series is ``series_uid``, as ``build_finding`` will
     compute it: from the pseudonymised series UID when ``p`` is given, so it cannot be recomputed from the UID."""
-    return message_id(p.uid(series_uid) if p is not None else series_uid, model, model_version, revision)
+    return message_id(p.uid(series_uid) if p is not None else series_uid, model, model_version, revision, opened)
