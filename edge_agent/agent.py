@@ -406,6 +406,8 @@ class Agent:
                 reasons.append(f"engine {name} not loaded")
             elif self.models[name].batcher.problem is not None:
                 reasons.append(str(self.models[name].batcher.problem))  # a hung engine call
+        if (workers := self._pixel_pool.problem) is not None:
+            reasons.append(workers)  # instances would only pile up behind the preprocessing
         if not self._spool_writable:
             reasons.append("spool not writable")
         elif self.spool is not None and not self.spool.has_room():

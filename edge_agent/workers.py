@@ -431,6 +431,7 @@ class WorkerPool:
         self._call_ids = itertools.count(1)
         self._start_failures = 0  # workers in a row that died before they had started (cold)
         self._restart: asyncio.TimerHandle | None = None
+        self._restart_why = ""
         self._closed = False
         # For logs and tests: calls run again alone because their worker died while running them.
         self.isolated_runs = 0
@@ -546,8 +547,17 @@ class WorkerPool:
         (self._lone.add if lone else self._workers.append)(w)
         return w
 
+    @property
+    def problem(self) -> str | None:
+        """Why no call can run: no worker is up and the next start waits after failed ones (a broken install, no
+        memory); None otherwise. Calls wait meanwhile, and run once a worker starts."""
+        if self._closed or self._restart is None or any(w.pid is not None for w in self._workers):
+            return None
+        return f"no preprocessing worker is running: {self._restart_why}"
+
     def _restart_later(self, why: str) -> None:
         assert self._loop is not None
+        self._restart_why = why
         self._start_failures += 1
         delay = min(WORKER_RESTART_MAX_SECONDS, 0.5 * 2 ** (self._start_failures - 1))
         logger.error("%s; starting another in %.1f s", why, delay)

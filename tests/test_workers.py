@@ -6,12 +6,14 @@ import asyncio
 import contextlib
 import ctypes
 import functools
+import multiprocessing.spawn
 import os
 import signal
 import subprocess
 import sys
 import time
 from dataclasses import replace
+from multiprocessing import resource_tracker
 from pathlib import Path
 from typing import Any
 
@@ -677,3 +679,34 @@ def test_a_lowered_pool_runs_its_calls_lower_and_its_low_priority_work_lower_sti
     # or this process's, which is not (threads: whichever thread asked first, here or in an earlier test).
     assert low == min(19, base + (3 if processes else 0) + LOW_PRIORITY_NICENESS)
     assert os.getpriority(os.PRIO_PROCESS, 0) == base
+
+
+def test_a_pool_whose_workers_cannot_start_says_so_and_recovers(tmp_path: Path) -> None:
+    """Workers whose interpreter exits at once (a broken install): the pool's problem says so, which /readyz reports
+    (Agent.readiness), while the calls wait; once a worker can start, they run and the problem is gone."""
+    broken = tmp_path / "python"
+    broken.write_text("#!/bin/sh\nexit 1\n")
+    broken.chmod(0o755)
+    python = multiprocessing.spawn.get_executable()
+    resource_tracker.ensure_running()  # started by the good interpreter, before the workers need it
+
+    async def main() -> None:
+        pool = WorkerPool(1, processes=True)
+        multiprocessing.spawn.set_executable(str(broken))
+        try:
+            call = asyncio.create_task(pool.run(crash_on, 21))
+            for _ in range(1500):
+                if pool.problem is not None:
+                    break
+                await asyncio.sleep(0.02)
+            assert pool.problem.startswith("no preprocessing worker is running: a preprocessing worker died before "
+                                           "it started (exit code 1)")
+            assert not call.done()
+            multiprocessing.spawn.set_executable(python)
+            assert await asyncio.wait_for(call, 30) == 42
+            assert pool.problem is None
+        finally:
+            multiprocessing.spawn.set_executable(python)
+            pool.shutdown()
+
+    asyncio.run(main())
