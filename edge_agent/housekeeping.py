@@ -147,9 +147,11 @@ class Housekeeping:
         """After an unclean stop, record again the stored files whose journal commit was lost; returns how many.
 
         The receiver commits its rows without an fsync of their own (journal.py): a power cut may lose the
-        last ones, although their files were fsynced and acknowledged. Such a file is one no row knows, placed
-        after the last prune's cut-off, whose content matches the digest in its name; it is recorded as it
-        arrived, with its AE titles from its File Meta and its modification time as its arrival. A file that
+        last ones, although their files were fsynced and acknowledged. Such a file is one no row knows, not
+        placed before the last prune's cut-off (``Journal.adoption_rules``), whose content matches the digest in
+        its name; it is recorded as it arrived, with its AE titles from its File Meta and its modification time
+        as its arrival, in the order they were written (two files of one re-sent instance: the newer replaces
+        the older, as it did when it arrived). A file that
         does not match was never acknowledged (its fsync had not finished): the orphan sweep removes it. A
         journal error here is raised: sweeping orphans without adopting first would delete acknowledged
         instances. Call ``put_back_at_start`` first.

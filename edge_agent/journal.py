@@ -404,18 +404,21 @@ class Journal:
             out.append((int(sid), names))
         return out
 
-    def prune(self, older_than: float) -> dict[str, int]:
+    def prune(self, older_than: float, now: float | None = None) -> dict[str, int]:
         """Delete history older than ``older_than``: released instances and series, acknowledged findings.
 
         Acknowledged outbox payloads carry patient identifiers: they are kept only as long as a re-publish
         after an unclean stop may need them (``outbox.py``), then pruned. Rejected findings are kept.
         """
+        now = time.time() if now is None else now
         with self.transaction("prune") as db:
-            # Files older than this may belong to rows pruned here: never adopt them (``adoption_rules``).
+            # Files older than this may belong to rows pruned here: never adopt them (``adoption_rules``). It
+            # never goes down (a shorter prune_after_days), and never past now: a clock that was once days fast
+            # would otherwise leave it in the future, and every file placed before it unadoptable.
             db.execute(
                 "INSERT INTO meta(key, value) VALUES('prune_cutoff', ?) ON CONFLICT(key)"
-                " DO UPDATE SET value=MAX(CAST(value AS REAL), excluded.value)",
-                (older_than,),
+                " DO UPDATE SET value=MIN(MAX(CAST(value AS REAL), excluded.value), ?)",
+                (min(older_than, now), now),
             )
             outbox = db.execute("DELETE FROM outbox WHERE state='acked' AND acked_at < ?", (older_than,)).rowcount
             instances = db.execute(
@@ -449,13 +452,26 @@ class Journal:
     def referenced_spool_names(self) -> set[str]:
         return {str(r[0]) for r in self.read("SELECT spool_name FROM instances WHERE released=0")}
 
-    def adoption_rules(self) -> tuple[set[str], float | None]:
-        """What adoption must leave alone: every spool name a row knows (held, released, or dead), and the
-        last prune's cut-off (a file placed before it may be one whose released row was pruned)."""
+    def adoption_rules(self, now: float | None = None) -> tuple[set[str], float | None]:
+        """What adoption must leave alone: every spool name a row knows (held, released, or dead), and the time
+        before which a file was placed too early to be adopted (None: no such time).
+
+        That is the last prune's cut-off (a file placed before it may be one whose released row was pruned, and
+        whose deletion failed for as long), but only as far as the wall clock can be trusted with it, because a
+        file refused here is deleted, and it may be an acknowledged instance: a cut-off later than ``now`` (stored
+        by a clock that was fast, or read by one that is slow) refuses nothing, and no file placed after the
+        journal's last change (a series' ``updated_at``) is refused, whatever the clock said at the prune: the
+        rows lost in a power cut are the last ones.
+        """
+        now = time.time() if now is None else now
         known = {str(r[0]) for r in
                  self.read("SELECT spool_name FROM instances UNION SELECT spool_name FROM dead_files")}
         row = self.read("SELECT value FROM meta WHERE key='prune_cutoff'")
-        return known, (float(row[0][0]) if row else None)
+        if not row or float(row[0][0]) > now:
+            return known, None
+        cutoff = float(row[0][0])
+        newest = self.read("SELECT MAX(updated_at) FROM series")[0][0]
+        return known, cutoff if newest is None else min(cutoff, float(newest))
 
     def dead_spool_names(self) -> list[str]:
         return [str(r[0]) for r in self.read("SELECT spool_name FROM dead_files")]

@@ -148,17 +148,22 @@ def wait_for(check: Any, seconds: float = 20.0) -> None:
 
 
 def with_slots(daemon: Any, nats_server: Any, tmp_path: Path, count: int) -> Any:
-    """A daemon (started again with quiet_seconds 30) whose spool keeps ``count`` - 1 slots: a series of ``count``
-    was received and released, each file kept as a slot but the one linked for the heat map's overlay."""
+    """A running daemon (CT routed with quiet_seconds 30) whose spool keeps ``count`` slots, from unrouted series
+    received and released. Made in this run, not the last: a start empties every slot, whose zeroing a power cut
+    may have undone (dicom/spool.py)."""
     free = tmp_path / "state" / "spool" / "free"
-    d = daemon(**{"routes.1.quiet_seconds": 0.5}).start()
-    _, first = ct_series(PYDICOM_FILES / "CT_small.dcm", tmp_path / "first", count)
-    assert storescu(d.dicom_port, *first).returncode == 0
-    read_findings(nats_server.url, 1)
-    wait_for(lambda: len(list(free.glob("*.slot"))) >= count - 1)
-    assert d.terminate() == 0
-    d.config_path.write_text(d.config_path.read_text().replace("quiet_seconds: 0.5", "quiet_seconds: 30"))
-    return d.start()
+    held = tmp_path / "state" / "spool" / "instances"
+    d = daemon(**{"routes.1.quiet_seconds": 30, "pipeline.default_quiet_seconds": 0.5}).start()
+    # Then two more: the receiver's two spare temp files, made ahead before there was any slot, take them.
+    for n, folder in ((count, "first"), (2, "spares")):
+        _, files = ct_series(PYDICOM_FILES / "CT_small.dcm", tmp_path / folder, n)
+        for f in files:  # a modality no route takes: released after the default quiet time, with no finding
+            ds = pydicom.dcmread(f)
+            ds.Modality = "OT"
+            ds.save_as(f, enforce_file_format=True)
+        assert storescu(d.dicom_port, *files).returncode == 0
+        wait_for(lambda: len(list(free.glob("*.slot"))) >= count and not list(held.glob("*/*.dcm")))
+    return d
 
 
 def test_instances_sealed_in_place_whose_renames_a_power_cut_undid_are_put_back(daemon: Any, nats_server: Any,
@@ -196,7 +201,7 @@ def test_instances_sealed_in_place_whose_renames_a_power_cut_undid_are_put_back(
 
     d.config_path.write_text(d.config_path.read_text().replace("quiet_seconds: 30", "quiet_seconds: 0.5"))
     d.start()
-    findings = {f["series_instance_uid"]: f for f in read_findings(nats_server.url, 3)}  # the first series too
+    findings = {f["series_instance_uid"]: f for f in read_findings(nats_server.url, 2)}
     assert findings[lost_uid]["instance_count"] == 4 and findings[kept_uid]["instance_count"] == 3
     assert "3 stored instance(s) found outside the spool's folders (their renames lost) put back" in d.log()
     assert "4 stored instance(s) whose journal rows were lost recorded again" in d.log()
@@ -221,7 +226,7 @@ def test_a_sealed_file_found_outside_its_folder_after_a_clean_stop_is_put_back(d
     held.rename(state / "spool" / "tmp" / "in-4567.dcm")
     d.config_path.write_text(d.config_path.read_text().replace("quiet_seconds: 30", "quiet_seconds: 0.5"))
     d.start()
-    findings = {f["series_instance_uid"]: f for f in read_findings(nats_server.url, 2)}
+    findings = {f["series_instance_uid"]: f for f in read_findings(nats_server.url, 1)}
     assert findings[series_uid]["instance_count"] == 3
     assert "1 stored instance(s) found outside the spool's folders (their renames lost) put back" in d.log()
     assert "recorded again" not in d.log()

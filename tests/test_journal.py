@@ -234,6 +234,26 @@ def test_pruning_removes_old_history_and_keeps_what_is_live(journal: Journal) ->
     assert journal.series(live.series_id).state is SeriesState.OPEN
 
 
+def test_the_prune_cutoff_never_passes_now_and_a_file_placed_after_the_last_change_is_adoptable(
+        journal: Journal) -> None:
+    day = 86_400.0
+    # A prune while the clock was 30 days fast: the cut-off it stores is no later than its own now.
+    journal.prune(older_than=time.time() + 23 * day)
+    [(stored,)] = journal.read("SELECT value FROM meta WHERE key='prune_cutoff'")
+    assert float(stored) <= time.time()
+    # One stored in the future by an earlier version (or read by a clock that is now behind) refuses nothing.
+    with journal.transaction("a cut-off from a fast clock") as db:
+        db.execute("UPDATE meta SET value=? WHERE key='prune_cutoff'", (time.time() + 23 * day,))
+    assert journal.adoption_rules()[1] is None
+    # A cut-off in the past bounds adoption only up to the journal's last change: rows lost in a power cut are
+    # the last ones, so a file placed after that change is adopted whatever the cut-off says.
+    then = time.time() - 100
+    journal.record_instance(meta("1"), "f1", 1, now=then)
+    journal.prune(older_than=time.time() - 10)
+    known, placed_after = journal.adoption_rules()
+    assert known == {"f1"} and placed_after == then
+
+
 def test_every_per_tick_query_uses_an_index(journal: Journal) -> None:
     """Defect 10: the gauges, sweeps and the outbox drain must not scan the tables."""
     queries = [

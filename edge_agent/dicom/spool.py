@@ -16,7 +16,8 @@ PS3.10 7.1 leaves to the application, holds a mark (``held_mark``): the end of t
 spool name; what follows the end, to the slot's size, is Data Set Trailing Padding (FFFC,FFFC), so the file
 stays one valid DICOM file. After a power cut, a marked file found in tmp/ or free/ whose content matches the
 name in its mark is put back under that name (``misplaced``, ``put_back``). A release clears the mark, and
-makes that durable, before the file leaves instances/.
+makes that durable, before the file leaves instances/; the rest of its zeroing is not flushed, so every start
+empties the unmarked slots (``_keep_free_files``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import concurrent.futures
 import contextlib
 import ctypes
 import errno
+import fcntl
 import logging
 import os
 import re
@@ -141,6 +143,31 @@ def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
 def _zero(fd: int, start: int, end: int) -> None:
     for off in range(start, end, len(_ZEROS)):
         _pwrite_all(fd, memoryview(_ZEROS)[: min(len(_ZEROS), end - off)], off)
+
+
+def _hold(fd: int) -> None:
+    """Lock a temp file the receiver writes to (a shared ``flock``, released when its fd is closed), so that the
+    running orphan sweep can tell it from one left behind (``_held``): a spare the receiver made ahead may wait
+    through an idle hour, and a slot keeps the time of its release. Advisory only; a failure costs that check."""
+    with contextlib.suppress(OSError):
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+
+
+def _held(path: Path) -> bool:
+    """Whether a process holds ``path`` open with ``_hold``'s lock."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # and with it the lock just taken
+    return False
 
 
 def _marked(path: str | Path) -> bool:
@@ -295,8 +322,9 @@ class Spool:
         """A temp file in ``tmp/`` for an instance being received: ``(path, fd open for writing, capacity)``.
 
         A kept slot when there is one (its zeroed blocks written over in place: ``capacity`` is its size, for
-        ``place``), else a kept empty file from ``free/`` (renamed in and truncated on open, so nothing of what
-        it held before can reach the new instance), else a file made now (capacity 0 for both).
+        ``place``), else a kept empty file from ``free/`` (truncated on open, so nothing of what it held before
+        can reach the new instance), else a file made now (capacity 0 for both). The file is locked (``_hold``)
+        before it reaches ``tmp/``, for as long as the fd is open: the running orphan sweep leaves it alone.
         """
         path = self._tmp / f"in-{secrets.token_hex(16)}.dcm"
         for _ in range(4):
@@ -305,28 +333,33 @@ class Spool:
                 break
             fd = -1
             try:
-                os.rename(slot, path)
-                fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+                fd = os.open(slot, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
                 if read_mark(os.pread(fd, _PREAMBLE_BYTES, 0)) is None:
+                    _hold(fd)
+                    os.rename(slot, path)
                     return path, fd, os.fstat(fd).st_size
                 # An instance that a power cut left in free/ and the start could not put back: never written
-                # over; back where the next start looks for it.
+                # over; left where the next start looks for it.
+            except OSError:
+                pass
+            if fd >= 0:
                 os.close(fd)
-                fd = -1
-                os.rename(path, slot)
+        kept = self._take_free()
+        if kept is not None:
+            fd = -1
+            try:
+                fd = os.open(kept, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC)
+                _hold(fd)
+                os.rename(kept, path)
+                return path, fd, 0
             except OSError:
                 if fd >= 0:
                     os.close(fd)
-        kept = self._take_free()
-        if kept is not None:
-            try:
-                os.rename(kept, path)
-                return path, os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC), 0
-            except OSError:
                 for gone in (kept, path):  # whichever name it has now
                     with contextlib.suppress(OSError):
                         gone.unlink()
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+        _hold(fd)  # new: too young for the sweep until then
         return path, fd, 0
 
     # -- free files (module constant FREE_FILES) --
@@ -382,24 +415,29 @@ class Spool:
     def _keep_free_files(self) -> None:
         # At start, the empty files left in free/ are kept; anything else there is removed: a released instance
         # renamed in whose truncation a power cut undid still holds its data.
-        # A slot is kept as it is, unless it holds a mark: an instance whose move out of free/ a power cut undid,
-        # for the housekeeping's ``misplaced`` to put back.
+        # A slot that holds a mark is left as it is: an instance whose move out of free/ a power cut undid, for
+        # the housekeeping's ``misplaced`` to put back. Every other slot is emptied, after any stop: its zeroing
+        # was only in the page cache (``_into_slot``), so after a power cut (or a kill during its release) it may
+        # still hold a released instance's bytes, which an instance written over it would carry in its padding.
+        # Emptied, then renamed: a power cut in between leaves a slot to empty again, or an empty file.
         for entry in os.scandir(self._free_dir):
             try:
+                path = Path(entry.path)
                 if entry.name.endswith(".slot") and entry.is_file(follow_symlinks=False):
-                    size = entry.stat(follow_symlinks=False).st_size
-                    if _marked(entry.path):
+                    if _marked(path):
                         continue
-                    if size % _SLOT_ROUND == 0 and self._slots.add(Path(entry.path), size):
-                        continue
-                keep = entry.name.endswith(".free") and entry.is_file(follow_symlinks=False) and \
-                    entry.stat(follow_symlinks=False).st_size == 0 and len(self._free) < FREE_FILES
+                    os.truncate(path, 0)
+                    path = path.with_suffix(".free")
+                    os.rename(entry.path, path)
+                st = os.lstat(path)
+                keep = path.suffix == ".free" and stat.S_ISREG(st.st_mode) and st.st_size == 0 and \
+                    len(self._free) < FREE_FILES
                 if keep:
-                    self._free.append(Path(entry.path))
+                    self._free.append(path)
                 elif entry.is_dir(follow_symlinks=False):
                     shutil.rmtree(entry.path)
                 else:
-                    os.unlink(entry.path)
+                    os.unlink(path)
             except OSError as exc:
                 logger.warning("spool: a file in free/ could not be checked or removed (%s)", exc.strerror)
 
@@ -476,7 +514,11 @@ class Spool:
             # other name still needs its data.
             if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
                 return False
-            size = -(-(st.st_size + 16) // _SLOT_ROUND) * _SLOT_ROUND
+            # Rounded up from where the instance ends: a file written over a slot has the slot's size, and
+            # rounding that up would grow the slot at each reuse.
+            mark = read_mark(os.pread(fd, _PREAMBLE_BYTES, 0))
+            end = mark[0] if mark is not None and mark[0] <= st.st_size else st.st_size
+            size = -(-(end + 16) // _SLOT_ROUND) * _SLOT_ROUND
             with self._free_lock:
                 if self._shared and not self._slots.has_room(size) and \
                         time.monotonic() - self._slots_scanned > _RESCAN_SECONDS:
@@ -523,10 +565,14 @@ class Spool:
         What must be on disk before it leaves instances/, its preamble (the mark) and its new size, is flushed
         first: a few KiB. The rest is zeroed once the file is out of the spool's namespace (no new name can reach
         it then), in the page cache, for the writeback or for the next instance to overwrite first; so a release
-        costs the instances arriving meanwhile no flush of the size of the file."""
+        costs the instances arriving meanwhile no flush of the size of the file. That zeroing may not reach the
+        disk before a power cut: the next start empties every slot (``_keep_free_files``)."""
         old = os.fstat(fd).st_size
         first = min(old, _PREAMBLE_BYTES)
         _zero(fd, 0, first)
+        if size < old:  # a slot whose instance ended well before its size
+            os.ftruncate(fd, size)
+            old = size
         _zero(fd, old, size)
         os.fdatasync(fd)
         kept = self._free_dir / f"{secrets.token_hex(16)}.slot"
@@ -717,10 +763,12 @@ class Spool:
         return True
 
     def adoptable(self, known: set[str], placed_after: float | None) -> list[str]:
-        """Stored files that no journal row knows, placed (renamed in: ctime) after ``placed_after``, oldest
-        first: after an unclean stop, those whose content matches their name (``name_matches``) are instances
-        that were acknowledged but whose journal commit was lost."""
-        found: list[tuple[float, str]] = []
+        """Stored files that no journal row knows, placed (renamed in: ctime) at or after ``placed_after``, in the
+        order they were written (mtime, then name): after an unclean stop, those whose content matches their name
+        (``name_matches``) are instances that were acknowledged but whose journal commit was lost. Written, not
+        placed: ``put_back`` renames files in the order it finds them, which sets their ctime, and of two files
+        of one re-sent instance the one written last must be recorded last, replacing the other."""
+        found: list[tuple[int, str]] = []
         for day_dir in sorted(self._instances.iterdir()):
             if not (_DAY.fullmatch(day_dir.name) and day_dir.is_dir()):
                 continue
@@ -729,11 +777,11 @@ class Spool:
                 if not _STORED.fullmatch(f.name) or name in known:
                     continue
                 try:
-                    ctime = f.stat().st_ctime
+                    st = f.stat()
                 except FileNotFoundError:
                     continue
-                if placed_after is None or ctime >= placed_after:
-                    found.append((ctime, name))
+                if placed_after is None or st.st_ctime >= placed_after:
+                    found.append((st.st_mtime_ns, name))
         return [name for _, name in sorted(found)]
 
     def misplaced(self) -> list[tuple[Path, str]]:
@@ -778,7 +826,8 @@ class Spool:
         """Spool names on disk that the journal does not reference, and stale temp files.
 
         Call it before the receiver starts (or with ``min_age_seconds`` well above the longest
-        transfer): an instance being received right now is not referenced yet.
+        transfer): an instance being received right now is not referenced yet. A temp file the receiver holds
+        open (``open_incoming``) is never one.
         """
         cutoff = time.time() - min_age_seconds
         out: list[str] = []
@@ -799,6 +848,7 @@ class Spool:
                     out.append(name)
         for f in sorted(self._tmp.iterdir()):
             name = f"tmp/{f.name}"
-            if _NAME.fullmatch(name) and f.is_file() and old(f):
+            # Not one the receiver holds (``open_incoming``): its spares may wait through an idle hour.
+            if _NAME.fullmatch(name) and f.is_file() and old(f) and not _held(f):
                 out.append(name)
         return out
