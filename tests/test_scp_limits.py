@@ -284,6 +284,7 @@ def test_a_peer_that_never_reads_its_answers_is_not_buffered_and_loses_its_slot(
         peers.append(other)
         other.associate(contexts=[(1, VERIFICATION, str(ImplicitVRLittleEndian))])
         assert other.echo(1) == 0x0000
+        other.release()
 
 
 def test_garbage_before_association_and_unknown_pdus_are_aborted(tmp_path: Path, peers: list[RawPeer]) -> None:
@@ -347,6 +348,7 @@ def test_a_dataset_of_another_instance_than_the_request_names_is_stored_as_the_d
         assert peer.store(data, sop_class, requested) == 0x0000
         (meta, _), = h.stored.wait_for(1)
         assert meta.sop_instance_uid == sop_instance
+        peer.release()
     said = [r.getMessage() for r in caplog.records if "another SOP Instance UID" in r.getMessage()]
     assert len(said) == 1 and requested not in said[0] and sop_instance not in said[0]
 
