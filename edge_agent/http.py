@@ -16,7 +16,6 @@ a constant alone, so no request can name anything else (no dots, slashes or perc
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import re
@@ -111,8 +110,12 @@ class HttpServer:
             pass  # the client went away or stopped reading; nothing more to say to it
         finally:
             writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
+            try:
+                # A close waits for the answer to be read: a client that stops reading would keep its connection
+                # (and its place among max_connections) for as long as it likes. Dropped instead, answer and all.
+                await asyncio.wait_for(writer.wait_closed(), self._read_timeout_seconds)
+            except (OSError, TimeoutError):
+                writer.transport.abort()
             del self._connections[task]
 
     async def _serve_one(self, reader: asyncio.StreamReader) -> tuple[Response, bool]:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import shutil
+import socket
 import subprocess
 import time
 import urllib.error
@@ -434,3 +435,39 @@ def test_status_serves_its_source_and_a_failing_source_is_500(caplog: pytest.Log
 
     asyncio.run(main())
     assert "building /status failed" in caplog.text
+
+
+def test_clients_that_never_read_their_answer_do_not_keep_their_places(tmp_path: Path) -> None:
+    """Two clients ask for a large heat map and never read it, with max_connections at 2: once the answer cannot
+    be written within the read timeout they are dropped, answer and all, and /healthz is answered again while they
+    still hold their sockets open."""
+    heatmaps = tmp_path / "heatmaps"
+    heatmaps.mkdir()
+    (heatmaps / f"{FINDING_ID}.overlay.png").write_bytes(PNG + bytes(20 * 1024 * 1024))
+
+    async def main() -> None:
+        server = HttpServer("127.0.0.1", 0, Metrics().registry, lambda: (True, {}), lambda: (True, {}),
+                            heatmap_dir=heatmaps, max_connections=2, read_timeout_seconds=0.3)
+        await server.start()
+        stalled = []
+        try:
+            for _ in range(2):
+                sock = socket.socket()
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                sock.connect(("127.0.0.1", server.port))
+                sock.sendall(f"GET /heatmaps/{FINDING_ID}.overlay.png HTTP/1.1\r\n\r\n".encode())
+                stalled.append(sock)  # and never read
+            deadline = asyncio.get_running_loop().time() + 10
+            while True:
+                out = await raw(server.port, b"GET /healthz HTTP/1.1\r\n\r\n")
+                if out.startswith(b"HTTP/1.1 200 "):
+                    break
+                assert b"too many connections" in out
+                assert asyncio.get_running_loop().time() < deadline, "the stalled clients kept their places"
+                await asyncio.sleep(0.1)
+        finally:
+            for sock in stalled:
+                sock.close()
+            await server.stop()
+
+    asyncio.run(main())
