@@ -333,7 +333,8 @@ class BusConfig(_Strict):
     def _url(cls, v: str) -> str:
         for part in v.split(","):
             # A token or user:password in the URL stays out of the message (it is printed and logged).
-            shown = re.sub(r"//[^\s/@]*@", "//***@", part.strip())
+            # Everything up to the last "@": a password may hold "/", "@" or spaces.
+            shown = re.sub(r"//.*@", "//***@", part.strip())
             found = re.match(r"^(nats|tls|ws|wss)://(?:[^\s/@]*@)?(\[[0-9A-Fa-f:.]+\]|[^\s/:@\[\]]+)(?::(\d+))?/?$",
                              part.strip())
             if not found:
@@ -718,6 +719,30 @@ def parse_config(
     return config
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key that appears twice in one mapping: PyYAML keeps the last silently, so a
+    second ``dicom:`` block appended to change the port would drop the first's allowed AE titles and hosts."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                twice = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: the constructor below names it
+                continue
+            if twice:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} appears twice in one mapping",
+                                                        key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str) -> Any:
+    """A YAML document, as ``yaml.safe_load`` reads it but with every key of a mapping unique (else a YAMLError)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
+
+
 def read_config_file(path: Path) -> Any:
     """The YAML document in ``path`` (an empty file is an empty mapping). ConfigError if unreadable or not YAML."""
     try:
@@ -725,7 +750,7 @@ def read_config_file(path: Path) -> Any:
     except OSError as exc:
         raise ConfigError([("", f"cannot read config: {exc.strerror}")], str(path)) from None
     try:
-        raw = yaml.safe_load(text)
+        raw = load_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""

@@ -106,6 +106,19 @@ def test_invalid_yaml_says_where(tmp_path: Path) -> None:
     assert "line" in str(info.value) and "not valid YAML" in str(info.value)
 
 
+@pytest.mark.parametrize("text", [
+    # A second block appended to change the port would drop the first's allowed AE titles.
+    "site: a\nstate_dir: /s\ndicom:\n  allowed_calling_aets: [CT1]\ndicom:\n  port: 11113\n",
+    "site: a\nstate_dir: /s\ndicom:\n  port: 11112\n  port: 11113\n",
+])
+def test_a_key_given_twice_is_refused_with_its_line(tmp_path: Path, text: str) -> None:
+    bad = tmp_path / "agent.yaml"
+    bad.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(bad, env={})
+    assert "appears twice in one mapping" in str(info.value) and "line 5" in str(info.value)
+
+
 def _run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "edge_agent", *args], capture_output=True, text=True, timeout=60, cwd=REPO

@@ -236,6 +236,10 @@ def test_nats_urls_are_accepted(url: str) -> None:
     ("http://h:4222", "'http://h:4222' is not a NATS URL like nats://host:4222"),
     # The password never reaches the message (it is printed and logged).
     ("nats://user:secret@127.0.0.1.5:4222", "'nats://***@127.0.0.1.5:4222': '127.0.0.1.5' is neither"),
+    # Also a password that holds "/", "@" or a space (refused: such a URL needs them percent-encoded).
+    ("nats://edge:s3c/secret@h:70000", "'nats://***@h:70000' is not a NATS URL"),
+    ("nats://edge:p@ss-secret@h:70000", "'nats://***@h:70000' is not a NATS URL"),
+    ("nats://edge:two secret@h:70000", "'nats://***@h:70000' is not a NATS URL"),
 ])
 def test_bad_nats_urls_are_refused(url: str, message: str) -> None:
     with pytest.raises(ConfigError) as info:

@@ -17,7 +17,7 @@ from edge_agent.bus.tls import connection_uses_tls, expects_tls, tls_hint
 from edge_agent.config import BusTLSConfig
 from edge_agent.errors import BusError
 
-_URL_USERINFO = re.compile(r"//[^/@\s]*@")
+_URL_USERINFO = re.compile(r"//[^\s,]*@")  # to the last "@": a password may hold "/" or "@"
 
 
 def redact(text: str) -> str:
