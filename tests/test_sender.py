@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pydicom
@@ -57,14 +59,15 @@ def test_files_the_peer_refuses_are_counted_failed_with_their_status(tmp_path: P
         report = send_files([RT_DOSE, SC_JPEG_LS_NEAR_LOSSLESS, CT_SMALL, tmp_path / "missing.dcm"],
                             "127.0.0.1", h.port, "EDGE_AGENT")
         by_name = {r.path.name: r for r in report.results}
-        assert (report.ok, report.failed, report.skipped) == (1, 2, 1)
+        assert (report.ok, report.failed, report.skipped) == (1, 3, 0)  # a path that does not exist failed
         assert by_name["rtdose.dcm"].status is None and "no context" in by_name["rtdose.dcm"].note
         assert by_name["JPEGLSNearLossless_16.dcm"].status == status.CANNOT_UNDERSTAND
         assert by_name["JPEGLSNearLossless_16.dcm"].note == "cannot understand"
         assert by_name["CT_small.dcm"].status == status.SUCCESS
         assert by_name["missing.dcm"].note == "no such file"
         text = report.summary()
-        assert text.endswith("sent 1, failed 2, skipped 1")
+        assert text.endswith("sent 1, failed 3, skipped 0")
+        assert "missing.dcm: no such file" in text
         assert "JPEGLSNearLossless_16.dcm: cannot understand (0xC000)" in text
         assert "CT_small.dcm" not in text
 
@@ -96,3 +99,12 @@ def test_nothing_to_send(tmp_path: Path) -> None:
 def _name(h: object, recorded: object) -> str:
     rows = [r for r in h.journal.instances(recorded.series_id) if r.id == recorded.instance_id]  # type: ignore[attr-defined]
     return str(rows[0].spool_name)
+
+
+def test_send_of_a_path_that_does_not_exist_exits_1(tmp_path: Path) -> None:
+    """A script with a typo in its path must not believe the study went out."""
+    result = subprocess.run([sys.executable, "-m", "edge_agent", "send", str(tmp_path / "no-such-study.dcm"),
+                             "--port", str(free_port())], capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "no-such-study.dcm: no such file" in result.stdout
+    assert result.stdout.rstrip().endswith("sent 0, failed 1, skipped 0")

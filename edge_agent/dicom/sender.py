@@ -105,7 +105,7 @@ def send_files(paths: list[Path], host: str, port: int, called_aet: str, calling
     items: list[_Item] = []
     for path in _walk(paths):
         if not path.exists():
-            report.add(FileResult(path, None, "no such file"), "skipped")
+            report.add(FileResult(path, None, "no such file"), "failed")  # named, so meant to be sent
             continue
         try:
             meta = read_file_meta_info(path)
