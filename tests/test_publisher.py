@@ -7,6 +7,7 @@ import dataclasses
 import io
 import json
 import logging
+import signal
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -628,6 +629,71 @@ def test_a_subject_the_credentials_may_not_publish_to_is_parked_as_rejected(
     assert [journal.series(sid).state for sid, _ in rows[1:]] == [SeriesState.PUBLISHED] * 2
 
 
+def test_a_subject_allowed_again_is_published_and_a_later_time_out_on_it_is_only_a_time_out(
+    tmp_path: Path, journal: Journal, metrics: Metrics
+) -> None:
+    """Review (denied_sticky): a subject once denied stayed denied in the publisher's memory, so after the operator
+    allowed it and reloaded nats-server, any time-out on it parked the finding as rejected for permission."""
+    conf = tmp_path / "nats.conf"
+
+    def deny(subject: str) -> None:
+        conf.write_text('jetstream { store_dir: "js" }\n'
+                        "authorization { users = [ { user: edge, password: pw,"
+                        f' permissions: {{ publish: {{ deny: ["{subject}"] }} }} }} ] }}\n')
+
+    deny("edge.findings.site1.CR.>")
+    server = NatsServer(tmp_path / "nats", config=conf)
+    server.start()
+
+    def enqueue_cr(start: int) -> int:
+        [(sid, _)] = enqueue(journal, 1, start=start)
+        with closing(sqlite3.connect(journal.path)) as db, db:
+            db.execute("UPDATE outbox SET subject=? WHERE series_id=?", (f"{PREFIX}.site1.CR.ct-demo", sid))
+        return sid
+
+    first_sid = enqueue_cr(0)
+    later_sid = 0
+
+    async def main() -> None:
+        nonlocal later_sid
+        acks = Acks()
+        config = bus_config(server.url, user="edge", password="pw", publish_timeout_seconds=0.5)
+        pub = Publisher(config, journal, metrics, on_acked=acks)
+        await pub.start()
+        await wait_until(lambda: sample(metrics.outbox_rejected, reason="permission") == 1)
+        # The operator allows the subject and reloads the server (SIGHUP), then re-queues the parked finding.
+        loaded = server.monitor("/varz")["config_load_time"]
+        deny("nothing.at.all")
+        assert server._proc is not None
+        server._proc.send_signal(signal.SIGHUP)
+
+        async def reloaded() -> bool:
+            return bool(server.monitor("/varz")["config_load_time"] != loaded)
+
+        await poll(reloaded)
+        journal.outbox.requeue_rejected()
+        pub.wake()
+        await acks.wait(1)
+        # A later finding on that subject while the broker is slow: a time-out, to be retried, not a rejection.
+        timeouts = sample(metrics.publish_errors, reason="timeout")
+        server.pause()
+        try:
+            later_sid = enqueue_cr(1)
+            pub.wake()
+            await wait_until(lambda: sample(metrics.publish_errors, reason="timeout") > timeouts)
+        finally:
+            server.resume()
+        await wait_until(lambda: journal.series(later_sid).state in (SeriesState.PUBLISHED, SeriesState.FAILED))
+        assert await pub.stop(1.0) == 0
+
+    try:
+        run(main())
+    finally:
+        server.stop()
+    assert [journal.series(sid).state for sid in (first_sid, later_sid)] == [SeriesState.PUBLISHED] * 2
+    assert sample(metrics.outbox_rejected, reason="permission") == 1  # the first refusal only
+
+
 def test_row_backoff_grows_and_is_capped() -> None:
     delays = [row_backoff_seconds(n, 0.5) for n in range(1, 12)]
     assert delays[0] == 0.5 and delays == sorted(delays) and delays[-1] == 30.0
@@ -689,6 +755,7 @@ def test_token_auth_and_a_wrong_token_is_never_logged(
 
 def test_credentials_in_urls_are_redacted() -> None:
     assert redact("nats://alice:pw@10.0.0.1:4222,nats://h2:4222") == "nats://***@10.0.0.1:4222,nats://h2:4222"
+    assert redact("cannot reach nats://edge:s3c/r@t@broker:4222 now") == "cannot reach nats://***@broker:4222 now"
     assert describe_error(OSError("cannot reach tls://bob:hunter2@broker:4222")) == (
         "OSError: cannot reach tls://***@broker:4222"
     )

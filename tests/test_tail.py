@@ -14,6 +14,7 @@ import nats
 import pytest
 from nats.js.api import StreamConfig
 
+from edge_agent.bus import tail as tail_module
 from edge_agent.bus.finding import ModelInfo, build_finding, encode, subject
 from edge_agent.bus.tail import findings_subject, parse_since, tail
 from tests.daemon import REPO, write_config
@@ -165,7 +166,17 @@ def test_since_and_a_subject_filter_choose_what_is_shown(nats_server: NatsServer
     asyncio.run(asyncio.wait_for(main(), 60))
 
 
-def test_a_server_back_with_an_empty_stream_is_read_from_its_start(nats_server: NatsServer) -> None:
+def lose_storage_and_restart(server: NatsServer) -> None:
+    server.stop()
+    for path in sorted(server.store_dir.rglob("*"), reverse=True):
+        path.unlink() if path.is_file() else path.rmdir()
+    server.start()
+
+
+def test_a_server_back_with_an_empty_stream_is_read_from_its_start(nats_server: NatsServer,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tail_module, "RESUBSCRIBE_NOTE_SECONDS", 0.5)
+
     async def main() -> None:
         await publish(nats_server.url, 1, 2)
         out, notes = Notes(), Notes()
@@ -174,15 +185,39 @@ def test_a_server_back_with_an_empty_stream_is_read_from_its_start(nats_server: 
         await notes.wait_for("new findings (after stream sequence 2)")
         await publish(nats_server.url, 3)
         await out.wait_for("\n")
-        nats_server.stop()
-        for path in sorted(nats_server.store_dir.rglob("*"), reverse=True):  # the broker loses its storage
-            path.unlink() if path.is_file() else path.rmdir()
-        nats_server.start()
+        lose_storage_and_restart(nats_server)
         await notes.wait_for("has no stream EDGE_FINDINGS")  # until a publisher makes it again
+        await notes.wait_for("still, after")  # and said again while it lasts, not once and then never
         await publish(nats_server.url, 4)
         assert await asyncio.wait_for(task, 30) == 2
         assert series_numbers(out.getvalue()) == [3, 4]
-        assert "now ends at sequence" in notes.getvalue()
+        said = notes.getvalue()
+        assert "now ends at sequence" in said
+        assert f"tail: reading stream {STREAM} again, from sequence 1" in said
+
+    asyncio.run(asyncio.wait_for(main(), 90))
+
+
+def test_a_server_back_with_the_stream_made_anew_but_still_empty_is_read_from_its_start(
+    nats_server: NatsServer,
+) -> None:
+    """Review (tail_empty_stream): the daemon makes the stream again at once on reconnecting; an empty stream's
+    first_seq is 0, a consumer from sequence 0 is refused (err 10094), and tail went silent for good."""
+
+    async def main() -> None:
+        await publish(nats_server.url, 1, 2)
+        out, notes = Notes(), Notes()
+        task = asyncio.create_task(tail(nats_server.url, STREAM, out=out, notes=notes, max_messages=2,
+                                        timeout_seconds=20, reconnect_wait_seconds=0.2))
+        await notes.wait_for("new findings (after stream sequence 2)")
+        await publish(nats_server.url, 3)
+        await out.wait_for("\n")
+        lose_storage_and_restart(nats_server)
+        await publish(nats_server.url)  # the stream only, as the publisher makes it again
+        await notes.wait_for(f"stream {STREAM} now ends at sequence 0")  # tail has seen it empty
+        await publish(nats_server.url, 4)
+        assert await asyncio.wait_for(task, 30) == 2
+        assert series_numbers(out.getvalue()) == [3, 4]
 
     asyncio.run(asyncio.wait_for(main(), 90))
 

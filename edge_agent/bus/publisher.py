@@ -168,6 +168,8 @@ class Publisher:
         self._flushed = asyncio.Event()
         self._stream_ready = False
         self._repeated = RepeatedLog(logger, REPEAT_LOG_SECONDS)
+        # Subjects (lower case) the server refused with a permissions -ERR while a publish to them waited for
+        # its PubAck; see _publish_row. Only that publish's own refusal may park its row for good.
         self._denied_subjects: set[str] = set()
         self._tls: dict[str, Any] = {}
 
@@ -398,6 +400,10 @@ class Publisher:
     async def _publish_row(self, js: JetStreamContext, row: OutboxRow) -> bool:
         outbox = self._journal.outbox
         payload = stamp_published(row.payload, time.time(), row.created_at)
+        # Forget any earlier refusal of this subject: the operator may have allowed it since (and reloaded the
+        # server). A permissions -ERR for this very publish arrives, in the read loop, well before its time-out.
+        denied_key = row.subject.lower()
+        self._denied_subjects.discard(denied_key)
         try:
             ack = await js.publish(row.subject, payload, timeout=self._config.publish_timeout_seconds,
                                    headers={"Nats-Msg-Id": row.msg_id})
@@ -405,7 +411,7 @@ class Publisher:
             reason = error_reason(exc)
             self._metrics.publish_errors.labels(reason=reason).inc()
             self._metrics.findings.labels(model=row.model, outcome="publish_error").inc()
-            rejected = reject_reason(exc, row.subject.lower() in self._denied_subjects)
+            rejected = reject_reason(exc, denied_key in self._denied_subjects)
             if rejected is not None:
                 await asyncio.to_thread(outbox.reject, row.id, f"{rejected}: {describe_error(exc)}")
                 self._metrics.outbox_rejected.labels(reason=rejected).inc()
@@ -485,8 +491,8 @@ class Publisher:
     async def _on_error(self, exc: Exception) -> None:
         denied = _PUBLISH_DENIED.search(str(exc))
         if denied is not None:
-            # The server refuses this subject to our credentials: its publishes only ever time out. Remember
-            # it, so that those rows are parked as rejected instead of retried for ever.
+            # The server refuses this subject to our credentials: the publish waiting on it can only time out.
+            # Noted, so that its row is parked as rejected instead of retried for ever.
             self._denied_subjects.add(denied.group(1).lower())
         if isinstance(exc, ssl.SSLError):
             # Logged under its own key: a refused handshake also shows up as resets and broken pipes on
@@ -505,6 +511,7 @@ class Publisher:
         self._metrics.broker_connected.set(1)
         self._repeated.last.clear()
         self._stream_ready = False  # the server may have come back with empty storage
+        self._denied_subjects.clear()  # and with other permissions
         logger.info("reconnected to the NATS server at %s", self._server_name())
         self._wake.set()
 

@@ -48,6 +48,8 @@ DEFAULT_CONNECT_TIMEOUT_SECONDS = 5.0
 DEFAULT_RECONNECT_WAIT_SECONDS = 1.0
 # A time given to --since may be a little ahead of this machine's clock; further ahead is a mistake.
 FUTURE_SLACK_SECONDS = 60.0
+# A stream that stays unreadable after a reconnection is said again this often, not once and then never.
+RESUBSCRIBE_NOTE_SECONDS = 60.0
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
 _UNIT_SECONDS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86_400.0, "w": 604_800.0}
@@ -164,7 +166,9 @@ class _Tail:
             # The server came back with less than it had (its storage was lost or the stream made anew).
             self.notes.say(f"stream {self.stream} now ends at sequence {info.state.last_seq}, before the last one "
                            f"shown ({self.next_seq - 1}): reading it from its first message")
-            self.next_seq = info.state.first_seq
+            # An empty stream reports first_seq 0, and the server refuses a start sequence of 0 (err 10094):
+            # its first message will be sequence 1.
+            self.next_seq = max(info.state.first_seq, 1)
         config = ConsumerConfig()
         if self.next_seq is not None:
             config.deliver_policy, config.opt_start_seq = DeliverPolicy.BY_START_SEQUENCE, self.next_seq
@@ -180,26 +184,35 @@ class _Tail:
         self.sub = await js.subscribe(self.subject_filter, stream=self.stream, ordered_consumer=True, config=config,
                                       cb=self.on_message)
 
+    def where(self) -> str:
+        return f"from sequence {self.next_seq}" if self.next_seq is not None else "from where it started"
+
     async def resubscribe(self, deadline: float | None) -> bool:
         """After a reconnection: a new consumer where the last one stopped. False if the deadline passed first."""
         loop = asyncio.get_running_loop()
         if not encrypted_as_configured(self.nc, self.url, self.tls):
             raise BusError(f"{redact(self.url)}: {PLAIN_SERVER_MESSAGE}")
-        where = f"from sequence {self.next_seq}" if self.next_seq is not None else "from where it started"
-        self.notes.say(f"reconnected to {server_address(self.nc)}; reading stream {self.stream} {where}")
-        waiting_said = False
+        self.notes.say(f"reconnected to {server_address(self.nc)}; reading stream {self.stream} {self.where()}")
+        failing_since = loop.time()
+        said_at: float | None = None
         while deadline is None or loop.time() < deadline:
             try:
                 await self.subscribe()
+                if said_at is not None:
+                    self.notes.say(f"reading stream {self.stream} again, {self.where()}")
                 return True
             except (nats.errors.Error, TimeoutError) as exc:
                 # A restarted server may not have JetStream (or the stream) back yet; the daemon makes a
-                # missing stream again when it reconnects.
-                if not waiting_said:
-                    waiting_said = True
+                # missing stream again when it reconnects. Said at once and then every RESUBSCRIBE_NOTE_SECONDS
+                # while it lasts: a tail that has gone quiet must not look like one with nothing to show.
+                now = loop.time()
+                if said_at is None or now - said_at >= RESUBSCRIBE_NOTE_SECONDS:
+                    still = "" if said_at is None else f"still, after {now - failing_since:.0f} s: "
+                    said_at = now
                     why = (f"has no stream {self.stream}" if isinstance(exc, nats.js.errors.NotFoundError)
-                           else f"cannot serve stream {self.stream} yet ({describe_error(exc)})")
-                    self.notes.say(f"the NATS server {why}; trying again every {self.reconnect_wait_seconds:g} s")
+                           else f"cannot serve stream {self.stream} ({describe_error(exc)})")
+                    self.notes.say(f"{still}the NATS server {why}; trying again every "
+                                   f"{self.reconnect_wait_seconds:g} s")
                 if not self.nc.is_connected:
                     return True  # lost again: the next reconnection comes through the inbox
                 await asyncio.sleep(self.reconnect_wait_seconds)
