@@ -210,8 +210,7 @@ class Agent:
         resumed_open, resumed_complete = await self.pipeline.resume()
         if resumed_open or resumed_complete:
             logger.info("resumed %d open and %d complete series from the journal", resumed_open, resumed_complete)
-        self.http = self._http_server()
-        await self.http.start()
+        http = await self._start_http()
         kind = ReceiverProcesses if cfg.dicom.receiver_processes > 1 else Receiver
         self.receiver = kind(cfg.dicom, spool, self.journal, self.metrics, self._stored_from_thread,
                              admission=self.pipeline.admission, on_released=self._released_from_thread)
@@ -226,7 +225,7 @@ class Agent:
             cfg.dicom.port,
             cfg.dicom.ae_title,
             cfg.http.host,
-            self.http.port,
+            http.port,
             ", ".join(self.models) or "none",
             "pseudonymised (privacy.pseudonymise)" if cfg.privacy.pseudonymise else "with DICOM identifiers",
         )
@@ -234,9 +233,18 @@ class Agent:
         # start time-out and a restart loop. Readiness for traffic is /readyz (and the STATUS line).
         self.notifier.ready(self._status_line(ready, reasons))
 
+    async def _start_http(self) -> HttpServer:
+        self.http = http = self._http_server()
+        try:
+            await http.start()
+        except OSError as exc:  # a port taken, an address not on this box: said in one line, as for DICOM
+            raise EdgeAgentError(f"cannot listen for HTTP on {self.config.http.host}:{self.config.http.port}: "
+                                 f"{exc.strerror or exc} (is another service using the port? see http.host / "
+                                 "http.port)") from exc
+        return http
+
     async def _serve_not_ready(self) -> None:
-        self.http = self._http_server()
-        await self.http.start()
+        await self._start_http()
         self._spool_writable = self.spool is not None and self.spool.writable()
         if self.housekeeping is not None:
             self.housekeeping.update_gauges()

@@ -62,7 +62,9 @@ def _enum_value(kind: type[StrEnum], v: Any) -> Any:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    # No .inf or .nan anywhere: an infinite timeout or window is a typo, and some (a stream's duplicate window)
+    # would fail only later, where the broker is asked.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 def _check_ae(value: str) -> str:
@@ -622,6 +624,14 @@ class AgentConfig(_Strict):
     @classmethod
     def _path(cls, v: Any, info: ValidationInfo) -> Any:
         return _config_path(v, info)
+
+    @model_validator(mode="after")
+    def _ports_apart(self) -> AgentConfig:
+        dicom = {self.dicom.port} | ({self.dicom.tls.port} if self.dicom.tls is not None else set())
+        if self.http.port in dicom:
+            raise ValueError(f"http.port {self.http.port} is also a DICOM port (dicom.port / dicom.tls.port): "
+                             "the second to bind would fail")
+        return self
 
     def model_names(self) -> list[str]:
         """Every model a route names, in route order, without repeats."""

@@ -119,6 +119,23 @@ def test_a_key_given_twice_is_refused_with_its_line(tmp_path: Path, text: str) -
     assert "appears twice in one mapping" in str(info.value) and "line 5" in str(info.value)
 
 
+@pytest.mark.parametrize(("key", "section", "value"), [
+    ("bus.duplicate_window_seconds", "bus", {"duplicate_window_seconds": float("inf")}),
+    ("dicom.acse_timeout_seconds", "dicom", {"acse_timeout_seconds": float("inf")}),
+    ("pipeline.drain_timeout_seconds", "pipeline", {"drain_timeout_seconds": float("nan")}),
+])
+def test_an_infinite_or_nan_duration_is_refused(key: str, section: str, value: dict[str, float]) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({"site": "a", "state_dir": "/s", section: value}, env={})
+    assert info.value.lines()[0].startswith(f"{key}: ") and "finite" in info.value.lines()[0]
+
+
+def test_the_http_port_must_not_be_a_dicom_port() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({"site": "a", "state_dir": "/s", "dicom": {"port": 11112}, "http": {"port": 11112}}, env={})
+    assert "http.port 11112 is also a DICOM port" in str(info.value)
+
+
 def _run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "edge_agent", *args], capture_output=True, text=True, timeout=60, cwd=REPO

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import secrets
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -217,3 +218,21 @@ def test_a_model_whose_warm_up_never_returns_stops_the_start_with_the_reason(
     while any(Path(f"/proc/{w}").exists() for w in workers) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(Path(f"/proc/{w}").exists() for w in workers)  # the failed start left no worker behind
+
+
+def test_an_http_port_in_use_ends_the_start_in_one_line(
+    tmp_path: Path, nats_server: NatsServer, daemons: list[Daemon]
+) -> None:
+    """Another service on http.port: exit 1 with one line that names the port and the keys, no traceback."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        d = Daemon(write_config(tmp_path, nats_server.url, **{"http.port": port}), tmp_path)
+        daemons.append(d)
+        d.start(wait_ready=False)
+        assert d.proc is not None
+        assert d.proc.wait(60) == EXIT_FAILURE
+    log = d.log()
+    assert f"cannot listen for HTTP on 127.0.0.1:{port}" in log and "see http.host / http.port" in log, log
+    assert "Traceback" not in log
