@@ -107,7 +107,7 @@ def reference_finding(tmp: Path, files: list[Path]) -> dict[str, Any]:
 def test_content_replaced_before_the_close_is_inferred_though_its_hand_over_comes_late(
     tmp_path: Path, hand_over: str
 ) -> None:
-    """Review defect 1: the finding was built from the replaced content's result, and the new content never
+    """Before: the finding was built from the replaced content's result, and the new content never
     inferred. The journal's closing list names the new content: the finding must be computed from it."""
     slices = make_ct_series(tmp_path / "ct", 3)
     changed = inverted(slices[1], tmp_path / "changed.dcm")
@@ -155,7 +155,7 @@ def test_content_replaced_before_the_close_is_inferred_though_its_hand_over_come
 def test_a_new_instance_handed_over_after_the_completion_started_it_is_not_a_transient_failure(
     tmp_path: Path,
 ) -> None:
-    """Review defect 2: the late hand-over cancelled the task the completion waited for; the completion took the
+    """Before: the late hand-over cancelled the task the completion waited for; the completion took the
     CancelledError for an engine failure, deferred the series by 2 s and decoded the instance a third time."""
     slices = make_ct_series(tmp_path / "ct", 3)
 
@@ -221,7 +221,7 @@ def test_a_completion_waits_for_the_task_that_replaced_the_one_it_started(tmp_pa
 def test_a_journal_error_queueing_the_finding_is_retried_with_back_off_not_failed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Review defect 3: a momentary journal error (a full state disk) at the outbox failed the series for good."""
+    """Before: a momentary journal error (a full state disk) at the outbox failed the series for good."""
     slices = make_ct_series(tmp_path / "ct", 2)
     attempts: list[int] = []
 
@@ -268,7 +268,7 @@ def test_a_journal_error_queueing_the_finding_is_retried_with_back_off_not_faile
 def test_a_journal_error_recording_a_failure_leaves_the_series_retried_not_stranded(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Review defect 3: a second journal error, in the failure's own record, escaped the completion: no state, no
+    """Before: a second journal error, in the failure's own record, escaped the completion: no state, no
     timer, the series stranded until a restart. A genuine failure must still fail the series once it can be
     recorded."""
     slices = make_ct_series(tmp_path / "ct", 2)

@@ -632,7 +632,7 @@ def test_a_subject_the_credentials_may_not_publish_to_is_parked_as_rejected(
 def test_a_subject_allowed_again_is_published_and_a_later_time_out_on_it_is_only_a_time_out(
     tmp_path: Path, journal: Journal, metrics: Metrics
 ) -> None:
-    """Review (denied_sticky): a subject once denied stayed denied in the publisher's memory, so after the operator
+    """Before: a subject once denied stayed denied in the publisher's memory, so after the operator
     allowed it and reloaded nats-server, any time-out on it parked the finding as rejected for permission."""
     conf = tmp_path / "nats.conf"
 

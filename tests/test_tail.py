@@ -173,19 +173,28 @@ def lose_storage_and_restart(server: NatsServer) -> None:
     server.start()
 
 
+async def tail_through_lost_storage(
+    server: NatsServer, timeout_seconds: float
+) -> tuple[asyncio.Task[int], Notes, Notes]:
+    """A tail for two findings that has shown finding 3 (after 1 and 2, which it skips) when the server loses its
+    storage and comes back: (the tail's task, its output, its notes)."""
+    await publish(server.url, 1, 2)
+    out, notes = Notes(), Notes()
+    task = asyncio.create_task(tail(server.url, STREAM, out=out, notes=notes, max_messages=2,
+                                    timeout_seconds=timeout_seconds, reconnect_wait_seconds=0.2))
+    await notes.wait_for("new findings (after stream sequence 2)")
+    await publish(server.url, 3)
+    await out.wait_for("\n")
+    lose_storage_and_restart(server)
+    return task, out, notes
+
+
 def test_a_server_back_with_an_empty_stream_is_read_from_its_start(nats_server: NatsServer,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tail_module, "RESUBSCRIBE_NOTE_SECONDS", 0.5)
 
     async def main() -> None:
-        await publish(nats_server.url, 1, 2)
-        out, notes = Notes(), Notes()
-        task = asyncio.create_task(tail(nats_server.url, STREAM, out=out, notes=notes, max_messages=2,
-                                        timeout_seconds=60, reconnect_wait_seconds=0.2))
-        await notes.wait_for("new findings (after stream sequence 2)")
-        await publish(nats_server.url, 3)
-        await out.wait_for("\n")
-        lose_storage_and_restart(nats_server)
+        task, out, notes = await tail_through_lost_storage(nats_server, 60)
         await notes.wait_for("has no stream EDGE_FINDINGS")  # until a publisher makes it again
         await notes.wait_for("still, after")  # and said again while it lasts, not once and then never
         await publish(nats_server.url, 4)
@@ -201,18 +210,11 @@ def test_a_server_back_with_an_empty_stream_is_read_from_its_start(nats_server: 
 def test_a_server_back_with_the_stream_made_anew_but_still_empty_is_read_from_its_start(
     nats_server: NatsServer,
 ) -> None:
-    """Review (tail_empty_stream): the daemon makes the stream again at once on reconnecting; an empty stream's
+    """The daemon makes the stream again at once on reconnecting; an empty stream's
     first_seq is 0, a consumer from sequence 0 is refused (err 10094), and tail went silent for good."""
 
     async def main() -> None:
-        await publish(nats_server.url, 1, 2)
-        out, notes = Notes(), Notes()
-        task = asyncio.create_task(tail(nats_server.url, STREAM, out=out, notes=notes, max_messages=2,
-                                        timeout_seconds=20, reconnect_wait_seconds=0.2))
-        await notes.wait_for("new findings (after stream sequence 2)")
-        await publish(nats_server.url, 3)
-        await out.wait_for("\n")
-        lose_storage_and_restart(nats_server)
+        task, out, notes = await tail_through_lost_storage(nats_server, 20)
         await publish(nats_server.url)  # the stream only, as the publisher makes it again
         await notes.wait_for(f"stream {STREAM} now ends at sequence 0")  # tail has seen it empty
         await publish(nats_server.url, 4)

@@ -38,6 +38,8 @@ class _Short(Exception):
 
 
 class _Walk:
+    # fastheader.py walks the same way over bytes it holds whole, on every instance's hot path; this walk reads its
+    # element headers through ``read`` (past the kept head, from the file), and judges ends rather than values.
     def __init__(self, read: Read, size: int, explicit: bool, little: bool) -> None:
         self._read, self._size, self._explicit = read, size, explicit
         self._u16, self._u32 = (struct.Struct("<H").unpack_from, struct.Struct("<I").unpack_from) if little else \
